@@ -1,0 +1,417 @@
+"""Batched training augmentations that run on the device, inside the compiled step.
+
+Data flow: Grain delivers uint8 batches `[n, H, W, 3]` to the host; the compiled training step
+calls `augment_batch` once per view (method.md 5.2) and feeds the float32 result to the network.
+Memory building (method.md 3.2) uses `normalize` and `channel_exchange_batch` only.
+
+Every random op is a pure function of one PRNG key and one image; batches are `jax.vmap` over one
+key per sample. All shapes are static: rectangles whose size is drawn at run time are applied
+with masks built from iota comparisons. The exact key usage of each function is written in its
+docstring, so that a test can re-derive the same draws and re-state the op in NumPy.
+"""
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Random erasing constants (method.md 5.2); the fill is written in normalised space.
+ERASING_FILL = (0.4914, 0.4822, 0.4465)
+ERASING_ATTEMPTS = 100
+ERASING_AREA = (0.02, 0.4)
+ERASING_ASPECT = (0.3, 1.0 / 0.3)
+LUMINANCE_WEIGHTS = (0.2989, 0.5870, 0.1140)
+DATASETS = ("sysu_mm01", "regdb")
+VIEWS = ("visible", "infrared", "channel")
+CUTSWAP_MODES = ("region", "whole_image")
+
+
+def normalize(images):
+  """Scales uint8 pixels to [0, 1] and normalises with the ImageNet mean and std.
+
+  Args:
+    images: `[..., H, W, 3]` uint8 (any leading dims).
+  Returns:
+    float32 array of the same shape: `(images / 255 - mean) / std` per channel.
+  """
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def denormalize(images):
+  """Inverse of `normalize` for display: float32 `[..., 3]` -> uint8, clipped to [0, 255]."""
+  x = images * jnp.asarray(IMAGENET_STD, jnp.float32) + jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def random_pad_crop(key, image, pad, pad_value):
+  """Pads every side by `pad` pixels of `pad_value`, then crops back to the input size.
+
+  Key usage: `top, left = jax.random.randint(key, (2,), 0, 2 * pad + 1)`; the output is
+  `padded[top:top + H, left:left + W]`, so the offset is uniform over all (2*pad+1)^2 positions.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, C]`, any dtype; `pad_value` is in the image's own units (uint8: 0..255).
+    pad: static int >= 0.
+    pad_value: static number.
+  Returns:
+    `[H, W, C]` array of the input dtype.
+  """
+  height, width, channels = image.shape
+  padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)),
+                   constant_values=jnp.asarray(pad_value, image.dtype))
+  top, left = jax.random.randint(key, (2,), 0, 2 * pad + 1)
+  return jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+
+
+def random_flip(key, image, prob):
+  """Mirrors the image left-right with probability `prob`.
+
+  Key usage: `flip = jax.random.bernoulli(key, prob)`.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, C]`, any dtype.
+    prob: flip probability in [0, 1].
+  Returns:
+    `[H, W, C]`, `image[:, ::-1]` if `flip` else `image`.
+  """
+  return jnp.where(jax.random.bernoulli(key, prob), image[:, ::-1], image)
+
+
+def random_geometric(key, image, settings):
+  """Pad + random crop and horizontal flip, in the order `settings.flip_before_pad` says.
+
+  Key usage: `crop_key, flip_key = jax.random.split(key)`; `random_pad_crop(crop_key, ...)`,
+  `random_flip(flip_key, ...)`.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, 3]` uint8 (before normalisation, so the pad value is a pixel value).
+    settings: `AugmentSettings`.
+  Returns:
+    `[H, W, 3]` uint8.
+  """
+  crop_key, flip_key = jax.random.split(key)
+  if settings.flip_before_pad:
+    image = random_flip(flip_key, image, settings.flip_prob)
+  image = random_pad_crop(crop_key, image, settings.pad, settings.pad_value)
+  if not settings.flip_before_pad:
+    image = random_flip(flip_key, image, settings.flip_prob)
+  return image
+
+
+def replicate_channel(image, channel):
+  """Copies channel `channel` (traced int in {0, 1, 2}) of `[H, W, 3]` into all three channels."""
+  # A select chain, not a dot with a one-hot: exact, and no reduced-precision matmul on GPUs.
+  picked = jnp.where(channel == 0, image[..., 0],
+                     jnp.where(channel == 1, image[..., 1], image[..., 2]))
+  return jnp.broadcast_to(picked[..., None], image.shape)
+
+
+def channel_exchange(key, image):
+  """Replicates one colour channel, chosen uniformly, into all channels (method.md 5.2).
+
+  Key usage: `channel = jax.random.randint(key, (), 0, 3)`.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, 3]` float32 (normalised).
+  Returns:
+    `[H, W, 3]` float32.
+  """
+  return replicate_channel(image, jax.random.randint(key, (), 0, 3))
+
+
+def adaptive_gray(key, image):
+  """Infrared-view channel op: R, G or B replicated (1/4 each), else luminance with p 1/2.
+
+  Key usage: `case_key, luminance_key = jax.random.split(key)`;
+  `case = jax.random.randint(case_key, (), 0, 4)`;
+  `use_luminance = jax.random.bernoulli(luminance_key, 0.5)`. Case 0/1/2 copies that channel;
+  case 3 gives `0.2989 R + 0.5870 G + 0.1140 B` in all channels if `use_luminance`, else the
+  image unchanged.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, 3]` float32 (normalised).
+  Returns:
+    `[H, W, 3]` float32.
+  """
+  case_key, luminance_key = jax.random.split(key)
+  case = jax.random.randint(case_key, (), 0, 4)
+  use_luminance = jax.random.bernoulli(luminance_key, 0.5)
+  weights = LUMINANCE_WEIGHTS
+  luminance = (weights[0] * image[..., 0] + weights[1] * image[..., 1]
+               + weights[2] * image[..., 2])
+  luminance = jnp.broadcast_to(luminance[..., None], image.shape)
+  fourth = jnp.where(use_luminance, luminance, image)
+  return jnp.where(case < 3, replicate_channel(image, case), fourth)
+
+
+def _rectangle_mask(shape, top, left, height, width):
+  """Boolean `[H, W]` mask of rows `[top, top+height)` x cols `[left, left+width)` (traced)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  return ((rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width))
+
+
+def random_erasing(key, image, prob):
+  """Random erasing with up to 100 attempts (method.md 5.2), with static shapes.
+
+  All 100 candidates are drawn at once and the first that fits is used, which is what a loop
+  that stops at the first fit would do. Key usage:
+  `apply_key, area_key, aspect_key, top_key, left_key = jax.random.split(key, 5)`;
+  `apply = jax.random.bernoulli(apply_key, prob)`;
+  `area = jax.random.uniform(area_key, (100,), minval=0.02, maxval=0.4) * H * W`;
+  `aspect = jax.random.uniform(aspect_key, (100,), minval=0.3, maxval=1 / 0.3)`;
+  `h = round(sqrt(area * aspect))`, `w = round(sqrt(area / aspect))` (round half to even);
+  `fits = (h < H) & (w < W)`;
+  `top = jax.random.randint(top_key, (100,), 0, max(H - h + 1, 1))`,
+  `left = jax.random.randint(left_key, (100,), 0, max(W - w + 1, 1))`.
+  With `i` the first fitting index, rows `[top_i, top_i + h_i)` x cols `[left_i, left_i + w_i)`
+  are set to `ERASING_FILL` per channel. No fit, or `apply` false: the image is unchanged.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, 3]` float32 (normalised).
+    prob: probability of erasing, in [0, 1].
+  Returns:
+    `[H, W, 3]` float32.
+  """
+  height, width, _ = image.shape
+  apply_key, area_key, aspect_key, top_key, left_key = jax.random.split(key, 5)
+  apply = jax.random.bernoulli(apply_key, prob)
+  area = jax.random.uniform(area_key, (ERASING_ATTEMPTS,), minval=ERASING_AREA[0],
+                            maxval=ERASING_AREA[1]) * (height * width)
+  aspect = jax.random.uniform(aspect_key, (ERASING_ATTEMPTS,), minval=ERASING_ASPECT[0],
+                              maxval=ERASING_ASPECT[1])
+  rect_h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  rect_w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (rect_h < height) & (rect_w < width)
+  top = jax.random.randint(top_key, (ERASING_ATTEMPTS,), 0, jnp.maximum(height - rect_h + 1, 1))
+  left = jax.random.randint(left_key, (ERASING_ATTEMPTS,), 0, jnp.maximum(width - rect_w + 1, 1))
+  first = jnp.argmax(fits)  # index of the first True; 0 when none fits (then unused)
+  mask = _rectangle_mask((height, width), top[first], left[first], rect_h[first], rect_w[first])
+  mask = mask & apply & jnp.any(fits)
+  fill = jnp.asarray(ERASING_FILL, image.dtype)
+  return jnp.where(mask[..., None], fill, image)
+
+
+def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
+  """CutSwap (method.md 5.2): a rectangle (or, released, the whole image) channel-exchanged.
+
+  Key usage: `apply_key, fraction_key, top_key, left_key, channel_key = jax.random.split(key,
+  5)`; `apply = jax.random.bernoulli(apply_key, prob)`;
+  `fh, fw = jax.random.uniform(fraction_key, (2,), minval=lo, maxval=hi)`, each then capped at
+  the float32 just below `hi` so that the range stays half-open; `ch = floor(H * fh)`,
+  `cw = floor(W * fw)` (float32 products); `top = jax.random.randint(top_key, (), 0, H - ch + 1)`,
+  `left = jax.random.randint(left_key, (), 0, W - cw + 1)`;
+  `exchanged = channel_exchange(channel_key, image)`.
+  Mode "region": where `apply`, rows `[top, top+ch)` x cols `[left, left+cw)` take `exchanged`.
+  Mode "whole_image" (released code, see method.md 5.2 [variant]): where `apply`, the output is
+  `exchanged` everywhere; the rectangle draws are made but unused.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, 3]` float32 (normalised).
+    prob: probability of applying, in [0, 1].
+    fraction_range: static `(lo, hi)` with 0 <= lo < hi <= 1.
+    mode: static, "region" or "whole_image".
+  Returns:
+    `[H, W, 3]` float32.
+  Raises:
+    ValueError: unknown `mode`.
+  """
+  if mode not in CUTSWAP_MODES:
+    raise ValueError(f"cutswap mode {mode!r} is not one of {CUTSWAP_MODES}.")
+  height, width, _ = image.shape
+  apply_key, fraction_key, top_key, left_key, channel_key = jax.random.split(key, 5)
+  apply = jax.random.bernoulli(apply_key, prob)
+  low, high = np.float32(fraction_range[0]), np.float32(fraction_range[1])
+  fractions = jax.random.uniform(fraction_key, (2,), minval=low, maxval=high)
+  # uniform(lo, hi) can round up to hi in float32; keep the interval half-open as specified.
+  fractions = jnp.minimum(fractions, np.nextafter(high, np.float32(-np.inf)))
+  rect_h = jnp.floor(np.float32(height) * fractions[0]).astype(jnp.int32)
+  rect_w = jnp.floor(np.float32(width) * fractions[1]).astype(jnp.int32)
+  top = jax.random.randint(top_key, (), 0, height - rect_h + 1)
+  left = jax.random.randint(left_key, (), 0, width - rect_w + 1)
+  exchanged = channel_exchange(channel_key, image)
+  if mode == "whole_image":
+    return jnp.where(apply, exchanged, image)
+  mask = _rectangle_mask((height, width), top, left, rect_h, rect_w) & apply
+  return jnp.where(mask[..., None], exchanged, image)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSettings:
+  """Static description of one view's augmentation pipeline (hashable: a jit static argument).
+
+  The pipeline order is fixed (method.md 5.2): geometric (pad/crop and flip, in the order
+  `flip_before_pad` says) on uint8, normalise, CutSwap, random erasing, adaptive gray, channel
+  exchange; each of the last four is switched by its field.
+
+  Attributes:
+    pad: pixels padded on every side before the random crop.
+    pad_value: uint8 pad value: 0 (black, SYSU-MM01) or 127 (grey, RegDB).
+    flip_prob: horizontal flip probability.
+    flip_before_pad: True flips, then pads and crops (RegDB); False pads, crops, flips (SYSU).
+    erasing_prob: random erasing probability (0 disables it).
+    use_cutswap: apply CutSwap.
+    cutswap_prob: CutSwap probability.
+    cutswap_range: `(lo, hi)` for the height and width fractions, uniform in [lo, hi).
+    cutswap_mode: "region" (intended) or "whole_image" (released; config `augment.cutswap_mode`).
+    use_adaptive_gray: apply adaptive gray (SYSU-MM01 infrared view).
+    use_channel_exchange: apply channel exchange (channel-augmented view `a`).
+  """
+  pad: int = 10
+  pad_value: int = 0
+  flip_prob: float = 0.5
+  flip_before_pad: bool = False
+  erasing_prob: float = 0.5
+  use_cutswap: bool = False
+  cutswap_prob: float = 0.5
+  cutswap_range: Tuple[float, float] = (0.3, 0.6)
+  cutswap_mode: str = "region"
+  use_adaptive_gray: bool = False
+  use_channel_exchange: bool = False
+
+  def __post_init__(self):
+    # A list would make the settings unhashable and so unusable as a static jit argument.
+    object.__setattr__(self, "cutswap_range", tuple(float(v) for v in self.cutswap_range))
+    problems = []
+    if not (isinstance(self.pad, int) and self.pad >= 0):
+      problems.append(f"pad={self.pad!r} must be an int >= 0")
+    if not 0 <= self.pad_value <= 255:
+      problems.append(f"pad_value={self.pad_value!r} must be a uint8 value in [0, 255]")
+    for name in ("flip_prob", "erasing_prob", "cutswap_prob"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+    low_high = self.cutswap_range
+    if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
+      problems.append(f"cutswap_range={low_high!r} must be (lo, hi) with 0 <= lo < hi <= 1")
+    if self.cutswap_mode not in CUTSWAP_MODES:
+      problems.append(f"cutswap_mode={self.cutswap_mode!r} must be one of {CUTSWAP_MODES}")
+    if problems:
+      raise ValueError("Invalid AugmentSettings: " + "; ".join(problems) + ".")
+
+
+def view_settings(dataset, view, *, cutswap_mode="region", cutswap_prob=0.5,
+                  cutswap_range=(0.3, 0.6), use_cutswap_on_visible=True):
+  """The settings of one view, following the table in method.md 5.2.
+
+  | view     | sysu_mm01                                  | regdb                            |
+  |----------|--------------------------------------------|----------------------------------|
+  | visible  | zero pad/crop/flip, CutSwap, erasing       | flip/grey pad/crop, erasing      |
+  | infrared | zero pad/crop/flip, erasing, adaptive gray | flip/grey pad/crop, erasing      |
+  | channel  | zero pad/crop/flip, erasing, channel exch. | same as sysu_mm01                |
+
+  Args:
+    dataset: "sysu_mm01" or "regdb".
+    view: "visible", "infrared" or "channel".
+    cutswap_mode, cutswap_prob, cutswap_range: CutSwap knobs (`augment.*`, method.md 10).
+    use_cutswap_on_visible: CutSwap on the SYSU-MM01 visible view (the teacher may turn it off,
+      config `teacher.cutswap`). RegDB never uses CutSwap (released behaviour), whatever this is.
+  Returns:
+    `AugmentSettings`.
+  Raises:
+    ValueError: unknown dataset or view, or invalid CutSwap knobs.
+  """
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}.")
+  if view not in VIEWS:
+    raise ValueError(f"view {view!r} is not one of {VIEWS}.")
+  grey_regdb = dataset == "regdb" and view != "channel"
+  return AugmentSettings(
+      pad=10,
+      pad_value=127 if grey_regdb else 0,
+      flip_prob=0.5,
+      flip_before_pad=grey_regdb,
+      erasing_prob=0.5,
+      use_cutswap=(dataset == "sysu_mm01" and view == "visible" and use_cutswap_on_visible),
+      cutswap_prob=cutswap_prob,
+      cutswap_range=tuple(cutswap_range),
+      cutswap_mode=cutswap_mode,
+      use_adaptive_gray=(dataset == "sysu_mm01" and view == "infrared"),
+      use_channel_exchange=(view == "channel"),
+  )
+
+
+def augment_image(key, image, settings):
+  """The full pipeline of one view for one image.
+
+  Key usage: `geometric_key, cutswap_key, erasing_key, gray_key, channel_key =
+  jax.random.split(key, 5)` (always five, whatever is switched on), passed to
+  `random_geometric`, `cutswap`, `random_erasing`, `adaptive_gray`, `channel_exchange`.
+
+  Args:
+    key: PRNG key.
+    image: `[H, W, 3]` uint8.
+    settings: `AugmentSettings` (static).
+  Returns:
+    `[H, W, 3]` float32, normalised.
+  """
+  geometric_key, cutswap_key, erasing_key, gray_key, channel_key = jax.random.split(key, 5)
+  x = normalize(random_geometric(geometric_key, image, settings))
+  if settings.use_cutswap:
+    x = cutswap(cutswap_key, x, settings.cutswap_prob, settings.cutswap_range,
+                settings.cutswap_mode)
+  if settings.erasing_prob > 0:
+    x = random_erasing(erasing_key, x, settings.erasing_prob)
+  if settings.use_adaptive_gray:
+    x = adaptive_gray(gray_key, x)
+  if settings.use_channel_exchange:
+    x = channel_exchange(channel_key, x)
+  return x
+
+
+def _check_batch(images, name, dtype):
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"{name}: expected [n, H, W, 3], got shape {tuple(images.shape)}.")
+  if dtype is not None and images.dtype != dtype:
+    raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {images.dtype}; "
+                     "pass the raw uint8 batch (normalisation happens here).")
+
+
+def augment_batch(key, images, settings):
+  """Augments a batch on the device: one view's pipeline, independent randomness per sample.
+
+  Key usage: `keys = jax.random.split(key, n)`; sample `j` is `augment_image(keys[j],
+  images[j], settings)`. Jit with `settings` static (e.g.
+  `jax.jit(augment_batch, static_argnames="settings")`); equal settings hit the same cache.
+
+  Args:
+    key: PRNG key.
+    images: `[n, H, W, 3]` uint8.
+    settings: `AugmentSettings`.
+  Returns:
+    `[n, H, W, 3]` float32, normalised.
+  Raises:
+    ValueError: wrong rank, channel count or dtype.
+  """
+  _check_batch(images, "augment_batch images", jnp.uint8)
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(augment_image, in_axes=(0, 0, None))(keys, images, settings)
+
+
+def channel_exchange_batch(key, images):
+  """Channel exchange per sample, for building the memory `M_a` (method.md 3.2).
+
+  Key usage: `keys = jax.random.split(key, n)`; sample `j` is `channel_exchange(keys[j],
+  images[j])`.
+
+  Args:
+    key: PRNG key.
+    images: `[n, H, W, 3]` float32, already normalised.
+  Returns:
+    `[n, H, W, 3]` float32.
+  Raises:
+    ValueError: wrong rank or channel count.
+  """
+  _check_batch(images, "channel_exchange_batch images", None)
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(channel_exchange)(keys, images)

@@ -1,0 +1,378 @@
+"""Checkpoints: the train state, the Grain iterator state and JSON metadata, written by Orbax.
+
+Sits at the end of the training loop: `CheckpointManager.save` is called every
+`checkpoint.every_steps` steps and at each evaluation; a restart restores all three items so a
+resumed run sees exactly the batches an uninterrupted run would have seen. Each step directory
+`<dir>/<step>/` holds
+
+  state/     the state pytree of arrays (Orbax StandardSave; restored onto an abstract target
+             built for the CURRENT mesh, so a run saved on one device layout restores on another)
+  data/      the Grain iterator state, one JSON file per process (grain's Orbax handler)
+  metadata/  JSON: the resolved config, step, epoch, metrics (whatever the loop passes)
+  metrics/   JSON written by Orbax when `metrics` are passed; used to pick the best checkpoint
+
+Orbax writes every step into a temporary directory and renames it when complete, so a crash
+mid-write leaves the previous step restorable; leftover temporary directories are ignored when
+listing steps and removed when a writable manager opens the directory.
+
+Kept checkpoints: the newest `keep_last` AND the best `keep_best` by `best_metric` (mAP, higher is
+better), whichever way a step qualifies (an Orbax AnyPreservationPolicy of LatestN and BestN;
+plain `max_to_keep` with `best_fn` would keep only the best N and could delete the newest step).
+
+Resume order (`find_resume_checkpoint`):
+  1. a complete checkpoint in the run's own checkpoint directory (the run was interrupted);
+  2. else the explicit `checkpoint.resume` path, when one is named (a step directory or a
+     checkpoint directory, whose newest step is taken); a named path that is missing or holds no
+     complete checkpoint is an error, never a silent fresh start;
+  3. else nothing: the caller starts from the initial weights.
+Before a resumed run continues, its config is compared with the checkpoint's (`diff_configs`);
+a difference is refused unless `checkpoint.allow_config_change` is set.
+"""
+import fnmatch
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from grain import checkpoint as grain_checkpoint
+
+STATE, DATA, METADATA = "state", "data", "metadata"
+
+# Config fields that may change between a run and its resume without changing the result:
+# paths, logging and checkpoint bookkeeping. Patterns are fnmatch-style on dotted names.
+RESUME_IGNORED_FIELDS = (
+    "stage", "workdir", "checkpoint.*", "log.*", "data.root", "data.prepared_dir",
+    "data.num_workers", "distill.teacher_checkpoint", "eval.checkpoint", "eval.features",
+)
+
+
+def to_json_tree(value: Any) -> Any:
+  """Returns `value` with tuples as lists and NumPy/JAX scalars and arrays as Python values.
+
+  Raises:
+    TypeError: a leaf is not a str, bool, int, float, None, NumPy or JAX value.
+  """
+  if isinstance(value, dict) or hasattr(value, "to_dict"):
+    items = value.to_dict() if hasattr(value, "to_dict") else value
+    return {str(k): to_json_tree(v) for k, v in items.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json_tree(v) for v in value]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return np.asarray(jax.device_get(value)).tolist()
+  if value is None or isinstance(value, (str, bool, int, float)):
+    return value
+  raise TypeError(f"cannot store {type(value).__name__} value {value!r} in checkpoint JSON; "
+                  "pass str, bool, int, float, None, lists, dicts or NumPy values")
+
+
+class _DataStateBox:
+  """Holds a Grain iterator state where grain's Orbax handler expects an iterator.
+
+  Grain's handler writes `get_state()` (JSON bytes) to `process_<i>-of-<n>.json`, one file per
+  process, and hands the text back through `set_state`. The wrapper records whether the
+  original was a dict (`DatasetIterator.get_state`) or bytes (`DataLoaderIterator.get_state`),
+  so `restore` returns the same type.
+  """
+
+  def __init__(self, state: Any = None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    if self.state is None:
+      envelope = {"format": "none", "state": None}
+    elif isinstance(self.state, (bytes, bytearray)):
+      envelope = {"format": "bytes", "state": bytes(self.state).decode("utf-8")}
+    elif isinstance(self.state, dict):
+      envelope = {"format": "dict", "state": to_json_tree(self.state)}
+    else:
+      raise TypeError(f"data_state must be a dict, bytes or None, got {type(self.state)}")
+    return json.dumps(envelope).encode("utf-8")
+
+  def set_state(self, raw: bytes) -> None:
+    envelope = json.loads(raw.decode("utf-8"))
+    state = envelope["state"]
+    self.state = state.encode("utf-8") if envelope["format"] == "bytes" else state
+
+  def start_prefetch(self) -> None:
+    """Called by grain's handler after restoring; nothing to prefetch."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """Flattens nested dicts to {"a.b.c": leaf} with JSON-normalised leaves."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def diff_configs(old: dict, new: dict,
+                 ignore: tuple[str, ...] = RESUME_IGNORED_FIELDS) -> list[str]:
+  """Lists the config fields that differ between a checkpoint and the current run.
+
+  Args:
+    old: the checkpoint's config (nested dicts, as stored in its metadata).
+    new: the current config (nested dicts or a ConfigDict); tuples and lists compare equal.
+    ignore: fnmatch patterns on dotted field names ("log.*", "data.root") left out.
+
+  Returns:
+    Sorted lines "field: old -> new"; a field present on one side only shows "<absent>".
+    Empty when the configs agree.
+  """
+  old_flat = _flatten(to_json_tree(old))
+  new_flat = _flatten(to_json_tree(new))
+  lines = []
+  for name in sorted(set(old_flat) | set(new_flat)):
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in ignore):
+      continue
+    before = old_flat.get(name, "<absent>")
+    after = new_flat.get(name, "<absent>")
+    if before != after:
+      lines.append(f"{name}: {before!r} -> {after!r}")
+  return lines
+
+
+def check_config_change(old: dict, new: dict, allow_config_change: bool,
+                        ignore: tuple[str, ...] = RESUME_IGNORED_FIELDS,
+                        source: str = "the checkpoint") -> list[str]:
+  """Refuses to resume under a different config unless allowed; logs the differences.
+
+  Returns:
+    The differing fields (see `diff_configs`).
+
+  Raises:
+    ValueError: the configs differ and `allow_config_change` is False; the message lists the
+      fields and names `checkpoint.allow_config_change` as the switch.
+  """
+  differences = diff_configs(old, new, ignore)
+  if not differences:
+    return differences
+  listing = "\n  ".join(differences)
+  if not allow_config_change:
+    raise ValueError(
+        f"the config differs from {source}'s:\n  {listing}\nrun with the checkpoint's values, "
+        "or set --config.checkpoint.allow_config_change=True to resume anyway")
+  logging.warning("resuming with a config that differs from %s's:\n  %s", source, listing)
+  return differences
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """Returns the sorted steps with a complete (committed) checkpoint under `directory`.
+
+  Temporary directories of interrupted writes are not counted. A missing directory gives [].
+  """
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return []
+  return sorted(ocp.utils.checkpoint_steps(path))
+
+
+def _is_step_directory(path: epath.Path) -> bool:
+  return path.name.isdigit() and (path / STATE).is_dir()
+
+
+def find_resume_checkpoint(workdir_ckpt_dir: str | os.PathLike,
+                           explicit_path: str | os.PathLike | None
+                           ) -> tuple[str, int] | None:
+  """Picks the checkpoint to resume from, in the module's resume order.
+
+  Args:
+    workdir_ckpt_dir: this run's own checkpoint directory (may not exist yet).
+    explicit_path: `checkpoint.resume`: a checkpoint directory (its newest complete step is
+      used) or one step directory `<dir>/<step>`; "" or None when not set.
+
+  Returns:
+    (checkpoint directory, step) to pass to `CheckpointManager(directory).restore(step, ...)`,
+    or None when nothing is to be resumed (start from the initial weights).
+
+  Raises:
+    FileNotFoundError: `explicit_path` is named but does not exist or holds no complete
+      checkpoint.
+  """
+  own_steps = complete_steps(workdir_ckpt_dir)
+  if own_steps:
+    return os.fspath(workdir_ckpt_dir), own_steps[-1]
+  if not explicit_path:
+    return None
+  path = epath.Path(explicit_path)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"checkpoint.resume={os.fspath(explicit_path)!r} does not exist; fix the path or set "
+        "--config.checkpoint.resume='' to start from the initial weights")
+  if _is_step_directory(path) and int(path.name) in complete_steps(path.parent):
+    return os.fspath(path.parent), int(path.name)
+  steps = complete_steps(path)
+  if not steps:
+    raise FileNotFoundError(
+        f"checkpoint.resume={os.fspath(explicit_path)!r} holds no complete checkpoint (expected "
+        "step directories <dir>/<step>/ with state/, data/, metadata/); point it at a "
+        "checkpoint directory or one of its step directories")
+  return os.fspath(path), steps[-1]
+
+
+class CheckpointManager:
+  """Saves and restores (state, data iterator state, metadata) under one directory.
+
+  All processes call every method (Orbax synchronises them); each process writes its own data
+  iterator state. Saves are asynchronous: `save` returns once the arrays are copied off the
+  devices (so the caller may donate the state to the next step) and the files are written in
+  the background; call `wait()` before reading a checkpoint back and `close()` before exiting.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: int = 1,
+               best_metric: str = "mAP", read_only: bool = False, use_async: bool = True):
+    """Opens (and, unless read_only, creates) a checkpoint directory.
+
+    Args:
+      directory: where the step directories live.
+      keep_last: the newest N checkpoints are kept (>= 1).
+      keep_best: the best N by `best_metric` are also kept (>= 0); only steps saved with
+        `metrics` containing `best_metric` compete.
+      best_metric: key in the `metrics` dict passed to `save`; higher is better.
+      read_only: open for restoring only (no directory creation, no clean-up, no saves).
+      use_async: write in a background thread (False: `save` returns when files are written).
+
+    Raises:
+      ValueError: keep_last < 1 or keep_best < 0.
+    """
+    if keep_last < 1 or keep_best < 0:
+      raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 and "
+                       f"checkpoint.keep_best={keep_best} must be >= 0")
+    self.directory = os.fspath(directory)
+    self.best_metric = best_metric
+    preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=keep_last),
+        # Steps saved without metrics are covered by LatestN only; otherwise every
+        # step between evaluations would be kept forever.
+        ocp.checkpoint_managers.BestN(get_metric_fn=self._metric_value, reverse=False,
+                                      n=keep_best, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation,
+        best_fn=self._metric_value,  # only for best_step(); preservation decides deletion
+        best_mode="max",
+        read_only=read_only,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=use_async,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain_checkpoint.CheckpointHandler(),
+                       METADATA: ocp.JsonCheckpointHandler()})
+
+  def _metric_value(self, metrics: dict) -> float:
+    return float(metrics[self.best_metric])
+
+  def save(self, step: int, state: Any, data_state: Any, metadata: dict,
+           metrics: dict | None = None) -> bool:
+    """Starts writing checkpoint `step` (asynchronously unless use_async=False).
+
+    Args:
+      step: the global training step (the step directory's name).
+      state: pytree of arrays (jax.Array, NumPy or Python scalars).
+      data_state: this process's Grain iterator `get_state()`: a dict (dataset iterators) or
+        JSON bytes (DataLoader iterators); None when there is no iterator. Restored as given.
+      metadata: JSON-able dict (config, epoch, metrics, ...); "step" is added if absent.
+      metrics: validation metrics of this step, e.g. {"mAP": 0.61}; makes the step a candidate
+        for the keep-best policy. None for steps without an evaluation.
+
+    Returns:
+      True if a save started; False if `step` is not newer than the latest checkpoint (Orbax
+      skips it; a warning is logged).
+
+    Raises:
+      ValueError: `metrics` lacks `best_metric`.
+      TypeError: metadata or data_state holds a value JSON cannot store.
+    """
+    if metrics is not None and self.best_metric not in metrics:
+      raise ValueError(f"metrics {sorted(metrics)} lack {self.best_metric!r}, which ranks "
+                       "checkpoints; pass it or save with metrics=None")
+    metadata = to_json_tree(dict(metadata))
+    metadata.setdefault("step", int(step))
+    args = ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA: grain_checkpoint.CheckpointSave(_DataStateBox(data_state)),
+        METADATA: ocp.args.JsonSave(metadata),
+    })
+    saved = self._manager.save(
+        int(step), args=args, metrics=None if metrics is None else to_json_tree(metrics))
+    if not saved:
+      logging.warning("checkpoint step %d not saved: %s already has step %s", step,
+                      self.directory, self._manager.latest_step())
+    return saved
+
+  def wait(self) -> None:
+    """Blocks until pending saves are written and old steps deleted; raises their errors."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's threads."""
+    self._manager.close()
+
+  def all_steps(self) -> list[int]:
+    """Returns the sorted steps the manager holds (pending saves included)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Returns the newest step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """Returns the step with the highest `best_metric`, or None when no step has metrics."""
+    return self._manager.best_step()
+
+  def read_metadata(self, step: int) -> dict:
+    """Returns the metadata dict of `step` without touching the state (waits for saves)."""
+    self.wait()
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+    return restored[METADATA]
+
+  def restore(self, step: int, abstract_state: Any, *, config: dict | None = None,
+              allow_config_change: bool = False,
+              ignore_fields: tuple[str, ...] = RESUME_IGNORED_FIELDS,
+              restore_data: bool = True) -> tuple[Any, Any, dict]:
+    """Restores checkpoint `step` onto the current devices.
+
+    Args:
+      step: a step from `all_steps()`.
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings for the CURRENT mesh
+        (e.g. from `jax.eval_shape` plus `replicated(mesh)`), same structure as the saved
+        state; the arrays come back with these shardings whatever layout wrote them.
+      config: the current config; when given it is compared with the checkpoint's
+        metadata["config"] before anything heavy is read.
+      allow_config_change: resume even if the configs differ (the differences are logged).
+      ignore_fields: config fields left out of the comparison (fnmatch patterns).
+      restore_data: False skips the data iterator state (returned as None), e.g. when only
+        weights are wanted.
+
+    Returns:
+      (state, data_state, metadata): data_state has the type given to `save`.
+
+    Raises:
+      ValueError: the configs differ and allow_config_change is False.
+      FileNotFoundError: `step` is not in this directory.
+    """
+    self.wait()
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}; "
+                              f"steps present: {self.all_steps()}")
+    metadata = self.read_metadata(step)
+    if config is not None:
+      check_config_change(metadata.get("config", {}), config, allow_config_change,
+                          ignore_fields, source=f"checkpoint {self.directory}/{step}")
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if restore_data:
+      items[DATA] = grain_checkpoint.CheckpointRestore(_DataStateBox())
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    data_state = restored[DATA].state if restore_data else None
+    return restored[STATE], data_state, metadata

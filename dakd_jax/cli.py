@@ -1,0 +1,76 @@
+"""Stage dispatch for `run.py` and notebooks: teacher, student, eval, or all in sequence.
+
+Validation happens here, once, before any data is touched or anything compiles. Each stage
+writes under the workdir:
+  <workdir>/config.json              the resolved config
+  <workdir>/teacher/                 teacher checkpoints, metrics.jsonl, TensorBoard events
+  <workdir>/student/                 the same for the DAKD student
+  <workdir>/eval/<name>.json         evaluation tables
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+
+from dakd_jax import config as config_lib
+
+
+def default_workdir(config_path: str | None) -> str:
+  """workdirs/<config file name> (e.g. workdirs/demo), or workdirs/run without a path."""
+  name = os.path.splitext(os.path.basename((config_path or "run").split(":")[0]))[0]
+  return os.path.join("workdirs", name)
+
+
+def write_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes <workdir>/config.json and returns its path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
+  return path
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the stages `config.stage` names; returns {stage: result}."""
+  from dakd_jax.data import prepare  # Deferred: heavy imports only once the config is valid.
+  from dakd_jax.evaluation import evaluate
+  from dakd_jax.train import loop
+
+  data = prepare.prepare_data(config)
+  results = {}
+  teacher_dir = os.path.join(workdir, "teacher")
+  student_dir = os.path.join(workdir, "student")
+  if config.stage in ("teacher", "all"):
+    results["teacher"] = loop.train_teacher(config, teacher_dir, data)
+  if config.stage in ("student", "all"):
+    teacher_source = config.distill.teacher_checkpoint or teacher_dir
+    results["student"] = loop.train_student(config, student_dir, data, teacher_source)
+  if config.stage in ("eval", "all"):
+    results["eval"] = evaluate.evaluate_stage(config, workdir, data)
+  return results
+
+
+def main(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+         config_path: str | None = None, print_only: bool = False) -> int:
+  """Validates the config, then runs its stages (or prints it). Returns a process exit code."""
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as error:
+    print(f"dakd_jax: invalid config: {error}", file=sys.stderr)
+    return 2
+  if print_only:
+    print(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
+    return 0
+  workdir = workdir or default_workdir(config_path)
+  path = write_resolved_config(config, workdir)
+  print(f"dakd_jax: stage={config.stage} workdir={workdir} (resolved config: {path})")
+  from dakd_jax.data.records import DatasetError  # Light import; reports bad data cleanly.
+  try:
+    run_stages(config, workdir)
+  except (DatasetError, config_lib.ConfigError, FileNotFoundError) as error:
+    print(f"dakd_jax: error: {error}", file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,146 @@
+"""RegDB on disk: the per-trial index files turned into `ImageRecord` lists.
+
+First step of the data flow for RegDB (method.md 6.2): `read_regdb_split` gives a trial's
+training images (for the TFDS builder) or test images; `protocols.py` turns the test images into
+query and gallery sets. Layout:
+
+  <root>/Visible/<id>/*.bmp, <root>/Thermal/<id>/*.bmp
+  <root>/idx/{train,test}_{visible,thermal}_{trial}.txt, trial 1..10,
+      one line per image: `<path relative to root> <integer label>`
+
+The identity of a record is the label in the index file; camera 1 is visible, camera 2 thermal
+(modality INFRARED). Every listed image must exist, and training labels must be exactly
+0..C-1 because the training code indexes the class centres by label.
+"""
+from __future__ import annotations
+
+import os
+
+from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, ImageRecord
+
+DATASET_NAME = "regdb"
+TRIALS = tuple(range(1, 11))
+SPLITS = ("train", "test")
+# Index-file spelling of each modality -> (record modality, camera number).
+MODALITY_FILES = {"visible": (VISIBLE, 1), "thermal": (INFRARED, 2)}
+# Accept the record spelling too, so callers can pass `records.INFRARED`.
+_MODALITY_ALIASES = {"visible": "visible", "thermal": "thermal", "infrared": "thermal"}
+
+
+def _check_args(root: str, trial: int, split: str) -> str:
+  """Validates the common arguments; returns the absolute root."""
+  if not os.path.isdir(root):
+    raise DatasetError(
+        f"RegDB root not found: {root!r}. Expected a folder holding Visible/, Thermal/ and idx/ "
+        "(the extracted RegDB archive); set the data root in the config.")
+  if isinstance(trial, bool) or not isinstance(trial, int) or trial not in TRIALS:
+    raise DatasetError(f"RegDB trial must be an integer in 1..10, got {trial!r}.")
+  if split not in SPLITS:
+    raise DatasetError(f"RegDB split must be one of {SPLITS}, got {split!r}.")
+  return os.path.abspath(root)
+
+
+def index_path(root: str, trial: int, split: str, modality: str) -> str:
+  """`<root>/idx/<split>_<visible|thermal>_<trial>.txt` (no existence check)."""
+  return os.path.join(root, "idx", f"{split}_{_MODALITY_ALIASES[modality]}_{trial}.txt")
+
+
+def _parse_line(path: str, number: int, line: str, root: str) -> tuple[str, int]:
+  """One index line -> (absolute image path, label)."""
+  fields = line.split()
+  problem = None
+  if len(fields) != 2:
+    problem = f"has {len(fields)} fields"
+  elif os.path.isabs(fields[0]):
+    problem = "gives an absolute image path"
+  else:
+    try:
+      label = int(fields[1])
+    except ValueError:
+      problem = f"has label {fields[1]!r}, not an integer"
+  if problem:
+    raise DatasetError(
+        f"RegDB index file {path}, line {number} {problem}: {line!r}. Expected "
+        "'<image path relative to the RegDB root> <integer label>'.")
+  return os.path.join(root, fields[0]), label
+
+
+def _check_train_labels(path: str, labels: list[int]) -> None:
+  """Training labels must be exactly 0..C-1 (centres are indexed by label)."""
+  distinct = sorted(set(labels))
+  if distinct != list(range(len(distinct))):
+    missing = sorted(set(range(max(distinct) + 1)) - set(distinct))[:5] if distinct else []
+    raise DatasetError(
+        f"RegDB training labels in {path} must be exactly 0..C-1 (the class centres are indexed "
+        f"by label); found {len(distinct)} distinct labels from {distinct[0]} to {distinct[-1]}"
+        f"{f', missing e.g. {missing}' if missing else ''}. Use the index files shipped with "
+        "RegDB or relabel them.")
+
+
+def read_regdb(root: str, trial: int, split: str, modality: str) -> list[ImageRecord]:
+  """The images of one modality of one RegDB trial and split, in index-file order.
+
+  Args:
+    root: the RegDB folder (holds idx/ and the image folders).
+    trial: 1..10.
+    split: "train" or "test".
+    modality: "visible" or "thermal" (also accepted: "infrared", same as "thermal").
+
+  Returns: records with identity = the file's label, camera 1 (visible) or 2 (thermal), modality
+    VISIBLE or INFRARED, absolute paths. 2,060 per modality per split on the real data.
+  Raises DatasetError: root missing, trial outside 1..10, unknown split or modality, index file
+    missing or empty, malformed line (file and line number), listed image missing, training
+    labels not exactly 0..C-1.
+  """
+  root = _check_args(root, trial, split)
+  if modality not in _MODALITY_ALIASES:
+    raise DatasetError(
+        f"RegDB modality must be one of {sorted(_MODALITY_ALIASES)}, got {modality!r}.")
+  path = index_path(root, trial, split, modality)
+  if not os.path.isfile(path):
+    raise DatasetError(
+        f"RegDB index file not found: {path}. Expected idx/{{train,test}}_{{visible,thermal}}_"
+        "{1..10}.txt under the RegDB root (shipped with the dataset).")
+  record_modality, camera = MODALITY_FILES[_MODALITY_ALIASES[modality]]
+  with open(path, "r", encoding="utf-8") as file:
+    lines = file.read().splitlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue  # Blank lines (e.g. a trailing one) carry nothing.
+    image, label = _parse_line(path, number, line, root)
+    if not os.path.isfile(image):
+      raise DatasetError(
+          f"RegDB image listed in {path}, line {number} not found: {image}. Re-extract the "
+          "dataset or fix the index file.")
+    records.append(ImageRecord(path=image, identity=label, camera=camera,
+                               modality=record_modality))
+  if not records:
+    raise DatasetError(f"RegDB index file {path} lists no images.")
+  if split == "train":
+    _check_train_labels(path, [r.identity for r in records])
+  return records
+
+
+def read_regdb_split(root: str, trial: int, split: str) -> list[ImageRecord]:
+  """Visible then thermal records of one RegDB trial and split.
+
+  Returns: `read_regdb(..., "visible") + read_regdb(..., "thermal")`.
+  Raises DatasetError: see `read_regdb`; for the training split also when the two modalities do
+    not list the same identities (every training identity needs both modalities).
+  """
+  visible = read_regdb(root, trial, split, "visible")
+  thermal = read_regdb(root, trial, split, "thermal")
+  if split == "train":
+    visible_ids = {r.identity for r in visible}
+    thermal_ids = {r.identity for r in thermal}
+    if visible_ids != thermal_ids:
+      only_visible = sorted(visible_ids - thermal_ids)[:5]
+      only_thermal = sorted(thermal_ids - visible_ids)[:5]
+      raise DatasetError(
+          f"RegDB trial {trial} training index files disagree on identities: only visible "
+          f"{only_visible}, only thermal {only_thermal} (first few shown) in "
+          f"{index_path(os.path.abspath(root), trial, split, 'visible')} and "
+          f"{index_path(os.path.abspath(root), trial, split, 'thermal')}. Every training "
+          "identity needs images in both modalities.")
+  return visible + thermal

@@ -1,0 +1,332 @@
+"""The re-ID backbone: a ResNet with an optional per-modality stem, non-local blocks, GeM and BNNeck.
+
+Sits between the on-device augmentation and the losses: a compiled step feeds it normalised
+images `[n, H, W, 3]` with an int32 modality code per image (0 visible, 1 infrared, see
+`dakd_jax.data.records.MODALITY_CODE`) and hands its outputs to the losses (method.md 2, 2.2).
+
+Layout (method.md 2.1): torchvision ResNet (stride of a downsampling bottleneck on its 3x3 conv),
+last stride 1, AGW non-local blocks after the last 2 blocks of layer2 and the last 3 of layer3
+(for ResNet-18, whose stages have 2 blocks, after every block of layer2 and layer3), GeM pooling
+with a learnable exponent, and a BNNeck. With `modality_specific_stem` (default) each modality
+has its own stem (conv1, bn1, relu, maxpool), layer1..layer4 are shared; without it the network is
+the released single shared network and `modality` is ignored.
+
+Routing is per sample: both stems run on the whole batch and each image keeps the output of its
+own stem, so one compiled step serves any visible/infrared mix (the cost is one extra stem
+convolution, about 3% of the ResNet-50 FLOPs). Each stem's BatchNorm takes its batch statistics
+from its own images only (`MaskedBatchNorm`). Both stems share one max-pool because it has no
+parameters.
+
+Numerics: convolutions run in `dtype` (float32 or bfloat16); parameters are float32; every
+BatchNorm computes its statistics and the normalisation in float32; GeM, the BNNeck and all
+outputs are float32. BN: momentum 0.9, epsilon 1e-5, running variance updated with the biased
+batch variance (method.md 2.3).
+
+Under `jax.jit` with the batch sharded over a device mesh, BatchNorm batch statistics are means
+over the global (sharded) batch: XLA's SPMD partitioner inserts the cross-device reductions, so no
+`axis_name` is needed.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
+STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
+BOTTLENECK_DEPTHS = (50,)
+# Non-local blocks follow the last k blocks of a stage (method.md 2.1); stages 1 and 4 have none.
+NON_LOCAL_COUNTS = {1: 0, 2: 2, 3: 3, 4: 0}
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+VISIBLE_CODE = 0
+INFRARED_CODE = 1
+
+# torchvision's conv initialisation (kaiming normal, fan_out); ImageNet weights replace it.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def expansion(depth: int) -> int:
+  """Channel expansion of the blocks of a ResNet of this depth (4 for bottlenecks, else 1)."""
+  return 4 if depth in BOTTLENECK_DEPTHS else 1
+
+
+def output_features(depth: int, width: int) -> int:
+  """Number of pooled features C_out = 8 * width * expansion (2048 for ResNet-50, width 64)."""
+  return 8 * width * expansion(depth)
+
+
+def non_local_positions(depth: int, stage: int) -> tuple[int, ...]:
+  """0-based indices of the blocks of `stage` (1..4) that are followed by a non-local block.
+
+  The last min(k, blocks) blocks, k = 2 for layer2 and 3 for layer3: ResNet-50/34 get blocks
+  2, 3 of layer2 and 3, 4, 5 of layer3; ResNet-18 gets both blocks of layer2 and of layer3.
+  """
+  blocks = STAGE_SIZES[depth][stage - 1]
+  count = min(NON_LOCAL_COUNTS[stage], blocks)
+  return tuple(range(blocks - count, blocks))
+
+
+def _uniform_init(bound: float):
+  """PyTorch's default conv/bias initialisation: uniform in [-bound, bound]."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _conv(features, kernel, stride, dtype, name):
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=_conv_init, name=name)
+
+
+def _batch_norm(train, dtype, name, **kwargs):
+  # Flax promotes the statistics and the normalisation to float32 and casts the result to dtype.
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+
+
+class MaskedBatchNorm(nn.Module):
+  """BatchNorm over channels whose batch statistics come from the masked samples only.
+
+  Used in the per-modality stems. Same variables as `nn.BatchNorm` (params `scale`, `bias`;
+  batch_stats `mean`, `var`) so ImageNet weights load identically. In training, mean and biased
+  variance are taken over the H*W positions of the samples with `mask` true and the running
+  averages move by `r <- 0.9 r + 0.1 stat`; if no sample is masked in, the running statistics
+  stay unchanged and the output (finite, meaningless) must not be used.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    """x: [n, H, W, C]; mask: [n] bool or None (all samples); returns [n, H, W, C] in dtype."""
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      if mask is None:
+        mask = jnp.ones(x.shape[:1], bool)
+      weights = mask.astype(jnp.float32)[:, None, None, None]
+      count = jnp.sum(weights) * x.shape[1] * x.shape[2]
+      # Clamp the count so that an empty mask yields zeros rather than NaNs.
+      denom = jnp.maximum(count, 1.0)
+      mean = jnp.sum(x32 * weights, axis=(0, 1, 2)) / denom
+      var = jnp.sum(jnp.square(x32 - mean) * weights, axis=(0, 1, 2)) / denom
+      if not self.is_initializing():
+        has_samples = count > 0
+        ra_mean.value = jnp.where(
+            has_samples, BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean, ra_mean.value)
+        ra_var.value = jnp.where(
+            has_samples, BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var, ra_var.value)
+    y = (x32 - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
+    return y.astype(self.dtype)
+
+
+class Stem(nn.Module):
+  """conv1 (7x7/2, no bias) -> bn1 -> ReLU; the max-pool is applied by the caller."""
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
+    x = MaskedBatchNorm(dtype=self.dtype, name="bn1")(x, mask, train)
+    return nn.relu(x)
+
+
+class BasicBlock(nn.Module):
+  """torchvision BasicBlock: 3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
+  planes: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
+    out = nn.relu(_batch_norm(train, self.dtype, "bn1")(out))
+    out = _conv(self.planes, 3, 1, self.dtype, "conv2")(out)
+    out = _batch_norm(train, self.dtype, "bn2")(out)
+    return nn.relu(out + _shortcut(x, self.planes, self.stride, train, self.dtype))
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (x4), BN after each, + shortcut, ReLU."""
+  planes: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+    out = nn.relu(_batch_norm(train, self.dtype, "bn1")(out))
+    out = _conv(self.planes, 3, self.stride, self.dtype, "conv2")(out)
+    out = nn.relu(_batch_norm(train, self.dtype, "bn2")(out))
+    out = _conv(4 * self.planes, 1, 1, self.dtype, "conv3")(out)
+    out = _batch_norm(train, self.dtype, "bn3")(out)
+    return nn.relu(out + _shortcut(x, 4 * self.planes, self.stride, train, self.dtype))
+
+
+def _shortcut(x, features, stride, train, dtype):
+  """Identity, or 1x1 projection + BN when the stride or channel count changes.
+
+  Called inside a block's compact `__call__`, so the projection's modules belong to that block.
+  """
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  x = nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False,
+              dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
+              name="downsample_conv")(x)
+  return _batch_norm(train, dtype, "downsample_bn")(x)
+
+
+class NonLocalBlock(nn.Module):
+  """AGW non-local block with intermediate width 1 (method.md 2.1), computed in O(N).
+
+  theta, phi, val: 1x1 convs c -> 1 with bias; y_p = theta_p * mean_q(phi_q val_q) (the N x N
+  dot-product affinity divided by N, rank one); out = x + BN(conv1x1_{1->c}(y)). The output BN's
+  scale and shift start at 0, so the block starts as the identity. Convs use PyTorch's default
+  uniform(+-1/sqrt(fan_in)) initialisation for weights and biases.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    channels = x.shape[-1]
+
+    def conv(features, fan_in, name):
+      init = _uniform_init(1.0 / math.sqrt(fan_in))
+      return nn.Conv(features, (1, 1), use_bias=True, dtype=self.dtype,
+                     param_dtype=jnp.float32, kernel_init=init, bias_init=init, name=name)
+
+    theta = conv(1, channels, "theta")(x).astype(jnp.float32)
+    phi = conv(1, channels, "phi")(x).astype(jnp.float32)
+    val = conv(1, channels, "val")(x).astype(jnp.float32)
+    # Scalar per sample in float32: s = (1/N) sum_q phi_q val_q.
+    s = jnp.mean(phi * val, axis=(1, 2, 3), keepdims=True)
+    y = (theta * s).astype(self.dtype)
+    y = conv(channels, 1, "out")(y)
+    y = _batch_norm(train, self.dtype, "out_bn", scale_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.zeros)(y)
+    return x + y
+
+
+class GeM(nn.Module):
+  """Generalised-mean pooling: (mean_hw max(x, eps)^p)^(1/p), learnable scalar p (method.md 2.1).
+
+  x: [n, H, W, C] (any float dtype) -> [n, C] float32.
+  """
+  p_init: float = 3.0
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.param("p", nn.initializers.constant(self.p_init), (), jnp.float32)
+    x = jnp.maximum(x.astype(jnp.float32), self.eps)
+    return jnp.power(jnp.mean(jnp.power(x, p), axis=(1, 2)), 1.0 / p)
+
+
+class ReIDResNet(nn.Module):
+  """Re-ID ResNet (method.md 2). Call as
+
+    model.apply(variables, images, modality, train=True, mutable=["batch_stats"])
+    model.apply(variables, images, modality, train=False)
+
+  images: [n, H, W, 3] normalised float; modality: [n] int32, 0 visible / 1 infrared (only these
+  two values are valid; ignored when `modality_specific_stem` is false).
+  Returns a dict of float32 arrays, C_out = `output_features(depth, width)`:
+    'pooled': [n, C_out] GeM feature f (before the BNNeck);
+    'features': [n, C_out] BNNeck output g (batch statistics when training, running otherwise);
+    'embedding': [n, C_out] unit(g), only when train is false;
+    'feature_map': [n, H/16, W/16, C_out] layer4 output, only if return_feature_map.
+  The BNNeck has a scale (init 1) and no shift: the released shift is initialised to 0 and frozen,
+  which is the same as having none (and keeps it out of the optimiser and weight decay).
+  Raises ValueError for an unsupported depth or a modality of the wrong shape.
+  """
+  depth: int = 50
+  width: int = 64
+  modality_specific_stem: bool = True
+  non_local: bool = True
+  gem_p_init: float = 3.0
+  last_stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, modality, train: bool = False, return_feature_map: bool = False):
+    if self.depth not in STAGE_SIZES:
+      raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [n, H, W, 3], got shape {images.shape}")
+    x = self._stem(images.astype(self.dtype), modality, train)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = self._stages(x, train)
+    pooled = GeM(p_init=self.gem_p_init, name="gem")(x)
+    features = _batch_norm(train, jnp.float32, "bnneck", use_bias=False)(pooled)
+    outputs = {"pooled": pooled, "features": features}
+    if not train:
+      norm = jnp.linalg.norm(features, axis=-1, keepdims=True)
+      outputs["embedding"] = features / jnp.maximum(norm, 1e-12)
+    if return_feature_map:
+      outputs["feature_map"] = x.astype(jnp.float32)
+    return outputs
+
+  def _stem(self, images, modality, train):
+    if not self.modality_specific_stem:
+      return Stem(self.width, self.dtype, name="stem")(images, None, train)
+    modality = jnp.asarray(modality)
+    if modality.shape != images.shape[:1]:
+      raise ValueError(f"modality must have shape [n] = {images.shape[:1]}, got {modality.shape}")
+    is_infrared = modality == INFRARED_CODE
+    visible = Stem(self.width, self.dtype, name="stem_visible")(images, ~is_infrared, train)
+    infrared = Stem(self.width, self.dtype, name="stem_infrared")(images, is_infrared, train)
+    return jnp.where(is_infrared[:, None, None, None], infrared, visible)
+
+  def _stages(self, x, train):
+    block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+    for stage, blocks in enumerate(STAGE_SIZES[self.depth], start=1):
+      planes = self.width * 2 ** (stage - 1)
+      first_stride = 1 if stage == 1 else (self.last_stride if stage == 4 else 2)
+      with_non_local = non_local_positions(self.depth, stage) if self.non_local else ()
+      for index in range(blocks):
+        stride = first_stride if index == 0 else 1
+        x = block_cls(planes, stride, self.dtype, name=f"layer{stage}_{index}")(x, train)
+        if index in with_non_local:
+          x = NonLocalBlock(self.dtype, name=f"non_local{stage}_{index}")(x, train)
+    return x
+
+
+ResNet18 = functools.partial(ReIDResNet, depth=18)
+ResNet34 = functools.partial(ReIDResNet, depth=34)
+ResNet50 = functools.partial(ReIDResNet, depth=50)
+
+
+def create_model(depth: int = 50, width: int = 64, **kwargs) -> ReIDResNet:
+  """Builds a `ReIDResNet`; kwargs are its other fields (modality_specific_stem, non_local,
+  gem_p_init, last_stride, dtype). Raises ValueError for an unsupported depth or width."""
+  if depth not in STAGE_SIZES:
+    raise ValueError(f"model depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
+  if width < 1:
+    raise ValueError(f"model width must be a positive channel count, got {width}")
+  return ReIDResNet(depth=depth, width=width, **kwargs)
+
+
+def init_variables(model: ReIDResNet, key: jax.Array, image_shape) -> dict:
+  """Initialises {'params', 'batch_stats'} (all float32) for images of `image_shape` (H, W[, 3]).
+
+  Runs jitted in inference mode on a zero batch holding one image of each modality, so every
+  stem is created. The result does not depend on the image size, only the trace does.
+  """
+  height, width = image_shape[0], image_shape[1]
+  images = jnp.zeros((2, height, width, 3), jnp.float32)
+  modality = jnp.array([VISIBLE_CODE, INFRARED_CODE], jnp.int32)
+  init = jax.jit(functools.partial(model.init, train=False))
+  return init(key, images, modality)

@@ -1,0 +1,119 @@
+"""Config loading, overrides and validation, through the real CLI and through load_config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dakd_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_cli_overrides_reach_the_resolved_config():
+  result = run_cli("--config=configs/regdb.py:trial=3,released_code", "--print_config",
+                   "--config.mask_threshold=0.8", "--config.distill.temperatures=(4,2)",
+                   "--config.distill.strong_uses_weak_at_2_6=false", "--config.eval.rerank=true")
+  assert result.returncode == 0, result.stderr
+  resolved = json.loads(result.stdout)
+  assert resolved["mask_threshold"] == 0.8
+  assert resolved["distill"]["temperatures"] == [4.0, 2.0]
+  assert resolved["eval"]["rerank"] is True
+  # From the file arguments: the RegDB trial and the released preset.
+  assert resolved["data"]["trial"] == 3
+  assert resolved["data"]["dataset"] == "regdb"
+  assert resolved["distill"]["mask_keep"] == "low"
+  assert resolved["distill"]["mask_mode"] == "scale"
+  assert resolved["augment"]["cutswap_mode"] == "whole_image"
+  assert resolved["model"]["modality_specific_stem"] is False
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.mask_threshold=1.5", "config.mask_threshold = 1.5 is out of range"),
+    ("--config.distill.temperatures=(4,0)", "every one > 0"),
+    ("--config.data.ids_per_batch=3", "does not divide"),
+    ("--config.mask_treshold=0.5", "unknown config field 'mask_treshold'"),
+    ("--config.mask_threshold=abc", "could not convert string to float: 'abc'"),
+    ("--config.distill.mask_keep=middle", "choose one of ('low', 'high')"),
+])
+def test_cli_rejects_bad_values_before_running(override, expected):
+  # images_per_id=3 makes ids_per_batch=3 give 9 images, which cannot split over 2 devices.
+  extra = ["--config.data.images_per_id=3"] if "ids_per_batch" in override else []
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run([sys.executable, "run.py", "--config=configs/sysu.py", "--print_config",
+                           override, *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_load_config_matches_cli_defaults():
+  config = config_lib.load_config("configs/regdb.py:trial=4", ["mask_threshold=0.25"])
+  assert config.data.trial == 4 and config.mask_threshold == 0.25
+  assert config.data.image_height == 288 and config.data.images_per_id == 5
+  assert config.teacher.decay_epochs == (30, 60)
+  assert config.distill.mask_keep == "high"  # default preset: the paper's reading
+
+
+def test_load_config_parses_strings_by_field_type():
+  config = config_lib.load_config("configs/sysu.py", {
+      "model.depth": "18", "distill.logit_standardize": "false",
+      "eval.modes": "('indoor',)", "distill.lr": "1e-3", "data.root": "x/y"})
+  assert config.model.depth == 18
+  assert config.distill.logit_standardize is False
+  assert config.eval.modes == ("indoor",)
+  assert config.distill.lr == pytest.approx(1e-3)
+  assert config.data.root == "x/y"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"distill.ablation": "full"}, "config.distill.ablation = 'full' is not allowed"),
+    ({"model.depth": 101}, "config.model.depth = 101 is not allowed"),
+    ({"augment.cutswap_min": 0.7}, "must be below config.augment.cutswap_max"),
+    ({"teacher.decay_epochs": (40, 20)}, "need two epochs D1 < D2"),
+    ({"teacher.lr": 0.0}, "config.teacher.lr = 0.0 is out of range: must be in (0.0, inf)"),
+    ({"eval.shots": ("single", "double")}, "config.eval.shots"),
+    ({"model.init_weights": "/no/such/weights.safetensors"}, "no such file or directory"),
+    ({"data.trial": 11}, "config.data.trial = 11 is out of range: must be in [1, 10]"),
+    ({"distill.temperatures": (4.0, 3.0)}, "strong_uses_weak_at_2_6 = True needs 5"),
+])
+def test_validate_names_the_field(overrides, expected):
+  if "strong_uses_weak_at_2_6" in expected:
+    overrides = dict(overrides, **{"distill.strong_uses_weak_at_2_6": True})
+  config = config_lib.load_config("configs/sysu.py", overrides, validate_config=False)
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, num_devices=1)
+  assert expected in str(error.value)
+
+
+def test_eval_batch_must_divide_devices():
+  config = config_lib.load_config("configs/sysu.py", {"eval.batch_size": 30},
+                                  validate_config=False)
+  config_lib.validate(config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match="eval.batch_size = 30 does not divide over 4"):
+    config_lib.validate(config, num_devices=4)
+
+
+def test_unknown_fields_and_unparsable_values_are_errors():
+  with pytest.raises(config_lib.ConfigError, match="did you mean 'mask_threshold'"):
+    config_lib.load_config("configs/sysu.py", ["mask_treshold=0.5"])
+  with pytest.raises(config_lib.ConfigError, match="cannot parse as int"):
+    config_lib.load_config("configs/sysu.py", ["model.depth=fifty"])
+  with pytest.raises(config_lib.ConfigError, match="config file not found"):
+    config_lib.load_config("configs/nope.py")
+  with pytest.raises(ValueError, match="trial must be 1..10"):
+    config_lib.load_config("configs/regdb.py:trial=12")
+
+
+def test_every_shipped_config_validates():
+  for name in ("sysu", "regdb", "demo", "base"):
+    for arg in ("", ":released_code"):
+      config_lib.validate(config_lib.load_config(f"configs/{name}.py{arg}",
+                                                 validate_config=False), num_devices=1)

@@ -47,47 +47,60 @@ def denormalize(images):
   return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
+def _uniform_index(u, n):
+  """`floor(u * float32(n))` capped at `n - 1`: an index uniform in [0, n) from u in [0, 1)."""
+  n = jnp.asarray(n, jnp.int32)
+  return jnp.minimum(jnp.floor(u * n.astype(jnp.float32)).astype(jnp.int32), n - 1)
+
+
+def _pad_crop_at(image, pad, pad_value, top, left):
+  height, width, channels = image.shape
+  padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)),
+                   constant_values=jnp.asarray(pad_value, image.dtype))
+  return jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+
+
 def random_pad_crop(key, image, pad, pad_value):
   """Pads every side by `pad` pixels of `pad_value`, then crops back to the input size.
 
-  Key usage: `top, left = jax.random.randint(key, (2,), 0, 2 * pad + 1)`; the output is
-  `padded[top:top + H, left:left + W]`, so the offset is uniform over all (2*pad+1)^2 positions.
+  Key usage: `u = jax.random.uniform(key, (2,))`; `top = floor(u[0] * (2 pad + 1))`,
+  `left = floor(u[1] * (2 pad + 1))` (float32, see `_uniform_index`); the output is
+  `padded[top:top + H, left:left + W]`, an offset uniform over all (2 pad + 1)^2 positions.
 
   Args:
     key: PRNG key.
     image: `[H, W, C]`, any dtype; `pad_value` is in the image's own units (uint8: 0..255).
     pad: static int >= 0.
-    pad_value: static number.
+    pad_value: number (may be traced).
   Returns:
     `[H, W, C]` array of the input dtype.
   """
-  height, width, channels = image.shape
-  padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)),
-                   constant_values=jnp.asarray(pad_value, image.dtype))
-  top, left = jax.random.randint(key, (2,), 0, 2 * pad + 1)
-  return jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
+  u = jax.random.uniform(key, (2,))
+  positions = 2 * pad + 1
+  return _pad_crop_at(image, pad, pad_value, _uniform_index(u[0], positions),
+                      _uniform_index(u[1], positions))
 
 
 def random_flip(key, image, prob):
   """Mirrors the image left-right with probability `prob`.
 
-  Key usage: `flip = jax.random.bernoulli(key, prob)`.
+  Key usage: `flip = jax.random.uniform(key, ()) < prob`.
 
   Args:
     key: PRNG key.
     image: `[H, W, C]`, any dtype.
-    prob: flip probability in [0, 1].
+    prob: flip probability in [0, 1] (may be traced).
   Returns:
-    `[H, W, C]`, `image[:, ::-1]` if `flip` else `image`.
+    `[H, W, C]`: `image[:, ::-1]` if `flip` else `image`.
   """
-  return jnp.where(jax.random.bernoulli(key, prob), image[:, ::-1], image)
+  return jnp.where(jax.random.uniform(key, ()) < prob, image[:, ::-1], image)
 
 
 def random_geometric(key, image, settings):
   """Pad + random crop and horizontal flip, in the order `settings.flip_before_pad` says.
 
-  Key usage: `crop_key, flip_key = jax.random.split(key)`; `random_pad_crop(crop_key, ...)`,
-  `random_flip(flip_key, ...)`.
+  Key usage: `u = jax.random.uniform(key, (3,))`; `top = floor(u[0] * (2 pad + 1))`,
+  `left = floor(u[1] * (2 pad + 1))` as in `random_pad_crop`; `flip = u[2] < flip_prob`.
 
   Args:
     key: PRNG key.
@@ -96,12 +109,15 @@ def random_geometric(key, image, settings):
   Returns:
     `[H, W, 3]` uint8.
   """
-  crop_key, flip_key = jax.random.split(key)
+  u = jax.random.uniform(key, (3,))
+  positions = 2 * settings.pad + 1
+  top, left = _uniform_index(u[0], positions), _uniform_index(u[1], positions)
+  flip = u[2] < settings.flip_prob
   if settings.flip_before_pad:
-    image = random_flip(flip_key, image, settings.flip_prob)
-  image = random_pad_crop(crop_key, image, settings.pad, settings.pad_value)
+    image = jnp.where(flip, image[:, ::-1], image)
+  image = _pad_crop_at(image, settings.pad, settings.pad_value, top, left)
   if not settings.flip_before_pad:
-    image = random_flip(flip_key, image, settings.flip_prob)
+    image = jnp.where(flip, image[:, ::-1], image)
   return image
 
 
@@ -116,7 +132,7 @@ def replicate_channel(image, channel):
 def channel_exchange(key, image):
   """Replicates one colour channel, chosen uniformly, into all channels (method.md 5.2).
 
-  Key usage: `channel = jax.random.randint(key, (), 0, 3)`.
+  Key usage: `channel = floor(3 * jax.random.uniform(key, ()))`.
 
   Args:
     key: PRNG key.
@@ -124,17 +140,15 @@ def channel_exchange(key, image):
   Returns:
     `[H, W, 3]` float32.
   """
-  return replicate_channel(image, jax.random.randint(key, (), 0, 3))
+  return replicate_channel(image, _uniform_index(jax.random.uniform(key, ()), 3))
 
 
 def adaptive_gray(key, image):
   """Infrared-view channel op: R, G or B replicated (1/4 each), else luminance with p 1/2.
 
-  Key usage: `case_key, luminance_key = jax.random.split(key)`;
-  `case = jax.random.randint(case_key, (), 0, 4)`;
-  `use_luminance = jax.random.bernoulli(luminance_key, 0.5)`. Case 0/1/2 copies that channel;
-  case 3 gives `0.2989 R + 0.5870 G + 0.1140 B` in all channels if `use_luminance`, else the
-  image unchanged.
+  Key usage: `u = jax.random.uniform(key, (2,))`; `case = floor(4 u[0])`;
+  `use_luminance = u[1] < 0.5`. Case 0/1/2 copies that channel; case 3 gives
+  `0.2989 R + 0.5870 G + 0.1140 B` in all channels if `use_luminance`, else the image unchanged.
 
   Args:
     key: PRNG key.
@@ -142,14 +156,12 @@ def adaptive_gray(key, image):
   Returns:
     `[H, W, 3]` float32.
   """
-  case_key, luminance_key = jax.random.split(key)
-  case = jax.random.randint(case_key, (), 0, 4)
-  use_luminance = jax.random.bernoulli(luminance_key, 0.5)
+  u = jax.random.uniform(key, (2,))
+  case = _uniform_index(u[0], 4)
   weights = LUMINANCE_WEIGHTS
   luminance = (weights[0] * image[..., 0] + weights[1] * image[..., 1]
                + weights[2] * image[..., 2])
-  luminance = jnp.broadcast_to(luminance[..., None], image.shape)
-  fourth = jnp.where(use_luminance, luminance, image)
+  fourth = jnp.where(u[1] < 0.5, jnp.broadcast_to(luminance[..., None], image.shape), image)
   return jnp.where(case < 3, replicate_channel(image, case), fourth)
 
 
@@ -157,69 +169,61 @@ def _rectangle_mask(shape, top, left, height, width):
   """Boolean `[H, W]` mask of rows `[top, top+height)` x cols `[left, left+width)` (traced)."""
   rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  return ((rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width))
+  return (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
 
 
 def random_erasing(key, image, prob):
   """Random erasing with up to 100 attempts (method.md 5.2), with static shapes.
 
   All 100 candidates are drawn at once and the first that fits is used, which is what a loop
-  that stops at the first fit would do. Key usage:
-  `apply_key, area_key, aspect_key, top_key, left_key = jax.random.split(key, 5)`;
-  `apply = jax.random.bernoulli(apply_key, prob)`;
-  `area = jax.random.uniform(area_key, (100,), minval=0.02, maxval=0.4) * H * W`;
-  `aspect = jax.random.uniform(aspect_key, (100,), minval=0.3, maxval=1 / 0.3)`;
-  `h = round(sqrt(area * aspect))`, `w = round(sqrt(area / aspect))` (round half to even);
-  `fits = (h < H) & (w < W)`;
-  `top = jax.random.randint(top_key, (100,), 0, max(H - h + 1, 1))`,
-  `left = jax.random.randint(left_key, (100,), 0, max(W - w + 1, 1))`.
-  With `i` the first fitting index, rows `[top_i, top_i + h_i)` x cols `[left_i, left_i + w_i)`
-  are set to `ERASING_FILL` per channel. No fit, or `apply` false: the image is unchanged.
+  stopping at the first fit does. Key usage (float32 arithmetic throughout):
+  `u = jax.random.uniform(key, (5, 100))`; `apply = u[0, 0] < prob`;
+  `area = (0.02 + u[1] * (0.4 - 0.02)) * (H * W)`;
+  `aspect = 0.3 + u[2] * (1 / 0.3 - 0.3)`;
+  `h = round(sqrt(area * aspect))`, `w = round(sqrt(area / aspect))` (half to even);
+  `fits = (h < H) & (w < W)`; `top = floor(u[3] * (H - h + 1))`, `left = floor(u[4] * (W - w
+  + 1))` (each capped at `n - 1`, `n` clipped to >= 1). With `i` the first fitting attempt, rows
+  `[top_i, top_i + h_i)` x cols `[left_i, left_i + w_i)` are set to `ERASING_FILL` per channel.
+  No fit, or `apply` false: the image is unchanged.
 
   Args:
     key: PRNG key.
     image: `[H, W, 3]` float32 (normalised).
-    prob: probability of erasing, in [0, 1].
+    prob: probability of erasing, in [0, 1] (may be traced).
   Returns:
     `[H, W, 3]` float32.
   """
   height, width, _ = image.shape
-  apply_key, area_key, aspect_key, top_key, left_key = jax.random.split(key, 5)
-  apply = jax.random.bernoulli(apply_key, prob)
-  area = jax.random.uniform(area_key, (ERASING_ATTEMPTS,), minval=ERASING_AREA[0],
-                            maxval=ERASING_AREA[1]) * (height * width)
-  aspect = jax.random.uniform(aspect_key, (ERASING_ATTEMPTS,), minval=ERASING_ASPECT[0],
-                              maxval=ERASING_ASPECT[1])
+  u = jax.random.uniform(key, (5, ERASING_ATTEMPTS))
+  area = (ERASING_AREA[0] + u[1] * (ERASING_AREA[1] - ERASING_AREA[0])) * (height * width)
+  aspect = ERASING_ASPECT[0] + u[2] * (ERASING_ASPECT[1] - ERASING_ASPECT[0])
   rect_h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
   rect_w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
   fits = (rect_h < height) & (rect_w < width)
-  top = jax.random.randint(top_key, (ERASING_ATTEMPTS,), 0, jnp.maximum(height - rect_h + 1, 1))
-  left = jax.random.randint(left_key, (ERASING_ATTEMPTS,), 0, jnp.maximum(width - rect_w + 1, 1))
+  top = _uniform_index(u[3], jnp.maximum(height - rect_h + 1, 1))
+  left = _uniform_index(u[4], jnp.maximum(width - rect_w + 1, 1))
   first = jnp.argmax(fits)  # index of the first True; 0 when none fits (then unused)
   mask = _rectangle_mask((height, width), top[first], left[first], rect_h[first], rect_w[first])
-  mask = mask & apply & jnp.any(fits)
-  fill = jnp.asarray(ERASING_FILL, image.dtype)
-  return jnp.where(mask[..., None], fill, image)
+  mask = mask & (u[0, 0] < prob) & jnp.any(fits)
+  return jnp.where(mask[..., None], jnp.asarray(ERASING_FILL, image.dtype), image)
 
 
 def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
   """CutSwap (method.md 5.2): a rectangle (or, released, the whole image) channel-exchanged.
 
-  Key usage: `apply_key, fraction_key, top_key, left_key, channel_key = jax.random.split(key,
-  5)`; `apply = jax.random.bernoulli(apply_key, prob)`;
-  `fh, fw = jax.random.uniform(fraction_key, (2,), minval=lo, maxval=hi)`, each then capped at
-  the float32 just below `hi` so that the range stays half-open; `ch = floor(H * fh)`,
-  `cw = floor(W * fw)` (float32 products); `top = jax.random.randint(top_key, (), 0, H - ch + 1)`,
-  `left = jax.random.randint(left_key, (), 0, W - cw + 1)`;
-  `exchanged = channel_exchange(channel_key, image)`.
-  Mode "region": where `apply`, rows `[top, top+ch)` x cols `[left, left+cw)` take `exchanged`.
-  Mode "whole_image" (released code, see method.md 5.2 [variant]): where `apply`, the output is
-  `exchanged` everywhere; the rectangle draws are made but unused.
+  Key usage (float32): `u = jax.random.uniform(key, (6,))`; `apply = u[0] < prob`;
+  `fh = lo + u[1] * (hi - lo)`, `fw = lo + u[2] * (hi - lo)`, each capped at the float32 just
+  below `hi` (half-open range); `ch = floor(H * fh)`, `cw = floor(W * fw)`;
+  `top = floor(u[3] * (H - ch + 1))`, `left = floor(u[4] * (W - cw + 1))`;
+  `channel = floor(3 u[5])`, the channel replicated into the exchanged image.
+  Mode "region": where `apply`, rows `[top, top+ch)` x cols `[left, left+cw)` take the exchanged
+  pixels. Mode "whole_image" (released code, method.md 5.2 [variant]): where `apply`, the whole
+  output is the exchanged image; the rectangle draws are made but unused.
 
   Args:
     key: PRNG key.
     image: `[H, W, 3]` float32 (normalised).
-    prob: probability of applying, in [0, 1].
+    prob: probability of applying, in [0, 1] (may be traced).
     fraction_range: static `(lo, hi)` with 0 <= lo < hi <= 1.
     mode: static, "region" or "whole_image".
   Returns:
@@ -230,17 +234,15 @@ def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
   if mode not in CUTSWAP_MODES:
     raise ValueError(f"cutswap mode {mode!r} is not one of {CUTSWAP_MODES}.")
   height, width, _ = image.shape
-  apply_key, fraction_key, top_key, left_key, channel_key = jax.random.split(key, 5)
-  apply = jax.random.bernoulli(apply_key, prob)
+  u = jax.random.uniform(key, (6,))
   low, high = np.float32(fraction_range[0]), np.float32(fraction_range[1])
-  fractions = jax.random.uniform(fraction_key, (2,), minval=low, maxval=high)
-  # uniform(lo, hi) can round up to hi in float32; keep the interval half-open as specified.
-  fractions = jnp.minimum(fractions, np.nextafter(high, np.float32(-np.inf)))
+  fractions = jnp.minimum(low + u[1:3] * (high - low), np.nextafter(high, np.float32(-1)))
   rect_h = jnp.floor(np.float32(height) * fractions[0]).astype(jnp.int32)
   rect_w = jnp.floor(np.float32(width) * fractions[1]).astype(jnp.int32)
-  top = jax.random.randint(top_key, (), 0, height - rect_h + 1)
-  left = jax.random.randint(left_key, (), 0, width - rect_w + 1)
-  exchanged = channel_exchange(channel_key, image)
+  top = _uniform_index(u[3], height - rect_h + 1)
+  left = _uniform_index(u[4], width - rect_w + 1)
+  exchanged = replicate_channel(image, _uniform_index(u[5], 3))
+  apply = u[0] < prob
   if mode == "whole_image":
     return jnp.where(apply, exchanged, image)
   mask = _rectangle_mask((height, width), top, left, rect_h, rect_w) & apply

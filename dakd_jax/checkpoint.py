@@ -44,9 +44,10 @@ STATE, DATA, METADATA = "state", "data", "metadata"
 
 # Config fields that may change between a run and its resume without changing the result:
 # paths, logging and checkpoint bookkeeping. Patterns are fnmatch-style on dotted names.
+# (data.num_workers is not here: Grain's iterator state depends on the worker count.)
 RESUME_IGNORED_FIELDS = (
     "stage", "workdir", "checkpoint.*", "log.*", "data.root", "data.prepared_dir",
-    "data.num_workers", "distill.teacher_checkpoint", "eval.checkpoint", "eval.features",
+    "distill.teacher_checkpoint", "eval.checkpoint", "eval.features",
 )
 
 
@@ -286,16 +287,26 @@ class CheckpointManager:
         for the keep-best policy. None for steps without an evaluation.
 
     Returns:
-      True if a save started; False if `step` is not newer than the latest checkpoint (Orbax
-      skips it; a warning is logged).
+      True if a save started; False (with a warning) if `step` is not newer than the latest
+      checkpoint and no metrics were given.
 
     Raises:
-      ValueError: `metrics` lacks `best_metric`.
+      ValueError: `metrics` lacks `best_metric`, or `metrics` are given for a step that is not
+        newer than the latest checkpoint (the step could never become the best one; save once
+        per step, with the metrics when the step was evaluated).
       TypeError: metadata or data_state holds a value JSON cannot store.
     """
     if metrics is not None and self.best_metric not in metrics:
       raise ValueError(f"metrics {sorted(metrics)} lack {self.best_metric!r}, which ranks "
                        "checkpoints; pass it or save with metrics=None")
+    latest = self._manager.latest_step()
+    if latest is not None and step <= latest:
+      if metrics is not None:
+        raise ValueError(f"step {step} with metrics {metrics} cannot be saved: {self.directory} "
+                         f"already has step {latest}; save each step once, with its metrics")
+      logging.warning("checkpoint step %d not saved: %s already has step %d", step,
+                      self.directory, latest)
+      return False
     metadata = to_json_tree(dict(metadata))
     metadata.setdefault("step", int(step))
     args = ocp.args.Composite(**{
@@ -303,12 +314,8 @@ class CheckpointManager:
         DATA: grain_checkpoint.CheckpointSave(_DataStateBox(data_state)),
         METADATA: ocp.args.JsonSave(metadata),
     })
-    saved = self._manager.save(
+    return self._manager.save(
         int(step), args=args, metrics=None if metrics is None else to_json_tree(metrics))
-    if not saved:
-      logging.warning("checkpoint step %d not saved: %s already has step %s", step,
-                      self.directory, self._manager.latest_step())
-    return saved
 
   def wait(self) -> None:
     """Blocks until pending saves are written and old steps deleted; raises their errors."""

@@ -82,8 +82,8 @@ def sysu_gallery(root: str, trial: int, *, mode: str, shots: int) -> list[ImageR
         folder = os.path.join(root, f"cam{camera}", f"{identity:04d}")
         raise DatasetError(
             f"SYSU-MM01 gallery folder {folder} holds {len(names)} images; "
-            f"{SYSU_SHOTS[shots]} draws {shots} from every existing gallery folder. Restore the "
-            "folder's images (the real dataset has enough) or remove the empty folder.")
+            f"{SYSU_SHOTS[shots]} draws {shots} from every existing gallery folder (the reference "
+            "draw fails there too). Restore the folder's images from the dataset archive.")
       drawn = [generator.choice(names)] if shots == 1 else generator.sample(names, shots)
       gallery.extend(sysu.make_record(root, identity, camera, name) for name in drawn)
   return gallery

@@ -69,7 +69,7 @@ def _check_train_labels(path: str, labels: list[int]) -> None:
   """Training labels must be exactly 0..C-1 (centres are indexed by label)."""
   distinct = sorted(set(labels))
   if distinct != list(range(len(distinct))):
-    missing = sorted(set(range(max(distinct) + 1)) - set(distinct))[:5] if distinct else []
+    missing = sorted(set(range(max(distinct) + 1)) - set(distinct))[:5]
     raise DatasetError(
         f"RegDB training labels in {path} must be exactly 0..C-1 (the class centres are indexed "
         f"by label); found {len(distinct)} distinct labels from {distinct[0]} to {distinct[-1]}"

@@ -59,7 +59,7 @@ def _draw_person(rng: np.random.Generator) -> dict:
       bag_side=rng.integers(-1, 2), bag_size=rng.uniform(0.14, 0.26),
       bag_top=rng.uniform(0.35, 0.55))
   colours = rng.uniform(0.05, 0.95, size=(_NUM_PARTS, 2, 3))
-  colours[_SKIN] = rng.uniform(0.45, 0.85) * np.array([1.0, 0.82, 0.68])
+  colours[_SKIN] = rng.uniform(0.25, 0.85) * np.array([1.0, 0.82, 0.68])
   colours[_HAIR] = rng.uniform(0.05, 0.45) * np.array([1.0, 0.85, 0.7])
   colours[_SHOES] = rng.uniform(0.05, 0.35)
   # Temperatures are drawn on their own: infrared brightness carries no information about
@@ -187,8 +187,11 @@ def _render(person: dict, camera: dict, rng: np.random.Generator, n: int, height
             width: int, is_visible: bool) -> np.ndarray:
   """n images of `person` seen by `camera`: uint8 [n, height, width, 3]."""
   scale = camera["scale"] * rng.uniform(0.92, 1.04, size=n)
-  shift = rng.uniform(-1, 1, size=(n, 2)) * np.array([0.04 * height, 0.1 * width])
+  shift = rng.uniform(-1, 1, size=(n, 2)) * np.array([0.05 * height, 0.12 * width])
   labels, bits = _person_map(person, scale, shift, height, width)
+  # Seen from the front or the back: half of the images are mirrored (bag side, diagonals).
+  mirrored = rng.random(n) < 0.5
+  labels[mirrored], bits[mirrored] = labels[mirrored, :, ::-1], bits[mirrored, :, ::-1]
   if is_visible:
     colours = person["visible_palette"][labels, bits.astype(np.int64)]
   else:
@@ -230,10 +233,10 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
   1..~1.1 x total. Each identity is in one or both cameras of each pair (1, 2), (4, 5), (3, 6),
   with `images_per_camera` images per camera folder; the multi-shot protocol needs >= 10.
 
-  Raises ValueError for sizes below 1 (ids, images; val may be 0) or 16 (pixels),
+  Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
   FileExistsError when `root` exists and is not an empty folder.
   """
-  _check_sizes(num_train_ids=(num_train_ids, 1), num_val_ids=(num_val_ids, 0),
+  _check_sizes(num_train_ids=(num_train_ids, 1), num_val_ids=(num_val_ids, 1),
                num_test_ids=(num_test_ids, 1), images_per_camera=(images_per_camera, 1),
                height=(height, 16), width=(width, 16), seed=(seed, 0))
   _prepare_root(root)

@@ -192,7 +192,7 @@ def describe(records: Sequence[ImageRecord], title: str = DATASET_NAME) -> str:
   for record in records:
     by_modality[record.modality].append(record)
     by_camera[(record.modality, record.camera)].append(record)
-  rule = "  " + "-" * 40
+  rule = "  " + "-" * 37
   lines = [f"  {title}", rule, f"  {'subset':<18} | {'# ids':>5} | {'# images':>8}", rule]
 
   def row(label, group):

@@ -79,11 +79,15 @@ def confidence_mask(teacher_logits: jax.Array, threshold: float, keep: str) -> j
   `cut` = the `threshold` quantile of the batch's `q` with linear interpolation (NumPy's default
   percentile rule). keep="low" keeps `q <= cut` (released code), keep="high" keeps `q > cut`.
 
-  The cut lies between the order statistics `q_(j)` and `q_(j+1)`, `j = floor(threshold (n-1))`
-  (0-based), and no confidence lies strictly between them, so `q <= cut` holds exactly when
-  `q <= q_(j)`, i.e. when fewer than `j + 1` confidences are strictly smaller than `q`. The mask
-  is computed from those counts, so it never depends on how the interpolated cut rounds. The
-  whole (global) batch is compared, so a batch sharded over devices gives the same mask.
+  The cut lies in `[q_(j), q_(j+1))`, `j = floor(threshold (n-1))` (0-based order statistics,
+  the index computed in float64 as NumPy does), and no confidence lies strictly between them,
+  so `q <= cut` holds exactly when `q <= q_(j)`, i.e. when at most `j` confidences are strictly
+  smaller than `q`. The mask is computed from those counts, so it never depends on how the
+  interpolated cut rounds (the median of an even batch keeps exactly half of distinct values).
+  The one difference from `q <= numpy.quantile(q, threshold)`: when `threshold (n-1)` rounds
+  to a few ulps below an integer (e.g. 0.29 of 101 rows), NumPy's float64 interpolation can
+  land exactly on `q_(j+1)` and keep it; here it is not kept. The whole (global) batch is
+  compared, so a batch sharded over devices gives the same mask as an unsharded one.
 
   Args:
     teacher_logits: [n, N] logits, any float dtype.

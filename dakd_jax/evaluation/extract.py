@@ -1,0 +1,74 @@
+"""Feature extraction: embed a list of prepared images with a jitted model over all devices.
+
+Used by evaluation (query and gallery embeddings), by the teacher's memory rebuild and by the
+student's teacher centres. Batches come padded to a fixed size from the Grain eval pipeline, so
+the embedding function compiles once; the padding rows are dropped on the host.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dakd_jax import sharding as sharding_lib
+from dakd_jax.data import pipeline
+
+
+@functools.lru_cache(maxsize=None)
+def jit_embed(embed_fn: Callable, mesh) -> Callable:
+  """embed_fn jitted once per (function, mesh): batch on 'data', variables replicated."""
+  data = sharding_lib.data_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(embed_fn, in_shardings=(replicated, data, data, replicated),
+                 out_shardings=replicated)
+
+
+def _gather(array: jax.Array) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(array))
+  from jax.experimental import multihost_utils  # Multi-host only.
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def extract_embeddings(embed_fn: Callable, variables, source, indices: Sequence[int],
+                       modality_codes: np.ndarray, *, batch_size: int, mesh,
+                       key: jax.Array | None = None, description: str = "extract",
+                       show_progress: bool = True) -> np.ndarray:
+  """Embeds `source[indices]` in order.
+
+  Args:
+    embed_fn: embed(variables, images uint8 [b,H,W,3], modality int32 [b], key) -> [b, D].
+    variables: model variables, replicated on `mesh`.
+    source: a random-access data source of the prepared split (records with 'image').
+    indices: which records, in the order the result rows should have.
+    modality_codes: int array [len(source)] (0 visible, 1 infrared) for routing.
+    batch_size: global batch (divisible by the device count).
+    key: PRNG key for random embeddings (channel exchange); folded with the batch number.
+  Returns:
+    float32 [len(indices), D] embeddings.
+  """
+  indices = np.asarray(indices, dtype=np.int64)
+  if len(indices) == 0:
+    raise ValueError(f"{description}: nothing to embed (empty index list)")
+  step_fn = jit_embed(embed_fn, mesh)
+  key = jax.random.key(0) if key is None else key
+  batches = pipeline.make_eval_batches(source, indices, batch_size,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  num_batches = -(-len(indices) // batch_size)
+  rows = []
+  for number, batch in enumerate(tqdm(batches, total=num_batches, desc=description,
+                                      disable=not show_progress or jax.process_index() != 0,
+                                      leave=False, mininterval=2.0)):
+    local_index = np.where(batch["mask"], batch["index"], indices[0])
+    local = {"images": batch["images"], "modality": modality_codes[local_index].astype(np.int32)}
+    global_batch = sharding_lib.host_to_global(local, mesh)
+    embeddings = step_fn(variables, global_batch["images"], global_batch["modality"],
+                         jax.random.fold_in(key, number))
+    # Padding sits at the end of the global batch, so the first `valid` rows are real.
+    valid = min(batch_size, len(indices) - number * batch_size)
+    rows.append(_gather(embeddings)[:valid])
+  return np.concatenate(rows).astype(np.float32)

@@ -1,0 +1,279 @@
+"""Where metrics go: TensorBoard events, a JSON-lines file and a progress line.
+
+The last stop of the data flow. One `MetricWriter` is created at start and passed down to the
+training loop and the evaluators; it writes only from process 0 (other processes hold a writer
+that does nothing), so callers never branch on the process index. `ProgressLine` is the
+human-facing line: a tqdm bar on a terminal, plain throttled lines when the output is a file or
+a CI log.
+
+Values reach the host only here, at logging intervals: `write_scalars` and the progress line
+fetch a whole dict with one `jax.device_get`.
+"""
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+RESERVED_KEYS = ("step", "stage", "wall_time")
+
+
+def _host_scalars(scalars: Mapping[str, Any]) -> dict[str, float | int]:
+  """Fetches a dict of scalars in one transfer, in the caller's key order.
+
+  Integers and booleans stay int/bool, the rest become float.
+
+  Raises:
+    ValueError: a value holds more than one element.
+  """
+  names = list(scalars)  # a list keeps the caller's order (dict pytrees are sorted)
+  fetched = jax.device_get([scalars[name] for name in names])
+  out = {}
+  for name, value in zip(names, fetched):
+    array = np.asarray(value)
+    if array.size != 1:
+      raise ValueError(f"metric {name!r} has shape {array.shape}; only scalars can be logged")
+    item = array.reshape(()).item()
+    out[str(name)] = item if isinstance(item, (bool, int)) else float(item)
+  return out
+
+
+def _json_number(value: float | int) -> float | int | str:
+  """Non-finite floats become "NaN"/"Infinity"/"-Infinity" so every line is strict JSON."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+  return value
+
+
+class MetricWriter:
+  """TensorBoard events plus `metrics.jsonl` in the workdir, written by process 0 only.
+
+  Each `write_scalars` call appends one JSON object
+  {"step": int, "stage": str, "wall_time": unix seconds, "<name>": value, ...} and one
+  TensorBoard scalar per name under the tag "<stage>/<name>" ("<name>" when stage is "").
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, stage: str = "",
+               enabled: bool | None = None, jsonl_name: str = "metrics.jsonl",
+               flush_secs: int = 30):
+    """Opens the files (creating `workdir`) when enabled.
+
+    Args:
+      workdir: the run's directory; event files and `jsonl_name` are written directly in it.
+      stage: default stage name ("teacher", "student", "eval"); settable as `writer.stage`.
+      enabled: None = `jax.process_index() == 0`; False writes nothing anywhere.
+      jsonl_name: file name of the JSON-lines log (appended to, so a resumed run continues it).
+      flush_secs: longest time TensorBoard events stay buffered.
+    """
+    self.stage = stage
+    self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
+    self.workdir = os.fspath(workdir)
+    self._tensorboard = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._tensorboard = SummaryWriter(logdir=self.workdir, flush_secs=flush_secs)
+      self._jsonl = open(os.path.join(self.workdir, jsonl_name), "a", encoding="utf-8")
+
+  def _tag(self, name: str, stage: str) -> str:
+    return f"{stage}/{name}" if stage else name
+
+  def _append(self, record: dict) -> None:
+    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+    # A line per logging interval is cheap; flushing keeps the file whole after a crash.
+    self._jsonl.flush()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any], *,
+                    stage: str | None = None) -> None:
+    """Logs scalar metrics of one step.
+
+    Args:
+      step: the global step the values belong to.
+      scalars: name -> scalar (Python number, NumPy or jax.Array of size 1).
+      stage: overrides `self.stage` for this call.
+
+    Raises:
+      ValueError: a name is one of RESERVED_KEYS or a value is not a scalar.
+    """
+    if not self.enabled:
+      return
+    clash = sorted(set(scalars) & set(RESERVED_KEYS))
+    if clash:
+      raise ValueError(f"metric names {clash} are reserved for the JSON-lines record; rename them")
+    stage = self.stage if stage is None else stage
+    values = _host_scalars(scalars)
+    wall_time = time.time()
+    for name, value in values.items():
+      self._tensorboard.add_scalar(self._tag(name, stage), value, int(step), walltime=wall_time)
+    record = {"step": int(step), "stage": stage, "wall_time": wall_time}
+    record.update({name: _json_number(value) for name, value in values.items()})
+    self._append(record)
+
+  def write_text(self, step: int, name: str, text: str, *, stage: str | None = None) -> None:
+    """Logs a text (an evaluation report, the resolved config) at `step`.
+
+    The JSON-lines record is {"step", "stage", "wall_time", "text": {name: text}}.
+    """
+    if not self.enabled:
+      return
+    stage = self.stage if stage is None else stage
+    wall_time = time.time()
+    self._tensorboard.add_text(self._tag(name, stage), text, int(step), walltime=wall_time)
+    self._append({"step": int(step), "stage": stage, "wall_time": wall_time,
+                  "text": {name: text}})
+
+  def flush(self) -> None:
+    """Writes buffered events to disk."""
+    if self.enabled:
+      self._tensorboard.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the files; later writes are errors."""
+    if self.enabled and self._jsonl is not None:
+      self._tensorboard.close()
+      self._jsonl.close()
+      self._jsonl = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def format_duration(seconds: float) -> str:
+  """Formats seconds as "H:MM:SS" (hours unbounded), "?" when not finite."""
+  if not math.isfinite(seconds):
+    return "?"
+  total = int(round(max(seconds, 0.0)))
+  return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def device_memory_text(device: Any = None) -> str:
+  """Returns "mem <in use>/<peak> GiB" for a device, "" when it reports no statistics (CPU)."""
+  try:
+    stats = (device or jax.local_devices()[0]).memory_stats()
+  except Exception:  # pylint: disable=broad-except  # some backends raise instead of None
+    return ""
+  if not stats or "bytes_in_use" not in stats:
+    return ""
+  gib = 1024 ** 3
+  peak = stats.get("peak_bytes_in_use", stats["bytes_in_use"])
+  return f"mem {stats['bytes_in_use'] / gib:.2f}/{peak / gib:.2f} GiB"
+
+
+class ProgressLine:
+  """Stage, epoch, step/total, loss terms, images/s, step and data time, ETA, device memory.
+
+  On a terminal it is a tqdm bar redrawn at most every `min_interval_s` (default 0.5 s);
+  otherwise (a file, a CI log) it prints one plain line at most every `min_interval_s`
+  (default 10 s), plus the first update and the last step. Rates are averaged over the steps
+  since the previous line, so the first line includes compilation time.
+  """
+
+  def __init__(self, total_steps: int, *, stage: str = "", steps_per_epoch: int | None = None,
+               start_step: int = 0, stream: io.TextIOBase | None = None,
+               use_tty: bool | None = None, min_interval_s: float | None = None,
+               show_memory: bool = True, clock: Callable[[], float] = time.monotonic):
+    """Starts the line.
+
+    Args:
+      total_steps: the stage's last step.
+      stage: shown first ("teacher", "student").
+      steps_per_epoch: when given, the epoch shown is ceil(step / steps_per_epoch).
+      start_step: the step training starts from (non-zero after a resume).
+      stream: where to write; default sys.stderr.
+      use_tty: None = `stream.isatty()`.
+      min_interval_s: least time between two renders (see class docstring for defaults).
+      show_memory: append the first local device's memory use when it reports one.
+      clock: seconds, monotonic; replaceable in tests.
+    """
+    self.total_steps = int(total_steps)
+    self.stage = stage
+    self.steps_per_epoch = steps_per_epoch
+    self._stream = stream or sys.stderr
+    if use_tty is None:
+      use_tty = hasattr(self._stream, "isatty") and self._stream.isatty()
+    if min_interval_s is None:
+      min_interval_s = 0.5 if use_tty else 10.0
+    self._min_interval = min_interval_s
+    self._show_memory = show_memory
+    self._clock = clock
+    self._last_step = self._render_step = int(start_step)
+    self._render_time = clock()
+    self._images = 0
+    self._data_time = 0.0
+    self._rendered_once = False
+    self._bar = None
+    if use_tty:
+      self._bar = tqdm.tqdm(total=self.total_steps, initial=self._last_step, file=self._stream,
+                            dynamic_ncols=True, mininterval=0, bar_format="{bar:12}| {desc}")
+
+  def update(self, step: int, metrics: Mapping[str, Any], images: int, *,
+             data_time: float = 0.0, epoch: int | None = None) -> str | None:
+    """Records progress up to `step` and re-renders when the interval has passed.
+
+    Args:
+      step: steps completed so far in this stage.
+      metrics: name -> scalar loss terms (host or device values; fetched only when rendered).
+      images: images processed since the previous `update` call.
+      data_time: seconds spent waiting for input since the previous `update` call.
+      epoch: shown instead of the epoch derived from steps_per_epoch.
+
+    Returns:
+      The rendered text when a render happened, else None.
+    """
+    self._images += int(images)
+    self._data_time += float(data_time)
+    self._last_step = int(step)
+    now = self._clock()
+    should_render = (not self._rendered_once or step >= self.total_steps
+                     or now - self._render_time >= self._min_interval)
+    if not should_render:
+      return None
+    text = self._render(now, metrics, epoch)
+    if self._bar is not None:
+      self._bar.set_description_str(text, refresh=False)
+      self._bar.n = self._last_step
+      self._bar.refresh()
+    else:
+      print(text, file=self._stream, flush=True)
+    return text
+
+  def _render(self, now: float, metrics: Mapping[str, Any], epoch: int | None) -> str:
+    steps = max(self._last_step - self._render_step, 1)
+    elapsed = max(now - self._render_time, 1e-9)
+    step_time = elapsed / steps
+    parts = [self.stage] if self.stage else []
+    if epoch is None and self.steps_per_epoch:
+      epoch = max(1, math.ceil(self._last_step / self.steps_per_epoch))
+    if epoch is not None:
+      if self.steps_per_epoch:
+        parts.append(f"ep {epoch}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
+      else:
+        parts.append(f"ep {epoch}")
+    parts.append(f"step {self._last_step}/{self.total_steps}")
+    parts += [f"{name} {value:.4g}" for name, value in _host_scalars(metrics).items()]
+    parts.append(f"{self._images / elapsed:.1f} img/s")
+    parts.append(f"step {step_time:.3f}s data {self._data_time / steps:.3f}s")
+    parts.append(f"ETA {format_duration((self.total_steps - self._last_step) * step_time)}")
+    if self._show_memory and (memory := device_memory_text()):
+      parts.append(memory)
+    self._render_step, self._render_time = self._last_step, now
+    self._images, self._data_time = 0, 0.0
+    self._rendered_once = True
+    return " | ".join(parts)
+
+  def close(self) -> None:
+    """Ends the bar (a newline on terminals); nothing more is printed."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None

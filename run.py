@@ -8,6 +8,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -16,6 +17,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (checkpoints, logs, tables); default workdirs/<config name>.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Validate and print the resolved config as JSON, then exit.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: host:port of process 0 (jax.distributed); omit for one process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -35,7 +41,12 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax, TFDS and JAX log much at INFO; --verbosity=0 brings it back.
+    logging.set_verbosity(logging.WARNING)
   from dakd_jax import cli  # Imported after flag parsing: Grain reads absl flags.
+  if _COORDINATOR.value:
+    cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   return cli.main(_CONFIG.value, _WORKDIR.value, config_path=config_path,
                   print_only=_PRINT_CONFIG.value)

@@ -4,10 +4,12 @@ Data flow: Grain delivers uint8 batches `[n, H, W, 3]` to the host; the compiled
 calls `augment_batch` once per view (method.md 5.2) and feeds the float32 result to the network.
 Memory building (method.md 3.2) uses `normalize` and `channel_exchange_batch` only.
 
-Every random op is a pure function of one PRNG key and one image; batches are `jax.vmap` over one
-key per sample. All shapes are static: rectangles whose size is drawn at run time are applied
-with masks built from iota comparisons. The exact key usage of each function is written in its
-docstring, so that a test can re-derive the same draws and re-state the op in NumPy.
+Every random op is a pure function of uniform numbers in [0, 1) and one image
+(`*_from_uniforms`), with a wrapper taking `(key, image, ...)` that draws them in one
+`jax.random.uniform` call. A whole pipeline draws all of an image's numbers in one call too:
+each random-number site adds about a second of XLA:CPU compilation, so few sites compile fast. Batches are `jax.vmap` over one key per sample. Shapes are static: rectangles of drawn
+size are applied with masks built from iota comparisons. Which number drives which decision is
+written in each docstring, so a test can re-derive the draws and re-state the op in NumPy.
 """
 import dataclasses
 from typing import Tuple
@@ -27,6 +29,13 @@ LUMINANCE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 DATASETS = ("sysu_mm01", "regdb")
 VIEWS = ("visible", "infrared", "channel")
 CUTSWAP_MODES = ("region", "whole_image")
+# Slices of the per-image uniform vector drawn by `augment_image`.
+GEOMETRIC_SLOTS = slice(0, 3)
+CUTSWAP_SLOTS = slice(3, 9)
+ERASING_SLOTS = slice(9, 9 + 5 * ERASING_ATTEMPTS)
+GRAY_SLOTS = slice(509, 511)
+CHANNEL_SLOT = 511
+UNIFORMS_PER_IMAGE = 512
 
 
 def normalize(images):
@@ -47,8 +56,8 @@ def denormalize(images):
   return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
-def _uniform_index(u, n):
-  """`floor(u * float32(n))` capped at `n - 1`: an index uniform in [0, n) from u in [0, 1)."""
+def uniform_index(u, n):
+  """`floor(u * float32(n))` capped at `n - 1`: an int32 uniform in [0, n) from u in [0, 1)."""
   n = jnp.asarray(n, jnp.int32)
   return jnp.minimum(jnp.floor(u * n.astype(jnp.float32)).astype(jnp.int32), n - 1)
 
@@ -60,58 +69,24 @@ def _pad_crop_at(image, pad, pad_value, top, left):
   return jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
 
 
-def random_pad_crop(key, image, pad, pad_value):
-  """Pads every side by `pad` pixels of `pad_value`, then crops back to the input size.
-
-  Key usage: `u = jax.random.uniform(key, (2,))`; `top = floor(u[0] * (2 pad + 1))`,
-  `left = floor(u[1] * (2 pad + 1))` (float32, see `_uniform_index`); the output is
-  `padded[top:top + H, left:left + W]`, an offset uniform over all (2 pad + 1)^2 positions.
-
-  Args:
-    key: PRNG key.
-    image: `[H, W, C]`, any dtype; `pad_value` is in the image's own units (uint8: 0..255).
-    pad: static int >= 0.
-    pad_value: number (may be traced).
-  Returns:
-    `[H, W, C]` array of the input dtype.
-  """
-  u = jax.random.uniform(key, (2,))
-  positions = 2 * pad + 1
-  return _pad_crop_at(image, pad, pad_value, _uniform_index(u[0], positions),
-                      _uniform_index(u[1], positions))
-
-
-def random_flip(key, image, prob):
-  """Mirrors the image left-right with probability `prob`.
-
-  Key usage: `flip = jax.random.uniform(key, ()) < prob`.
-
-  Args:
-    key: PRNG key.
-    image: `[H, W, C]`, any dtype.
-    prob: flip probability in [0, 1] (may be traced).
-  Returns:
-    `[H, W, C]`: `image[:, ::-1]` if `flip` else `image`.
-  """
-  return jnp.where(jax.random.uniform(key, ()) < prob, image[:, ::-1], image)
-
-
-def random_geometric(key, image, settings):
+def geometric_from_uniforms(u, image, settings):
   """Pad + random crop and horizontal flip, in the order `settings.flip_before_pad` says.
 
-  Key usage: `u = jax.random.uniform(key, (3,))`; `top = floor(u[0] * (2 pad + 1))`,
-  `left = floor(u[1] * (2 pad + 1))` as in `random_pad_crop`; `flip = u[2] < flip_prob`.
+  Padding adds `settings.pad` pixels of `settings.pad_value` on every side; the crop takes
+  `padded[top:top + H, left:left + W]` with `top = uniform_index(u[0], 2 pad + 1)`,
+  `left = uniform_index(u[1], 2 pad + 1)` (uniform over all (2 pad + 1)^2 offsets); the image is
+  mirrored left-right when `u[2] < settings.flip_prob`.
 
   Args:
-    key: PRNG key.
-    image: `[H, W, 3]` uint8 (before normalisation, so the pad value is a pixel value).
-    settings: `AugmentSettings`.
+    u: `[3]` float32 uniforms in [0, 1).
+    image: `[H, W, C]`, any dtype; for the pipeline uint8 before normalisation, so the pad
+      value is a pixel value (0 black, 127 grey).
+    settings: `AugmentSettings` (uses pad, pad_value, flip_prob, flip_before_pad).
   Returns:
-    `[H, W, 3]` uint8.
+    `[H, W, C]` of the input dtype.
   """
-  u = jax.random.uniform(key, (3,))
   positions = 2 * settings.pad + 1
-  top, left = _uniform_index(u[0], positions), _uniform_index(u[1], positions)
+  top, left = uniform_index(u[0], positions), uniform_index(u[1], positions)
   flip = u[2] < settings.flip_prob
   if settings.flip_before_pad:
     image = jnp.where(flip, image[:, ::-1], image)
@@ -119,6 +94,26 @@ def random_geometric(key, image, settings):
   if not settings.flip_before_pad:
     image = jnp.where(flip, image[:, ::-1], image)
   return image
+
+
+def random_geometric(key, image, settings):
+  """`geometric_from_uniforms(jax.random.uniform(key, (3,)), image, settings)`."""
+  return geometric_from_uniforms(jax.random.uniform(key, (3,)), image, settings)
+
+
+def random_pad_crop(key, image, pad, pad_value):
+  """Pad + random crop only: `u = jax.random.uniform(key, (2,))`, offsets as in `geometric`.
+
+  `pad` is a static int >= 0; `pad_value` (may be traced) is in the image's own units.
+  """
+  u = jax.random.uniform(key, (2,))
+  return _pad_crop_at(image, pad, pad_value, uniform_index(u[0], 2 * pad + 1),
+                      uniform_index(u[1], 2 * pad + 1))
+
+
+def random_flip(key, image, prob):
+  """Mirrors `[H, W, C]` left-right when `jax.random.uniform(key, ()) < prob` (may be traced)."""
+  return jnp.where(jax.random.uniform(key, ()) < prob, image[:, ::-1], image)
 
 
 def replicate_channel(image, channel):
@@ -132,37 +127,34 @@ def replicate_channel(image, channel):
 def channel_exchange(key, image):
   """Replicates one colour channel, chosen uniformly, into all channels (method.md 5.2).
 
-  Key usage: `channel = floor(3 * jax.random.uniform(key, ()))`.
-
-  Args:
-    key: PRNG key.
-    image: `[H, W, 3]` float32 (normalised).
-  Returns:
-    `[H, W, 3]` float32.
+  `channel = uniform_index(jax.random.uniform(key, ()), 3)`; `image` is `[H, W, 3]` float32.
   """
-  return replicate_channel(image, _uniform_index(jax.random.uniform(key, ()), 3))
+  return replicate_channel(image, uniform_index(jax.random.uniform(key, ()), 3))
 
 
-def adaptive_gray(key, image):
+def adaptive_gray_from_uniforms(u, image):
   """Infrared-view channel op: R, G or B replicated (1/4 each), else luminance with p 1/2.
 
-  Key usage: `u = jax.random.uniform(key, (2,))`; `case = floor(4 u[0])`;
-  `use_luminance = u[1] < 0.5`. Case 0/1/2 copies that channel; case 3 gives
-  `0.2989 R + 0.5870 G + 0.1140 B` in all channels if `use_luminance`, else the image unchanged.
+  `case = uniform_index(u[0], 4)`; case 0/1/2 copies that channel into all channels; case 3
+  gives `0.2989 R + 0.5870 G + 0.1140 B` in all channels if `u[1] < 0.5`, else the image.
 
   Args:
-    key: PRNG key.
+    u: `[2]` float32 uniforms in [0, 1).
     image: `[H, W, 3]` float32 (normalised).
   Returns:
     `[H, W, 3]` float32.
   """
-  u = jax.random.uniform(key, (2,))
-  case = _uniform_index(u[0], 4)
+  case = uniform_index(u[0], 4)
   weights = LUMINANCE_WEIGHTS
   luminance = (weights[0] * image[..., 0] + weights[1] * image[..., 1]
                + weights[2] * image[..., 2])
   fourth = jnp.where(u[1] < 0.5, jnp.broadcast_to(luminance[..., None], image.shape), image)
   return jnp.where(case < 3, replicate_channel(image, case), fourth)
+
+
+def adaptive_gray(key, image):
+  """`adaptive_gray_from_uniforms(jax.random.uniform(key, (2,)), image)`."""
+  return adaptive_gray_from_uniforms(jax.random.uniform(key, (2,)), image)
 
 
 def _rectangle_mask(shape, top, left, height, width):
@@ -172,56 +164,59 @@ def _rectangle_mask(shape, top, left, height, width):
   return (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
 
 
-def random_erasing(key, image, prob):
+def erasing_from_uniforms(u, image, prob):
   """Random erasing with up to 100 attempts (method.md 5.2), with static shapes.
 
-  All 100 candidates are drawn at once and the first that fits is used, which is what a loop
-  stopping at the first fit does. Key usage (float32 arithmetic throughout):
-  `u = jax.random.uniform(key, (5, 100))`; `apply = u[0, 0] < prob`;
-  `area = (0.02 + u[1] * (0.4 - 0.02)) * (H * W)`;
-  `aspect = 0.3 + u[2] * (1 / 0.3 - 0.3)`;
-  `h = round(sqrt(area * aspect))`, `w = round(sqrt(area / aspect))` (half to even);
-  `fits = (h < H) & (w < W)`; `top = floor(u[3] * (H - h + 1))`, `left = floor(u[4] * (W - w
-  + 1))` (each capped at `n - 1`, `n` clipped to >= 1). With `i` the first fitting attempt, rows
-  `[top_i, top_i + h_i)` x cols `[left_i, left_i + w_i)` are set to `ERASING_FILL` per channel.
-  No fit, or `apply` false: the image is unchanged.
+  All 100 candidates are computed at once and the first that fits is used, which is what a loop
+  stopping at the first fit does. In float32: `area = (0.02 + u[1] * (0.4 - 0.02)) * (H * W)`,
+  `aspect = 0.3 + u[2] * (1 / 0.3 - 0.3)`, `h = round(sqrt(area * aspect))`,
+  `w = round(sqrt(area / aspect))` (half to even), `fits = (h < H) & (w < W)`,
+  `top = uniform_index(u[3], H - h + 1)`, `left = uniform_index(u[4], W - w + 1)` (ranges
+  clipped to >= 1 for candidates that do not fit). With `i` the first fitting attempt, rows
+  `[top_i, top_i + h_i)` x cols `[left_i, left_i + w_i)` are set to `ERASING_FILL` per channel,
+  if `u[0, 0] < prob`. No fit: the image is unchanged.
 
   Args:
-    key: PRNG key.
+    u: `[5, 100]` float32 uniforms in [0, 1).
     image: `[H, W, 3]` float32 (normalised).
     prob: probability of erasing, in [0, 1] (may be traced).
   Returns:
     `[H, W, 3]` float32.
   """
   height, width, _ = image.shape
-  u = jax.random.uniform(key, (5, ERASING_ATTEMPTS))
   area = (ERASING_AREA[0] + u[1] * (ERASING_AREA[1] - ERASING_AREA[0])) * (height * width)
   aspect = ERASING_ASPECT[0] + u[2] * (ERASING_ASPECT[1] - ERASING_ASPECT[0])
   rect_h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
   rect_w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
   fits = (rect_h < height) & (rect_w < width)
-  top = _uniform_index(u[3], jnp.maximum(height - rect_h + 1, 1))
-  left = _uniform_index(u[4], jnp.maximum(width - rect_w + 1, 1))
+  top = uniform_index(u[3], jnp.maximum(height - rect_h + 1, 1))
+  left = uniform_index(u[4], jnp.maximum(width - rect_w + 1, 1))
   first = jnp.argmax(fits)  # index of the first True; 0 when none fits (then unused)
   mask = _rectangle_mask((height, width), top[first], left[first], rect_h[first], rect_w[first])
   mask = mask & (u[0, 0] < prob) & jnp.any(fits)
   return jnp.where(mask[..., None], jnp.asarray(ERASING_FILL, image.dtype), image)
 
 
-def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
+def random_erasing(key, image, prob):
+  """`erasing_from_uniforms(jax.random.uniform(key, (500,)).reshape(5, 100), image, prob)`."""
+  # A flat draw: a 2-D draw shape compiles noticeably slower on XLA:CPU.
+  u = jax.random.uniform(key, (5 * ERASING_ATTEMPTS,)).reshape(5, ERASING_ATTEMPTS)
+  return erasing_from_uniforms(u, image, prob)
+
+
+def cutswap_from_uniforms(u, image, prob, fraction_range=(0.3, 0.6), mode="region"):
   """CutSwap (method.md 5.2): a rectangle (or, released, the whole image) channel-exchanged.
 
-  Key usage (float32): `u = jax.random.uniform(key, (6,))`; `apply = u[0] < prob`;
-  `fh = lo + u[1] * (hi - lo)`, `fw = lo + u[2] * (hi - lo)`, each capped at the float32 just
-  below `hi` (half-open range); `ch = floor(H * fh)`, `cw = floor(W * fw)`;
-  `top = floor(u[3] * (H - ch + 1))`, `left = floor(u[4] * (W - cw + 1))`;
-  `channel = floor(3 u[5])`, the channel replicated into the exchanged image.
-  Mode "region": where `apply`, rows `[top, top+ch)` x cols `[left, left+cw)` take the exchanged
-  pixels. Mode "whole_image" (released code, method.md 5.2 [variant]): where `apply`, the whole
-  output is the exchanged image; the rectangle draws are made but unused.
+  In float32 with `(lo, hi) = fraction_range`: `fh = lo + u[1] * (hi - lo)`,
+  `fw = lo + u[2] * (hi - lo)`, each capped at the float32 just below `hi` (half-open range);
+  `ch = floor(H * fh)`, `cw = floor(W * fw)`; `top = uniform_index(u[3], H - ch + 1)`,
+  `left = uniform_index(u[4], W - cw + 1)`; the exchanged image replicates channel
+  `uniform_index(u[5], 3)`. Applied when `u[0] < prob`. Mode "region": rows `[top, top+ch)` x
+  cols `[left, left+cw)` take the exchanged pixels. Mode "whole_image" (released code,
+  method.md 5.2 [variant], config `augment.cutswap_mode`): the whole image is exchanged.
 
   Args:
-    key: PRNG key.
+    u: `[6]` float32 uniforms in [0, 1).
     image: `[H, W, 3]` float32 (normalised).
     prob: probability of applying, in [0, 1] (may be traced).
     fraction_range: static `(lo, hi)` with 0 <= lo < hi <= 1.
@@ -234,19 +229,23 @@ def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
   if mode not in CUTSWAP_MODES:
     raise ValueError(f"cutswap mode {mode!r} is not one of {CUTSWAP_MODES}.")
   height, width, _ = image.shape
-  u = jax.random.uniform(key, (6,))
   low, high = np.float32(fraction_range[0]), np.float32(fraction_range[1])
   fractions = jnp.minimum(low + u[1:3] * (high - low), np.nextafter(high, np.float32(-1)))
   rect_h = jnp.floor(np.float32(height) * fractions[0]).astype(jnp.int32)
   rect_w = jnp.floor(np.float32(width) * fractions[1]).astype(jnp.int32)
-  top = _uniform_index(u[3], height - rect_h + 1)
-  left = _uniform_index(u[4], width - rect_w + 1)
-  exchanged = replicate_channel(image, _uniform_index(u[5], 3))
+  top = uniform_index(u[3], height - rect_h + 1)
+  left = uniform_index(u[4], width - rect_w + 1)
+  exchanged = replicate_channel(image, uniform_index(u[5], 3))
   apply = u[0] < prob
   if mode == "whole_image":
     return jnp.where(apply, exchanged, image)
   mask = _rectangle_mask((height, width), top, left, rect_h, rect_w) & apply
   return jnp.where(mask[..., None], exchanged, image)
+
+
+def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
+  """`cutswap_from_uniforms(jax.random.uniform(key, (6,)), image, prob, fraction_range, mode)`."""
+  return cutswap_from_uniforms(jax.random.uniform(key, (6,)), image, prob, fraction_range, mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,11 +343,12 @@ def view_settings(dataset, view, *, cutswap_mode="region", cutswap_prob=0.5,
 
 
 def augment_image(key, image, settings):
-  """The full pipeline of one view for one image.
+  """The full pipeline of one view for one image (order: method.md 5.2).
 
-  Key usage: `geometric_key, cutswap_key, erasing_key, gray_key, channel_key =
-  jax.random.split(key, 5)` (always five, whatever is switched on), passed to
-  `random_geometric`, `cutswap`, `random_erasing`, `adaptive_gray`, `channel_exchange`.
+  Draws `u = jax.random.uniform(key, (512,))` once and applies, each only if switched on:
+  `geometric_from_uniforms(u[0:3])` on uint8, `normalize`, `cutswap_from_uniforms(u[3:9])`,
+  `erasing_from_uniforms(u[9:509].reshape(5, 100))`, `adaptive_gray_from_uniforms(u[509:511])`,
+  channel exchange with `uniform_index(u[511], 3)`.
 
   Args:
     key: PRNG key.
@@ -357,17 +357,18 @@ def augment_image(key, image, settings):
   Returns:
     `[H, W, 3]` float32, normalised.
   """
-  geometric_key, cutswap_key, erasing_key, gray_key, channel_key = jax.random.split(key, 5)
-  x = normalize(random_geometric(geometric_key, image, settings))
+  u = jax.random.uniform(key, (UNIFORMS_PER_IMAGE,))
+  x = normalize(geometric_from_uniforms(u[GEOMETRIC_SLOTS], image, settings))
   if settings.use_cutswap:
-    x = cutswap(cutswap_key, x, settings.cutswap_prob, settings.cutswap_range,
-                settings.cutswap_mode)
+    x = cutswap_from_uniforms(u[CUTSWAP_SLOTS], x, settings.cutswap_prob,
+                              settings.cutswap_range, settings.cutswap_mode)
   if settings.erasing_prob > 0:
-    x = random_erasing(erasing_key, x, settings.erasing_prob)
+    x = erasing_from_uniforms(u[ERASING_SLOTS].reshape(5, ERASING_ATTEMPTS), x,
+                              settings.erasing_prob)
   if settings.use_adaptive_gray:
-    x = adaptive_gray(gray_key, x)
+    x = adaptive_gray_from_uniforms(u[GRAY_SLOTS], x)
   if settings.use_channel_exchange:
-    x = channel_exchange(channel_key, x)
+    x = replicate_channel(x, uniform_index(u[CHANNEL_SLOT], 3))
   return x
 
 
@@ -382,9 +383,9 @@ def _check_batch(images, name, dtype):
 def augment_batch(key, images, settings):
   """Augments a batch on the device: one view's pipeline, independent randomness per sample.
 
-  Key usage: `keys = jax.random.split(key, n)`; sample `j` is `augment_image(keys[j],
-  images[j], settings)`. Jit with `settings` static (e.g.
-  `jax.jit(augment_batch, static_argnames="settings")`); equal settings hit the same cache.
+  `keys = jax.random.split(key, n)`; sample `j` is `augment_image(keys[j], images[j],
+  settings)`. Jit with `settings` static (`jax.jit(augment_batch, static_argnames="settings")`);
+  equal settings objects hit the same compiled function.
 
   Args:
     key: PRNG key.
@@ -403,8 +404,7 @@ def augment_batch(key, images, settings):
 def channel_exchange_batch(key, images):
   """Channel exchange per sample, for building the memory `M_a` (method.md 3.2).
 
-  Key usage: `keys = jax.random.split(key, n)`; sample `j` is `channel_exchange(keys[j],
-  images[j])`.
+  `keys = jax.random.split(key, n)`; sample `j` is `channel_exchange(keys[j], images[j])`.
 
   Args:
     key: PRNG key.

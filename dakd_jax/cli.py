@@ -33,6 +33,21 @@ def write_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> st
   return path
 
 
+def initialize_distributed(coordinator_address: str, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins a multi-process run (jax.distributed) before any device is touched.
+
+  On CPU the cross-process collectives go through gloo. Each process then loads only its slice
+  of every global batch; process 0 alone writes logs and prepares data.
+  """
+  import jax  # Deferred like the other heavy imports.
+  if num_processes is None or process_id is None:
+    raise ValueError("--coordinator_address needs --num_processes and --process_id")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages `config.stage` names; returns {stage: result}."""
   from dakd_jax.data import prepare  # Deferred: heavy imports only once the config is valid.
@@ -64,13 +79,20 @@ def main(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   if print_only:
     print(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
     return 0
+  import jax  # Validation above already initialised the backend.
   workdir = workdir or default_workdir(config_path)
-  path = write_resolved_config(config, workdir)
-  print(f"dakd_jax: stage={config.stage} workdir={workdir} (resolved config: {path})")
-  from dakd_jax.data.records import DatasetError  # Light import; reports bad data cleanly.
+  if jax.process_index() == 0:
+    path = write_resolved_config(config, workdir)
+    print(f"dakd_jax: stage={config.stage} workdir={workdir} (resolved config: {path}, "
+          f"{jax.device_count()} device(s), {jax.process_count()} process(es))")
+  from dakd_jax.data.records import DatasetError
+  from dakd_jax.models.weights import WeightsError
+  from dakd_jax.train.loop import NonFiniteLossError
+  # Bad input and diverged runs end with their message; anything else keeps its traceback.
   try:
     run_stages(config, workdir)
-  except (DatasetError, config_lib.ConfigError, FileNotFoundError) as error:
+  except (DatasetError, config_lib.ConfigError, FileNotFoundError, WeightsError,
+          NonFiniteLossError) as error:
     print(f"dakd_jax: error: {error}", file=sys.stderr)
     return 1
   return 0

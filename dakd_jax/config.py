@@ -69,6 +69,7 @@ RANGES = (
     ("checkpoint.keep_best", 0, None, True, None),
     ("log.every_steps", 1, None, True, None),
     ("synthetic.num_train_ids", 1, None, True, None),
+    ("synthetic.num_val_ids", 1, None, True, None),  # The SYSU reader needs a val_id.txt.
     ("synthetic.num_test_ids", 1, None, True, None),
     ("synthetic.images_per_camera", 1, None, True, None),
 )

@@ -47,12 +47,16 @@ def _over_keys(op, keys, image, *traced, **static):
   return np.asarray(fn(keys, image, *traced))
 
 
-# NumPy re-statements (random numbers from jax.random with the documented key usage).
+def _pad_crop_10(key, image, pad_value):
+  return augment.random_pad_crop(key, image, 10, pad_value)
+
+
+# NumPy re-statements. Each op takes the uniforms its docstring names; the key-taking
+# versions draw them with jax.random.uniform exactly as documented.
 
 def np_index(u, n):
-  """floor(u * float32(n)) capped at n - 1, elementwise, in float32 like the implementation."""
-  n = np.asarray(n, np.int64)
-  return np.minimum(np.floor(np.float32(u) * n.astype(np.float32)).astype(np.int64), n - 1)
+  """floor(u * float32(n)) capped at n - 1, in float32 like the implementation."""
+  return int(min(np.floor(np.float32(u) * np.float32(n)), n - 1))
 
 
 def np_normalize(image):
@@ -76,8 +80,7 @@ def np_flip(key, image, prob):
   return image[:, ::-1] if float(jax.random.uniform(key, ())) < prob else image
 
 
-def np_geometric(key, image, settings):
-  u = np.asarray(jax.random.uniform(key, (3,)))
+def np_geometric(u, image, settings):
   top, left = np_index(u[0], 2 * settings.pad + 1), np_index(u[1], 2 * settings.pad + 1)
   flip = u[2] < settings.flip_prob
   if settings.flip_before_pad and flip:
@@ -92,13 +95,8 @@ def np_replicate(image, channel):
   return np.repeat(image[:, :, channel:channel + 1], 3, axis=2)
 
 
-def np_channel_exchange(key, image):
-  return np_replicate(image, int(np_index(np.asarray(jax.random.uniform(key, ())), 3)))
-
-
-def np_adaptive_gray(key, image):
-  u = np.asarray(jax.random.uniform(key, (2,)))
-  case = int(np_index(u[0], 4))
+def np_adaptive_gray(u, image):
+  case = np_index(u[0], 4)
   if case < 3:
     return np_replicate(image, case)
   if not u[1] < 0.5:
@@ -108,9 +106,8 @@ def np_adaptive_gray(key, image):
   return np.repeat(gray[..., None], 3, axis=2)
 
 
-def np_erasing_draw(key, height, width, prob):
-  """The erasing rectangle (top, left, h, w, attempt), or None when the image is kept."""
-  u = np.asarray(jax.random.uniform(key, (5, 100)))
+def np_erasing_draw(u, height, width, prob):
+  """The erasing rectangle (top, left, h, w, attempt) from u [5, 100], or None: image kept."""
   if not u[0, 0] < prob:
     return None
   area = (np.float32(0.02) + u[1] * np.float32(0.4 - 0.02)) * np.float32(height * width)
@@ -119,14 +116,14 @@ def np_erasing_draw(key, height, width, prob):
     rect_h = int(np.round(np.sqrt(area[attempt] * aspect[attempt])))
     rect_w = int(np.round(np.sqrt(area[attempt] / aspect[attempt])))
     if rect_h < height and rect_w < width:
-      top = int(np_index(u[3, attempt], height - rect_h + 1))
-      left = int(np_index(u[4, attempt], width - rect_w + 1))
+      top = np_index(u[3, attempt], height - rect_h + 1)
+      left = np_index(u[4, attempt], width - rect_w + 1)
       return top, left, rect_h, rect_w, attempt
   return None
 
 
-def np_erasing(key, image, prob):
-  rect = np_erasing_draw(key, image.shape[0], image.shape[1], prob)
+def np_erasing(u, image, prob):
+  rect = np_erasing_draw(u, image.shape[0], image.shape[1], prob)
   out = image.copy()
   if rect is not None:
     top, left, rect_h, rect_w, _ = rect
@@ -134,19 +131,18 @@ def np_erasing(key, image, prob):
   return out
 
 
-def np_cutswap_draw(key, height, width, prob, fraction_range=(0.3, 0.6)):
-  u = np.asarray(jax.random.uniform(key, (6,)))
+def np_cutswap_draw(u, height, width, prob, fraction_range=(0.3, 0.6)):
   low, high = np.float32(fraction_range[0]), np.float32(fraction_range[1])
   fractions = np.minimum(low + u[1:3] * (high - low), np.nextafter(high, np.float32(0)))
   rect_h = int(np.floor(np.float32(height) * fractions[0]))
   rect_w = int(np.floor(np.float32(width) * fractions[1]))
   return dict(apply=u[0] < prob, rect_h=rect_h, rect_w=rect_w,
-              top=int(np_index(u[3], height - rect_h + 1)),
-              left=int(np_index(u[4], width - rect_w + 1)), channel=int(np_index(u[5], 3)))
+              top=np_index(u[3], height - rect_h + 1), left=np_index(u[4], width - rect_w + 1),
+              channel=np_index(u[5], 3))
 
 
-def np_cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
-  draw = np_cutswap_draw(key, image.shape[0], image.shape[1], prob, fraction_range)
+def np_cutswap(u, image, prob, fraction_range=(0.3, 0.6), mode="region"):
+  draw = np_cutswap_draw(u, image.shape[0], image.shape[1], prob, fraction_range)
   if not draw["apply"]:
     return image
   exchanged = np_replicate(image, draw["channel"])
@@ -160,17 +156,25 @@ def np_cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
 
 
 def np_augment_image(key, image, settings):
-  geometric_key, cutswap_key, erasing_key, gray_key, channel_key = jax.random.split(key, 5)
-  x = np_normalize(np_geometric(geometric_key, image, settings))
+  u = np.asarray(jax.random.uniform(key, (512,)))
+  x = np_normalize(np_geometric(u[0:3], image, settings))
   if settings.use_cutswap:
-    x = np_cutswap(cutswap_key, x, settings.cutswap_prob, settings.cutswap_range,
+    x = np_cutswap(u[3:9], x, settings.cutswap_prob, settings.cutswap_range,
                    settings.cutswap_mode)
-  x = np_erasing(erasing_key, x, settings.erasing_prob)
+  x = np_erasing(u[9:509].reshape(5, 100), x, settings.erasing_prob)
   if settings.use_adaptive_gray:
-    x = np_adaptive_gray(gray_key, x)
+    x = np_adaptive_gray(u[509:511], x)
   if settings.use_channel_exchange:
-    x = np_channel_exchange(channel_key, x)
+    x = np_replicate(x, np_index(u[511], 3))
   return x
+
+
+def uniforms(key, shape):
+  return np.asarray(jax.random.uniform(key, shape))
+
+
+def erasing_uniforms(key):
+  return uniforms(key, (500,)).reshape(5, 100)
 
 
 # Normalisation.
@@ -196,7 +200,7 @@ def test_normalize_hand_values_and_round_trip():
 def test_pad_crop_matches_numpy(pad_value):
   image = _uint8_images(1)[0]
   keys = _keys(24, seed=pad_value)
-  out = _over_keys(augment.random_pad_crop, keys, image, pad_value, pad=10)
+  out = _over_keys(_pad_crop_10, keys, image, pad_value)
   assert out.dtype == np.uint8
   for key, got in zip(keys, out):
     np.testing.assert_array_equal(got, np_pad_crop(key, image, 10, pad_value))
@@ -207,7 +211,7 @@ def test_pad_crop_matches_numpy(pad_value):
 def test_crop_offsets_uniform_over_all_positions():
   rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
   image = np.stack([rows + 1, cols + 1, np.full_like(rows, 99)], -1).astype(np.uint8)
-  out = _over_keys(augment.random_pad_crop, _keys(20000), image, 0, pad=10)
+  out = _over_keys(_pad_crop_10, _keys(20000), image, 0)
   # Output (24, 12) shows original (24 + top - 10, 12 + left - 10), always inside the image.
   top = out[:, 24, 12, 0].astype(int) - 1 - 24 + 10
   left = out[:, 24, 12, 1].astype(int) - 1 - 12 + 10
@@ -244,9 +248,9 @@ def test_geometric_order_matches_numpy(flip_before_pad):
   keys = _keys(24, seed=5)
   out = _over_keys(augment.random_geometric, keys, image, settings=settings)
   for key, got in zip(keys, out):
-    np.testing.assert_array_equal(got, np_geometric(key, image, settings))
+    np.testing.assert_array_equal(got, np_geometric(uniforms(key, (3,)), image, settings))
   other = augment.AugmentSettings(pad_value=127, flip_before_pad=not flip_before_pad)
-  reordered = np.stack([np_geometric(key, image, other) for key in keys])
+  reordered = np.stack([np_geometric(uniforms(key, (3,)), image, other) for key in keys])
   assert np.any(reordered != out)  # same draws, other order: the field must matter
 
 
@@ -257,7 +261,7 @@ def test_channel_exchange_matches_numpy_and_frequencies():
   keys = _keys(1500, seed=7)
   out = _over_keys(augment.channel_exchange, keys, image)
   for key, got in zip(keys[:16], out[:16]):
-    np.testing.assert_array_equal(got, np_channel_exchange(key, image))
+    np.testing.assert_array_equal(got, np_replicate(image, np_index(uniforms(key, ()), 3)))
   chosen = np.stack([np.all(out == np_replicate(image, c), axis=(1, 2, 3)) for c in range(3)])
   assert np.all(chosen.sum(0) == 1)
   np.testing.assert_allclose(chosen.mean(1), [1 / 3] * 3, atol=0.05)
@@ -268,7 +272,7 @@ def test_channel_exchange_batch_matches_numpy():
   key = jax.random.key(11)
   out = np.asarray(jax.jit(augment.channel_exchange_batch)(key, jnp.asarray(images)))
   for sample_key, image, got in zip(jax.random.split(key, 5), images, out):
-    np.testing.assert_array_equal(got, np_channel_exchange(sample_key, image))
+    np.testing.assert_array_equal(got, np_replicate(image, np_index(uniforms(sample_key, ()), 3)))
   with pytest.raises(ValueError, match=r"\[n, H, W, 3\]"):
     augment.channel_exchange_batch(key, jnp.asarray(images[0]))
 
@@ -278,7 +282,7 @@ def test_adaptive_gray_matches_numpy_and_case_frequencies():
   keys = _keys(2000, seed=8)
   out = _over_keys(augment.adaptive_gray, keys, image)
   for key, got in zip(keys[:24], out[:24]):
-    np.testing.assert_allclose(got, np_adaptive_gray(key, image), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, np_adaptive_gray(uniforms(key, (2,)), image), atol=1e-6)
   gray = (0.2989 * image[..., 0] + 0.5870 * image[..., 1] + 0.1140 * image[..., 2])
   cases = [np.repeat(image[..., c:c + 1], 3, 2) for c in range(3)]
   cases += [np.repeat(gray[..., None], 3, 2), image]
@@ -295,7 +299,7 @@ def test_random_erasing_matches_numpy_and_rectangle_inside():
   out = _over_keys(augment.random_erasing, keys, image, 0.5)
   erased = 0
   for key, got in zip(keys, out):
-    np.testing.assert_array_equal(got, np_erasing(key, image, 0.5))
+    np.testing.assert_array_equal(got, np_erasing(erasing_uniforms(key), image, 0.5))
     changed = np.any(got != image, axis=-1)
     if changed.any():
       erased += 1
@@ -314,8 +318,8 @@ def test_random_erasing_first_fitting_attempt_and_no_fit():
   out = _over_keys(augment.random_erasing, keys, image, 1.0)
   attempts = []
   for key, got in zip(keys, out):
-    np.testing.assert_array_equal(got, np_erasing(key, image, 1.0))
-    attempts.append(np_erasing_draw(key, 8, 4, 1.0)[4])
+    np.testing.assert_array_equal(got, np_erasing(erasing_uniforms(key), image, 1.0))
+    attempts.append(np_erasing_draw(erasing_uniforms(key), 8, 4, 1.0)[4])
   assert max(attempts) > 0
   # 1 x 100: h < 1 needs area * aspect < 0.25 with area >= 2, so nothing fits: image kept.
   thin = _float_image(1, 100)
@@ -341,8 +345,9 @@ def test_cutswap_matches_numpy_and_edge_probabilities(mode):
   keys = _keys(48, seed=14)
   out = _over_keys(augment.cutswap, keys, image, 0.5, mode=mode)
   for key, got in zip(keys, out):
-    np.testing.assert_array_equal(got, np_cutswap(key, image, 0.5, (0.3, 0.6), mode))
-    draw = np_cutswap_draw(key, H, W, 0.5)
+    np.testing.assert_array_equal(got, np_cutswap(uniforms(key, (6,)), image, 0.5, (0.3, 0.6),
+                                                  mode))
+    draw = np_cutswap_draw(uniforms(key, (6,)), H, W, 0.5)
     assert 0 <= draw["top"] <= H - draw["rect_h"] and 0 <= draw["left"] <= W - draw["rect_w"]
     assert 14 <= draw["rect_h"] <= 28 and 7 <= draw["rect_w"] <= 14  # floor(48 f), floor(24 f)
   never = _over_keys(augment.cutswap, keys, image, 0.0, mode=mode)
@@ -449,11 +454,14 @@ def test_jitted_augment_batch_compiles_once():
   static_jit = jax.jit(augment.augment_batch, static_argnames="settings")
   outputs, cache_sizes = [], []
   for seed in range(3):
-    images = jnp.asarray(_uint8_images(4, seed=seed))
-    outputs.append(np.asarray(counted_jit(jax.random.key(seed), images)))
-    # A fresh but equal settings object must hit the same cache entry.
-    fresh = augment.view_settings("sysu_mm01", "infrared", cutswap_range=[0.3, 0.6])
-    np.testing.assert_array_equal(static_jit(jax.random.key(seed), images, fresh), outputs[-1])
+    # Shape shared with the view tests; explicit transfers only, as inside the training loop.
+    images, key = jax.device_put((_uint8_images(6, seed=seed), jax.random.key(seed)))
+    with jax.transfer_guard("disallow"):
+      outputs.append(jax.device_get(counted_jit(key, images)))
+      # A fresh but equal settings object must hit the same cache entry.
+      fresh = augment.view_settings("sysu_mm01", "infrared", cutswap_range=[0.3, 0.6])
+      np.testing.assert_array_equal(jax.device_get(static_jit(key, images, fresh)),
+                                    outputs[-1])
     cache_sizes.append(static_jit._cache_size())  # the cache is shared by jits of one function
   assert len(traces) == 1
   assert cache_sizes[0] == cache_sizes[-1]

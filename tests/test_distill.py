@@ -127,6 +127,13 @@ def test_kd_divergence_values_and_gradient(standardize):
     assert got.dtype == jnp.float32 and got.shape == (4,)
     np.testing.assert_allclose(got, np_kd(student, teacher, temperature, standardize),
                                rtol=1e-4, atol=1e-6)
+  # A tuple of temperatures gives one row of per-sample terms per temperature.
+  several = kd_divergence(jnp.float32(student), jnp.float32(teacher), (4, 2.5),
+                          standardize=standardize)
+  assert several.shape == (2, 4)
+  for row, temperature in zip(several, (4, 2.5)):
+    np.testing.assert_allclose(row, np_kd(student, teacher, temperature, standardize),
+                               rtol=1e-4, atol=1e-6)
   grad = jax.grad(lambda a: jnp.sum(kd_divergence(a, jnp.float32(teacher), 3.0,
                                                   standardize=standardize)))(
                                                       jnp.float32(student))
@@ -200,7 +207,7 @@ def test_released_mask_keeps_exactly_half_of_an_even_batch():
   rng = np.random.default_rng(5)
   for n in (2, 8, 32, 40):
     logits = jnp.asarray(rng.normal(size=(n, 64)) * 2, jnp.float32)
-    mask = np.asarray(confidence_mask(logits, 0.5, "low"))
+    mask = np.asarray(jax.jit(confidence_mask, static_argnums=(1, 2))(logits, 0.5, "low"))
     assert mask.sum() == n // 2
     confidence = np_confidences(logits)
     assert confidence[mask].max() < confidence[~mask].min()
@@ -241,7 +248,8 @@ def test_dakd_loss_gradients(settings):
   batch = make_batch(seed=8, n=4, dim=6, num_classes=5)
   s_v, s_i, t_v, t_i, centres_v, centres_i = (jnp.asarray(x) for x in batch)
   fn = lambda *args: dakd_loss(*args, settings)[0]
-  grads = jax.grad(fn, argnums=(0, 1, 2, 3, 4, 5))(s_v, s_i, t_v, t_i, centres_v, centres_i)
+  grads = jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3, 4, 5)))(s_v, s_i, t_v, t_i, centres_v,
+                                                            centres_i)
   expected_v = numeric_grad(lambda x: np_dakd_loss(x, *batch[1:], settings),
                             batch[0].astype(np.float64))
   expected_i = numeric_grad(lambda x: np_dakd_loss(batch[0], x, *batch[2:], settings),
@@ -311,7 +319,10 @@ def test_settings_constants_validation_and_hashing():
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    # Four fake CPU devices; the last two flags only make XLA compile faster (same numerics).
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
+                               "--xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true")
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P

@@ -77,7 +77,7 @@ def test_batches_follow_sampler_and_metadata(dataset):
     assert (metadata["modality"][rows_of(batch["infrared"])] == 1).all()
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_from_saved_state_is_exact(dataset, num_workers):
   first = train_iterator(dataset, num_workers=num_workers)
   for _ in range(4):
@@ -112,6 +112,15 @@ def test_two_processes_split_the_global_batch(dataset):
       np.testing.assert_array_equal(np.concatenate([s[name] for s in slices]), batch[name])
   with pytest.raises(ValueError, match="does not divide"):
     train_iterator(dataset, process_index=0, process_count=4)
+
+
+def test_image_reader_fast_path_equals_tfds_decoding(dataset):
+  source = dataset["sources"]["test"]
+  indices = np.array([3, 0, 3, 9, 5])
+  expected = np.stack([source[int(i)]["image"] for i in indices])
+  np.testing.assert_array_equal(pipeline.ImageReader(source).read(indices), expected)
+  as_list = [{"image": source[i]["image"]} for i in range(len(source))]
+  np.testing.assert_array_equal(pipeline.ImageReader(as_list).read(indices), expected)
 
 
 def test_rejects_test_split_metadata(dataset):

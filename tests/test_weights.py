@@ -130,7 +130,8 @@ def resnet50_variables():
 
 
 def _save_all_formats(state, net, directory):
-  paths = {ext: os.path.join(directory, f"weights{ext}") for ext in (".safetensors", ".npz", ".pth")}
+  paths = {ext: os.path.join(directory, f"weights{ext}")
+           for ext in (".safetensors", ".npz", ".pth")}
   save_file(state, paths[".safetensors"])
   np.savez(paths[".npz"], **state)
   torch.save(net.state_dict(), paths[".pth"])

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
 
 from dakd_jax.data import sampler
 
@@ -29,15 +30,47 @@ from dakd_jax.data import sampler
 _PREFETCH_BATCHES = 4
 
 
-def _load_images(source: Sequence[dict[str, Any]], indices: np.ndarray,
-                 out: np.ndarray | None = None) -> np.ndarray:
-  """Stacks `source[i]["image"]` for i in indices into `out` (uint8 [len(indices), H, W, 3])."""
-  for position, index in enumerate(indices):
-    image = source[int(index)]["image"]
-    if out is None:
-      out = np.empty((len(indices),) + image.shape, dtype=np.uint8)
-    out[position] = image
-  return out
+class ImageReader:
+  """Reads the `image` feature of a source into a preallocated batch.
+
+  For a prepared TFDS ArrayRecord source it reads the raw records in one batched call and parses
+  only the image bytes (one protobuf parse + one copy per image, ~3x faster than TFDS's decoding
+  of all six features). Any other indexable of dicts (e.g. a list in a test) is read through
+  `source[i]["image"]`.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]]):
+    self._source = source
+    self._raw = getattr(source, "data_source", None)
+    info = getattr(source, "dataset_info", None)
+    if self._raw is None or info is None:
+      self._raw = None
+      return
+    self._shape = tuple(info.features["image"].shape)
+    try:
+      matches = not len(source) or np.array_equal(self._parse(self._raw[0]), source[0]["image"])
+    except (ValueError, KeyError, IndexError):
+      matches = False
+    if not matches:
+      raise ValueError(f"the image feature of {info.data_dir} is not stored as raw uint8 "
+                       "bytes; prepare it with dakd_jax.data.tfds_builders")
+
+  def _parse(self, record: bytes) -> np.ndarray:
+    feature = tf_example_pb2.Example.FromString(record).features.feature["image"]
+    return np.frombuffer(feature.bytes_list.value[0], dtype=np.uint8).reshape(self._shape)
+
+  def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Images of `indices` as uint8 [len(indices), H, W, 3], written into `out` if given."""
+    indices = [int(i) for i in indices]
+    if self._raw is not None:
+      images = map(self._parse, self._raw.__getitems__(indices) if indices else [])
+    else:
+      images = (self._source[i]["image"] for i in indices)
+    for position, image in enumerate(images):
+      if out is None:
+        out = np.empty((len(indices),) + image.shape, dtype=np.uint8)
+      out[position] = image
+    return out
 
 
 def process_slice(size: int, process_index: int, process_count: int) -> slice:
@@ -75,14 +108,14 @@ class _DrawBatch:
 class _LoadSlice:
   """Global batch indices -> this process's slice of images."""
 
-  def __init__(self, source, positions: slice):
-    self._source = source
+  def __init__(self, reader: ImageReader, positions: slice):
+    self._reader = reader
     self._positions = positions
 
   def __call__(self, drawn: dict[str, Any]) -> dict[str, np.ndarray]:
     return {
-        "visible": _load_images(self._source, drawn["visible"][self._positions]),
-        "infrared": _load_images(self._source, drawn["infrared"][self._positions]),
+        "visible": self._reader.read(drawn["visible"][self._positions]),
+        "infrared": self._reader.read(drawn["infrared"][self._positions]),
         "labels": drawn["labels"][self._positions].astype(np.int32),
         "step": np.int64(drawn["step"]),
     }
@@ -135,15 +168,15 @@ def make_train_iterator(source: Sequence[dict[str, Any]], metadata: dict[str, np
   draw(start_step)
   dataset = (grain.MapDataset.range(start_step, max(num_steps, start_step))
              .map(draw)
-             .map(_LoadSlice(source, positions)))
+             .map(_LoadSlice(ImageReader(source), positions)))
   return _to_iterator(dataset, num_workers, read_threads)
 
 
 class _EvalBatch:
   """Batch number -> this process's padded slice of that evaluation batch."""
 
-  def __init__(self, source, padded_indices, batch_size, positions, image_shape):
-    self._source = source
+  def __init__(self, reader, padded_indices, batch_size, positions, image_shape):
+    self._reader = reader
     self._image_shape = image_shape
     self._padded_indices = padded_indices
     self._batch_size = batch_size
@@ -156,7 +189,7 @@ class _EvalBatch:
     order = np.arange(start, start + self._batch_size)[self._positions]
     images = np.zeros((len(rows),) + self._image_shape, dtype=np.uint8)
     # Padding only ever follows the real rows, so the real rows are a prefix.
-    _load_images(self._source, rows[mask], images[:mask.sum()])
+    self._reader.read(rows[mask], images[:mask.sum()])
     return {"images": images, "mask": mask, "index": np.where(mask, order, -1)}
 
 
@@ -192,5 +225,5 @@ def make_eval_batches(source: Sequence[dict[str, Any]], indices: Sequence[int],
   padded[:indices.size] = indices
   image_shape = tuple(source[0]["image"].shape) if len(source) else (0, 0, 3)
   dataset = grain.MapDataset.range(num_batches).map(
-      _EvalBatch(source, padded, batch_size, positions, image_shape))
+      _EvalBatch(ImageReader(source), padded, batch_size, positions, image_shape))
   return _to_iterator(dataset, num_workers=0, read_threads=read_threads)

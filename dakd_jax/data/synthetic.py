@@ -1,23 +1,20 @@
 """Deterministic synthetic visible-infrared re-ID datasets, written in the real on-disk layouts.
 
-The very first step of the demo data flow: `ensure_synthetic` writes a SYSU-MM01-style or a
-RegDB-style tree (method.md 6.1, 6.2) that the real readers (`sysu.py`, `regdb.py`), protocols and
-TFDS builders then read exactly as they read the real datasets.
+First step of the demo data flow: `ensure_synthetic` writes a SYSU-MM01-style or RegDB-style tree
+(method.md 6.1, 6.2) that the real readers, protocols and TFDS builders read like the real sets.
 
-Each identity is a drawn "person" whose cues split in two groups:
-- modality-invariant: body height and width, head size, where the upper garment ends, the lower
-  garment's cut (trousers, skirt, shorts), the garments' pattern (stripes, checks, diagonals; its
-  frequency and orientation), a bag on one side;
-- modality-specific: garment, skin, hair and bag colours (visible only) and a per-part
-  "temperature" drawn independently of the colours (infrared only, rendered as grey levels).
-Cameras add nuisances (colour cast or gain, person scale, background, blur, noise) and every image
-adds its own (shift, scale, brightness, clutter, noise). A raw-pixel nearest neighbour therefore
-matches within a modality but is near chance across modalities, while a network can learn the
-shared cues (tests/test_synthetic.py measures both).
+Each identity is a drawn "person". Cues that survive the modality change: body height and width,
+head size, where the upper garment ends, the lower garment's cut (trousers, skirt, shorts), the
+garments' patterns (stripes, checks, diagonals; frequency, orientation), a bag at one side. Cues
+that do not: colours (visible only) and a per-part "temperature" drawn independently of them
+(infrared only, grey levels). Cameras add colour cast or gain, scale, background, blur and noise;
+images add shift, scale, mirroring, brightness, clutter and noise. A raw-pixel nearest neighbour
+thus matches within a modality but is near chance across modalities (tests/test_synthetic.py).
 
-Randomness: every (identity, camera) batch and every camera has its own NumPy Generator seeded
-from (seed, dataset tag, keys), so output bytes depend only on the parameters, not on the order of
-generation. Images are saved as JPEG (quality 90, SYSU) or BMP (RegDB) with Pillow.
+Every camera and every (identity, camera) batch has its own NumPy Generator seeded from (seed,
+dataset tag, keys): the bytes depend on the parameters (and the NumPy and Pillow versions) only,
+not on the generation order. Images are saved with Pillow as JPEG (quality 90, SYSU) or BMP
+(RegDB).
 """
 from __future__ import annotations
 
@@ -76,9 +73,10 @@ def _draw_person(rng: np.random.Generator) -> dict:
 def _draw_camera(rng: np.random.Generator, is_visible: bool) -> dict:
   """One camera's fixed nuisances: scale, colour cast or gain, background, blur, noise."""
   camera = dict(scale=rng.uniform(0.84, 1.0), blur=int(rng.integers(0, 2) + (not is_visible)),
-                noise=rng.uniform(0.01, 0.035), gradient=rng.uniform(-0.2, 0.2))
+                noise=rng.uniform(0.01, 0.035), gradient=rng.uniform(-0.2, 0.2),
+                horizon=rng.uniform(0.55, 0.8))
   if is_visible:
-    camera["gain"] = rng.uniform(0.75, 1.2, size=3)
+    camera["gain"] = rng.uniform(0.8, 1.2, size=3)
     camera["wall"], camera["floor"] = rng.uniform(0.15, 0.85, size=(2, 3))
   else:
     camera["gain"] = np.full(3, rng.uniform(0.8, 1.15))
@@ -91,16 +89,16 @@ def _stripes(values: np.ndarray, frequency: float) -> np.ndarray:
 
 
 def _pattern(kind: int, frequency: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Pattern bit of a garment; u, v are garment coordinates, u in [0, 1] across the body."""
+  """Garment pattern bit: kind 0 plain, 1 horizontal stripes, 2 vertical, 3 checks, 4 diagonal.
+
+  u, v: garment coordinates (u 0..1 across the shoulders, v 0..1 down the garment), broadcast.
+  """
+  u, v = np.broadcast_arrays(u, v)
   if kind == 0:
-    return np.zeros(np.broadcast_shapes(u.shape, v.shape), bool)
-  if kind == 1:
-    return _stripes(v, frequency) | np.zeros(u.shape, bool)
-  if kind == 2:
-    return _stripes(u, frequency) | np.zeros(v.shape, bool)
+    return np.zeros(u.shape, bool)
   if kind == 3:
     return _stripes(u, frequency) ^ _stripes(v, frequency)
-  return _stripes(0.7 * (u + v), frequency)
+  return _stripes({1: v, 2: u, 4: 0.7 * (u + v)}[kind], frequency)
 
 
 def _person_map(person: dict, scale: np.ndarray, shift: np.ndarray, height: int, width: int):
@@ -149,23 +147,23 @@ def _person_map(person: dict, scale: np.ndarray, shift: np.ndarray, height: int,
     bag = ((side_u >= 0.6) & (side_u < 0.6 + 1.4 * person["bag_size"])
            & (v >= person["bag_top"]) & (v < person["bag_top"] + person["bag_size"]))
     labels[bag] = _BAG
-  return labels, bits & (labels > 0)
+  return labels, bits & ((labels == _UPPER) | (labels == _LOWER))
 
 
 def _background(camera: dict, rng: np.random.Generator, n: int, height: int, width: int,
                 is_visible: bool) -> np.ndarray:
   """Wall above a floor line, a vertical gradient and a few clutter boxes: [n, H, W, 3] float."""
   rows = np.arange(height)[None, :, None, None] / height
-  horizon = rng.uniform(0.55, 0.8, size=(n, 1, 1, 1))
+  horizon = camera["horizon"] + rng.uniform(-0.03, 0.03, size=(n, 1, 1, 1))
   images = np.where(rows < horizon, camera["wall"], camera["floor"]) * (1 + camera["gradient"]
                                                                         * (rows - 0.5))
   images = np.broadcast_to(images, (n, height, width, 3)).copy()
   ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]
   for index in range(n):
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(0, 3)):
       y0, x0 = rng.integers(0, height), rng.integers(-width // 4, width)
-      box = ((ys >= y0) & (ys < y0 + rng.integers(height // 8, height // 2))
-             & (xs >= x0) & (xs < x0 + rng.integers(width // 8, width // 2)))
+      box = ((ys >= y0) & (ys < y0 + rng.integers(height // 10, height // 3))
+             & (xs >= x0) & (xs < x0 + rng.integers(width // 10, width // 3)))
       colour = rng.uniform(0.05, 0.95, size=3) if is_visible else rng.uniform(0.05, 0.55)
       images[index][box] = colour
   return images
@@ -294,10 +292,9 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
   Layout: `Visible/<id>/<sex>_<front|back>_v_<nnnnn>_<id>.bmp` and the same under `Thermal/`
   with `_t_` (ids 1..num_ids; a visible and a thermal image with the same number form a pair, as
   the dual-camera captures of the real set do), and `idx/{train,test}_{visible,thermal}_{t}.txt`
-  for t = 1..num_trials: lines `<path relative to root> <label>`, ordered by identity then file
-  name. Per trial a random floor(num_ids / 2) identities train and the rest test; each split is
-  relabelled 0..C-1 by ascending identity (train must be 0..C-1; the real test files are
-  believed to be relabelled the same way, which only matters for equality tests).
+  for t = 1..num_trials: lines `<path relative to root> <label>`, by identity then image number.
+  Per trial a random floor(num_ids / 2) identities train, the rest test; each split is relabelled
+  0..C-1 by ascending identity (as the real files are believed to be, test files included).
 
   Raises ValueError for sizes below 1 (2 for num_ids; 16 pixels), FileExistsError when `root`
   exists and is not an empty folder.
@@ -344,9 +341,27 @@ def _resolve_params(kind: str, params: dict) -> dict:
   if unknown:
     raise ValueError(f"synthetic {kind} dataset: unknown parameter(s) {unknown}; accepted: "
                      f"{sorted(defaults)}.")
-  resolved = {**defaults, **params}
   return {name: int(value) if isinstance(value, np.integer) else value
-          for name, value in resolved.items()}
+          for name, value in {**defaults, **params}.items()}
+
+
+def _check_marker(root: str, wanted: dict) -> None:
+  """Raises FileExistsError unless `root`'s marker matches `wanted` and its file count holds."""
+  try:
+    with open(os.path.join(root, MARKER_NAME), "r", encoding="utf-8") as file:
+      found = json.load(file)
+    num_files = found.pop("num_files")
+  except (ValueError, KeyError, AttributeError) as error:
+    raise FileExistsError(f"unreadable marker {os.path.join(root, MARKER_NAME)} ({error!r}); "
+                          "delete the folder to regenerate the dataset.") from error
+  if found != wanted:
+    raise FileExistsError(
+        f"synthetic dataset at {root} was generated with {found}, but {wanted} was asked for. "
+        "Use another root for these parameters, or delete this folder to regenerate.")
+  if num_files != _count_files(root):
+    raise FileExistsError(
+        f"synthetic dataset at {root} is damaged: its marker lists {num_files} files, the "
+        f"folder holds {_count_files(root)}. Delete the folder to regenerate it.")
 
 
 def ensure_synthetic(root: str, kind: str, **params) -> str:
@@ -370,19 +385,8 @@ def ensure_synthetic(root: str, kind: str, **params) -> str:
   root = os.path.abspath(root)
   wanted = {"format_version": FORMAT_VERSION, "kind": kind,
             "params": _resolve_params(kind, params)}
-  marker = os.path.join(root, MARKER_NAME)
-  if os.path.isfile(marker):
-    with open(marker, "r", encoding="utf-8") as file:
-      found = json.load(file)
-    num_files = found.pop("num_files", None)
-    if found != wanted:
-      raise FileExistsError(
-          f"synthetic dataset at {root} was generated with {found}, but {wanted} was asked "
-          "for. Use another root for these parameters, or delete this folder to regenerate.")
-    if num_files != _count_files(root):
-      raise FileExistsError(
-          f"synthetic dataset at {root} is damaged: its marker lists {num_files} files, the "
-          f"folder holds {_count_files(root)}. Delete the folder to regenerate it.")
+  if os.path.isfile(os.path.join(root, MARKER_NAME)):
+    _check_marker(root, wanted)
     return root
   if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
     raise FileExistsError(
@@ -416,13 +420,9 @@ def main(argv: list[str] | None = None) -> None:
   root, kind = args.pop("root"), args.pop("kind")
   params = {name: value for name, value in args.items() if value is not None}
   try:
-    root = ensure_synthetic(root, kind, **params)
+    print(f"synthetic {kind} dataset ready at {ensure_synthetic(root, kind, **params)}")
   except (ValueError, FileExistsError) as error:
     parser.exit(2, f"error: {error}\n")
-  with open(os.path.join(root, MARKER_NAME), "r", encoding="utf-8") as file:
-    marker = json.load(file)
-  print(f"synthetic {kind} dataset ready at {root}: {marker['num_files']} files, "
-        f"parameters {marker['params']}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -127,7 +127,7 @@ class _Progress:
       self._bar.close()
 
 
-class _ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
+class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   """Shared builder: splits "train" and "test", both modalities, images pre-resized.
 
   Not registered in the TFDS registry (configs are made per root by `make_config`); open a
@@ -197,7 +197,7 @@ class _ShardGenerator:
         yield index, example
 
 
-class SysuMm01(_ReidBuilder, skip_registration=True):
+class SysuMm01(ReidBuilder, skip_registration=True):
   """SYSU-MM01 (method.md 6.1): train = train+val ids (both modalities), test = test ids."""
   name = "sysu_mm01"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -208,7 +208,7 @@ class SysuMm01(_ReidBuilder, skip_registration=True):
     return sysu.read_sysu(self.builder_config.root, split)
 
 
-class Regdb(_ReidBuilder, skip_registration=True):
+class Regdb(ReidBuilder, skip_registration=True):
   """RegDB (method.md 6.2), one trial's train and test split, both modalities."""
   name = "regdb"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -222,7 +222,7 @@ class Regdb(_ReidBuilder, skip_registration=True):
 
 def create_builder(dataset: str, root: str, data_dir: str, height: int, width: int,
                    trial: int | None = None, *, records_fn: RecordsFn | None = None,
-                   progress: bool = True) -> _ReidBuilder:
+                   progress: bool = True) -> ReidBuilder:
   """The builder for one variant, without preparing it (see `make_config` for the errors)."""
   config = make_config(dataset, root, height, width, trial)
   builder_cls = SysuMm01 if dataset == "sysu_mm01" else Regdb
@@ -232,7 +232,7 @@ def create_builder(dataset: str, root: str, data_dir: str, height: int, width: i
 
 def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
             trial: int | None = None, progress: bool = True, *,
-            records_fn: RecordsFn | None = None) -> _ReidBuilder:
+            records_fn: RecordsFn | None = None) -> ReidBuilder:
   """Prepares `dataset` (if not yet prepared for this size/trial/root) and returns its builder.
 
   Args:
@@ -257,7 +257,7 @@ def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
   return builder
 
 
-def load_sources(builder: tfds.core.DatasetBuilder) -> dict[str, tfds.data_sources.ArrayRecordDataSource]:
+def load_sources(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   """split name -> random-access source; `source[i]` is a dict of numpy values for example i."""
   return {split: builder.as_data_source(split) for split in builder.info.splits}
 

@@ -24,7 +24,8 @@ DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 # row, column, key, position, rank order, j and p (~64).
 _BYTES_PER_ELEMENT = 20
 _BYTES_PER_MATCH = 64
-# High 32 bits of a key that sorts after every finite or infinite distance (filtered images).
+# Key of a filtered gallery image: above every finite or infinite distance's key (NaN is
+# rejected), so filtered images rank after all kept ones and never precede a match.
 _REMOVED_KEY = np.uint32(0xFFFFFFFF)
 
 
@@ -164,18 +165,18 @@ def _match_positions(keys, match_rows, match_columns, match_keys, index, memory_
   """0-based position of each true match in its row's ranking (value, then gallery index)."""
   num_rows, num_gallery = keys.shape
   # One sorted 1-D array for all rows: the row number above the key keeps rows apart.
-  flat = np.empty((num_rows, num_gallery), np.uint64)
-  flat[...] = np.sort(keys, axis=1)
+  flat = np.sort(keys, axis=1).astype(np.uint64)
   flat |= np.arange(num_rows, dtype=np.uint64)[:, None] << np.uint64(32)
   targets = (match_rows.astype(np.uint64) << np.uint64(32)) | match_keys
-  below = np.searchsorted(flat.reshape(-1), targets, side="left")
-  equal = np.searchsorted(flat.reshape(-1), targets, side="right") - below
+  flat = flat.reshape(-1)
+  below = np.searchsorted(flat, targets, side="left")  # the match's own key is at `below`
+  after = np.minimum(below + 1, flat.size - 1)
+  tied = np.flatnonzero((after > below) & (flat[after] == targets))
   del flat
   positions = below - match_rows * num_gallery
-  tied = np.flatnonzero(equal > 1)
   if tied.size:
     # Rare with real features: equal distances rank by gallery index.
-    block = max(1, memory_budget_bytes // (4 * num_gallery))
+    block = max(1, memory_budget_bytes // (8 * num_gallery))
     for begin in range(0, tied.size, block):
       part = tied[begin:begin + block]
       same = keys[match_rows[part]] == match_keys[part, None]
@@ -277,6 +278,8 @@ def _validate(distmat, query_ids, gallery_ids, query_cams, gallery_cams, protoco
                      f"{query_chunk_size!r}.")
   if not isinstance(distmat, np.ndarray):
     distmat = np.asarray(distmat)  # JAX arrays and lists; a memmap stays a memmap
+  if distmat.dtype.name == "bfloat16":
+    distmat = distmat.astype(np.float32)  # exact; NumPy cannot sort bfloat16 itself
   if distmat.dtype.kind not in "fiu":
     raise TypeError(f"rank_metrics: distmat must hold real numbers, got dtype {distmat.dtype}.")
   if distmat.ndim != 2 or 0 in distmat.shape:

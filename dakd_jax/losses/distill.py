@@ -16,6 +16,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dakd_jax.losses.memory import gather_rows
 
@@ -40,21 +41,23 @@ def standardize_logits(x: jax.Array) -> jax.Array:
   return (x - mean) / (1e-7 + std)
 
 
-def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float, *,
+def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperature, *,
                   standardize: bool) -> jax.Array:
   """Per-sample KD term `k_T(a, b) = T^2 KL(softmax(b/T) || softmax(a/T))` (method.md 4.3).
 
-  With `standardize`, both rows are first z-scored (`standardize_logits`). Computed in float32
-  whatever the input dtype. Gradients flow into both arguments; callers that distil from a
-  frozen teacher stop the teacher's gradient themselves (`dakd_loss` does).
+  With `standardize`, both rows are first z-scored (`standardize_logits`), once for all
+  temperatures. Computed in float32 whatever the input dtype. Gradients flow into both
+  arguments; callers that distil from a frozen teacher stop the teacher's gradient themselves
+  (`dakd_loss` does).
 
   Args:
     student_logits: [n, N] logits `a`, any float dtype.
     teacher_logits: [n, N] logits `b`.
-    temperature: T > 0 (Python number or scalar array).
+    temperature: T > 0, a number or scalar array; or a tuple / 1-D array of K temperatures.
     standardize: z-score each row first.
   Returns:
-    float32 [n]: the KL summed over the N entries of each row, times T^2.
+    float32 [n] (scalar temperature) or [K, n]: the KL summed over the N entries of each row,
+    times T^2.
   Raises:
     ValueError: if the two shapes differ.
   """
@@ -65,11 +68,15 @@ def kd_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperat
   teacher = jnp.asarray(teacher_logits, jnp.float32)
   if standardize:
     student, teacher = standardize_logits(student), standardize_logits(teacher)
-  log_p_student = jax.nn.log_softmax(student / temperature, axis=-1)
-  log_p_teacher = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  temperatures = jnp.asarray(temperature, jnp.float32)
+  is_scalar = temperatures.ndim == 0
+  temperatures = jnp.reshape(temperatures, (-1, 1, 1))  # [K, 1, 1] against [n, N] rows
+  log_p_student = jax.nn.log_softmax(student / temperatures, axis=-1)
+  log_p_teacher = jax.nn.log_softmax(teacher / temperatures, axis=-1)
   # p * (log p - log q) with p from log_softmax: an underflowed p gives 0 * finite = 0.
   kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
-  return kl * temperature**2
+  kl = kl * temperatures[:, :, 0]**2
+  return kl[0] if is_scalar else kl
 
 
 def confidence_mask(teacher_logits: jax.Array, threshold: float, keep: str) -> jax.Array:
@@ -189,29 +196,30 @@ PAPER_DISTILL = DistillSettings(mask_keep="high", mask_mode="select",
                                 strong_uses_weak_at_2_6=False)
 
 
-def _masked_kd(per_sample: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-  """Applies a confidence mask to a per-sample KD vector [n] (method.md 4.4)."""
-  mask = mask.astype(jnp.float32)
-  if mode == "scale":
-    # Released: the batch mean is scaled by the kept fraction; every row keeps its gradient.
-    return jnp.mean(per_sample) * jnp.mean(mask)
-  return jnp.mean(per_sample * mask)
-
-
 def _level_sums(student_visible, student_infrared, teacher_visible, teacher_infrared, mask,
-                settings: DistillSettings) -> tuple[jax.Array, jax.Array]:
-  """Masked weak sum and unmasked strong sum of one level (instance or class), method.md 4.5."""
-  kd = lambda a, b, t: kd_divergence(a, b, t, standardize=settings.logit_standardize)
-  weak = 0.0
-  strong = 0.0
-  for temperature in settings.temperatures:
-    weak_t = kd(student_infrared, teacher_infrared, temperature)
-    weak = weak + _masked_kd(weak_t, mask, settings.mask_mode)
-    if settings.strong_uses_weak_at_2_6 and temperature in _WEAK_QUIRK_TEMPERATURES:
-      strong = strong + jnp.mean(weak_t)
-    else:
-      strong = strong + jnp.mean(kd(student_visible, teacher_visible, temperature))
-  return settings.kd_weight * weak, settings.kd_weight * strong
+                settings: DistillSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Weak sum, strong sum and plain KD of one level (instance or class), method.md 4.4-4.5.
+
+  Returns (w_kd sum_T Mask[K_T(infrared)], w_kd sum_T K_T(strong branch of T),
+  K_T0(visible) + K_T0(infrared)), float32 scalars.
+  """
+  temperatures = settings.temperatures
+  kd = lambda a, b: kd_divergence(a, b, temperatures, standardize=settings.logit_standardize)
+  weak_per_sample = kd(student_infrared, teacher_infrared)  # [K, n]
+  visible_per_sample = kd(student_visible, teacher_visible)  # [K, n]
+  weak_batch, visible_batch = jnp.mean(weak_per_sample, 1), jnp.mean(visible_per_sample, 1)
+  mask = mask.astype(jnp.float32)
+  if settings.mask_mode == "scale":
+    # Released: the batch mean is scaled by the kept fraction; every row keeps its gradient.
+    weak = jnp.sum(weak_batch) * jnp.mean(mask)
+  else:
+    weak = jnp.sum(jnp.mean(weak_per_sample * mask[None, :], axis=1))
+  # Released quirk (strong_uses_weak_at_2_6): the strong T=2 and T=6 terms use the infrared pair.
+  from_weak = np.array([settings.strong_uses_weak_at_2_6 and t in _WEAK_QUIRK_TEMPERATURES
+                        for t in temperatures])
+  strong = jnp.sum(jnp.where(from_weak, weak_batch, visible_batch))
+  plain = visible_batch[0] + weak_batch[0]
+  return settings.kd_weight * weak, settings.kd_weight * strong, plain
 
 
 def _centre_logits(features: jax.Array, centres: jax.Array, temperature: float) -> jax.Array:
@@ -269,14 +277,13 @@ def dakd_loss(student_visible: jax.Array, student_infrared: jax.Array,
 
   mask_instance = confidence_mask(t_i, settings.mask_threshold, settings.mask_keep)
   mask_class = confidence_mask(c_t_i, settings.mask_threshold, settings.mask_keep)
-  instance_weak, instance_strong = _level_sums(s_v, s_i, t_v, t_i, mask_instance, settings)
-  class_weak, class_strong = _level_sums(c_s_v, c_s_i, c_t_v, c_t_i, mask_class, settings)
+  instance_weak, instance_strong, plain_kd = _level_sums(s_v, s_i, t_v, t_i, mask_instance,
+                                                        settings)
+  class_weak, class_strong, _ = _level_sums(c_s_v, c_s_i, c_t_v, c_t_i, mask_class, settings)
   instance = settings.instance_weight * (instance_weak + instance_strong)
   class_level = settings.class_weight * (class_weak + class_strong)
-  base_t = settings.temperatures[0]
-  plain_kd = settings.plain_kd_weight * settings.kd_weight * (
-      jnp.mean(kd_divergence(s_v, t_v, base_t, standardize=settings.logit_standardize))
-      + jnp.mean(kd_divergence(s_i, t_i, base_t, standardize=settings.logit_standardize)))
+  # Plain KD (only_kd): instance level, base temperature temperatures[0], unmasked.
+  plain_kd = settings.plain_kd_weight * settings.kd_weight * plain_kd
   loss = {"only_kd": plain_kd, "mlkd_no_instance": class_level, "mlkd_no_class": instance,
           "full_mlkd": instance + class_level}[settings.ablation]
   terms = {

@@ -17,6 +17,7 @@ import numpy as np
 
 from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import config as config_lib
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
 from dakd_jax.evaluation import extract
@@ -101,8 +102,7 @@ def find_best_checkpoint(source: str, *, hint: str) -> tuple[str, int]:
 
 def check_teacher_matches(teacher_config: dict, config: ml_collections.ConfigDict,
                           where: str) -> None:
-  """Raises ValueError naming every architecture/data field the teacher differs in."""
-  from dakd_jax import config as config_lib  # Small module; local to keep the import graph flat.
+  """Raises ConfigError naming every architecture/data field the teacher differs in."""
   problems = []
   for field in TEACHER_MUST_MATCH:
     section, name = field.split(".")
@@ -113,7 +113,7 @@ def check_teacher_matches(teacher_config: dict, config: ml_collections.ConfigDic
     if theirs != ours:
       problems.append(f"{field}: teacher {theirs!r}, student config {ours!r}")
   if problems:
-    raise ValueError(f"the teacher checkpoint {where} does not fit the student config ("
+    raise config_lib.ConfigError(f"the teacher checkpoint {where} does not fit the student config ("
                      + "; ".join(problems) + "). Use the teacher's values (the student has the "
                      "teacher's architecture) or train a matching teacher.")
 
@@ -146,7 +146,7 @@ def restore_model_variables(config: ml_collections.ConfigDict, model, data, sour
   try:
     restored, _, _ = manager.restore(step, target, restore_data=False)
   except ValueError as error:
-    raise ValueError(f"cannot restore {where}: {error}. Its shapes do not match this config's "
+    raise config_lib.ConfigError(f"cannot restore {where}: {error}. Its shapes do not match this config's "
                      "model (or number of identities).") from error
   finally:
     manager.close()

@@ -84,7 +84,7 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
                                           mean_momentum=mean_momentum)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memories=memories)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return teacher_step
@@ -135,7 +135,7 @@ def make_student_step(model, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return student_step

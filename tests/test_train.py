@@ -1,0 +1,266 @@
+"""Training: schedules, compiled steps, non-finite handling, and whole runs through run.py.
+
+The whole-run tests call `run.py` in a subprocess on a small synthetic tree, as a user would,
+with a width-8 ResNet-18 at 96x48 (the last stage stays 6x3 for XLA:CPU's fast path).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dakd_jax import builders
+from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import config as config_lib
+from dakd_jax.train import loop
+from dakd_jax.train import state as state_lib
+from dakd_jax.train import steps as steps_lib
+from dakd_jax.losses import memory as memory_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
+    "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
+    "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
+    "eval.shots": ("single",), "log.every_steps": 1, "log.progress": False,
+}
+
+
+def tiny_overrides(tmp_dir, **extra):
+  values = dict(TINY, **{"data.root": os.path.join(tmp_dir, "synthetic"),
+                         "data.prepared_dir": os.path.join(tmp_dir, "tfds")}, **extra)
+  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+          for k, v in values.items()]
+
+
+def run_py(args, workdir, env_extra=None, **kwargs):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+  return subprocess.Popen([sys.executable, "run.py", "--config=configs/demo.py",
+                           f"--workdir={workdir}", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process, timeout=900):
+  output, _ = process.communicate(timeout=timeout)
+  assert process.returncode == 0, output[-4000:]
+  return output
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_params(checkpoint_dir, step):
+  """The raw saved state of a step as numpy (no target: structure as saved)."""
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  state = checkpointer.restore(os.path.join(checkpoint_dir, str(step), "state"))
+  return jax.tree.map(np.asarray, state["params"])
+
+
+def test_teacher_schedule_matches_method_by_hand():
+  config = config_lib.load_config("configs/sysu.py", validate_config=False)
+  schedule = state_lib.teacher_learning_rate(config, steps_per_epoch=10)
+  base = 3.5e-4
+  # epoch 0 -> base/10, epoch 4 -> base/2, 10..20 base (strict > at D1 = 20), 21..39 0.1 base.
+  expected = {0: base / 10, 9: base / 10, 45: base / 2, 100: base, 209: base, 200: base,
+              210: 0.1 * base, 399: 0.1 * base, 400: 0.01 * base, 1599: 0.01 * base}
+  for step, lr in expected.items():
+    assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
+
+
+def _tiny_model_and_batch(n=4, height=48, width=48, classes=5):
+  config = config_lib.load_config("configs/demo.py", {"model.width": 4, "data.image_height":
+                                                      height, "data.image_width": width},
+                                  validate_config=False)
+  model = builders.model_from_config(config)
+  rng = np.random.default_rng(0)
+  batch = {"visible": rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8),
+           "infrared": rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8),
+           "labels": np.array([0, 0, 1, 1][:n], np.int32)}
+  return config, model, batch
+
+
+def test_teacher_step_compiles_once_and_moves_memories():
+  config, model, batch = _tiny_model_and_batch()
+  variables = builders.init_model_variables(config, model, jax.random.key(0))
+  tx = state_lib.make_teacher_optimizer(config, steps_per_epoch=5)
+  dim = variables["params"]["bnneck"]["scale"].shape[0]
+  rng = np.random.default_rng(1)
+  centres = [memory_lib.unit_rows(jnp.asarray(rng.normal(size=(5, dim)), jnp.float32))
+             for _ in range(3)]
+  state = state_lib.create_state(variables, tx, jax.random.key(1),
+                                 memory_lib.init_memories(*centres))
+  traces = []
+  step = steps_lib.make_teacher_step(model, tx, builders.teacher_settings(config),
+                                     builders.augment_views(config, "teacher"),
+                                     hard_momentum=0.1, mean_momentum=0.25)
+
+  def counted(state, batch):
+    traces.append(1)  # Runs only while tracing.
+    return step(state, batch)
+
+  compiled = jax.jit(counted)
+  before = np.asarray(state.memories.visible)
+  for offset in range(3):
+    shifted = {k: (np.roll(v, offset, axis=0) if k != "labels" else v) for k, v in batch.items()}
+    state, metrics = compiled(state, shifted)
+  assert len(traces) == 1
+  assert int(state.step) == 3
+  assert np.isfinite(float(metrics["loss"]))
+  after = np.asarray(state.memories.visible)
+  # Classes 0 and 1 were in every batch and moved; classes 2..4 were never seen and did not.
+  assert not np.allclose(after[:2], before[:2])
+  np.testing.assert_array_equal(after[2:], before[2:])
+  np.testing.assert_array_equal(np.asarray(state.memories.snapshot_visible), before)
+
+
+def test_student_step_trains_only_student_and_compiles_once():
+  config, model, batch = _tiny_model_and_batch()
+  teacher_vars = builders.init_model_variables(config, model, jax.random.key(2))
+  student_vars = builders.init_model_variables(config, model, jax.random.key(3))
+  dim = teacher_vars["params"]["bnneck"]["scale"].shape[0]
+  rng = np.random.default_rng(4)
+  centres = [memory_lib.unit_rows(jnp.asarray(rng.normal(size=(5, dim)), jnp.float32))
+             for _ in range(2)]
+  teacher = steps_lib.FrozenTeacher(teacher_vars, *centres)
+  tx = state_lib.make_student_optimizer(config)
+  state = state_lib.create_state(student_vars, tx, jax.random.key(5))
+  traces = []
+  step = steps_lib.make_student_step(model, tx, builders.distill_settings(config),
+                                     builders.augment_views(config, "student"))
+
+  def counted(state, teacher, batch):
+    traces.append(1)
+    return step(state, teacher, batch)
+
+  compiled = jax.jit(counted)
+  teacher_before = jax.tree.map(np.asarray, teacher.variables)
+  student_before = jax.tree.map(np.asarray, state.params)
+  for _ in range(2):
+    state, metrics = compiled(state, teacher, batch)
+  assert len(traces) == 1
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+  jax.tree.map(np.testing.assert_array_equal, teacher_before,
+               jax.tree.map(np.asarray, teacher.variables))
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), student_before,
+                         state.params)
+  assert any(jax.tree.leaves(changed))
+
+
+def test_check_finite_names_step_and_terms():
+  history = [(7, {"loss": 1.0, "kl": 0.5}), (8, {"loss": float("nan"), "kl": float("inf")})]
+  with pytest.raises(loop.NonFiniteLossError, match=r"step 8 in term\(s\) \['kl', 'loss'\]"):
+    loop._check_finite(history, "teacher")
+  loop._check_finite(history[:1], "teacher")
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path):
+  # A huge learning rate makes the teacher diverge within a few steps.
+  process = run_py(tiny_overrides(str(tmp_path), **{
+      "stage": "teacher", "teacher.epochs": 1, "teacher.steps_per_epoch": 12,
+      "teacher.lr": 1e12, "teacher.warmup_epochs": 0, "checkpoint.every_steps": 1}),
+      str(tmp_path / "run"))
+  output, _ = process.communicate(timeout=900)
+  assert process.returncode != 0
+  assert "non-finite loss at step" in output
+  step = int(output.split("non-finite loss at step ")[1].split()[0])
+  steps = checkpoint_lib.complete_steps(str(tmp_path / "run" / "teacher" / "checkpoints"))
+  assert steps and max(steps) == step - 1  # Every step before the bad one was saved.
+  params = restore_params(str(tmp_path / "run" / "teacher" / "checkpoints"), max(steps))
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  overrides = tiny_overrides(str(tmp_path), **{
+      "stage": "teacher", "teacher.epochs": 3, "teacher.steps_per_epoch": 4,
+      "teacher.eval_every_epochs": 100, "checkpoint.every_steps": 1,
+      "checkpoint.keep_last": 10})
+  straight = str(tmp_path / "straight")
+  finish(run_py(overrides, straight))
+  killed = str(tmp_path / "killed")
+  process = run_py(overrides, killed)
+  checkpoints = os.path.join(killed, "teacher", "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline and not any(
+      s >= 3 for s in checkpoint_lib.complete_steps(checkpoints)):
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  interrupted_at = max(checkpoint_lib.complete_steps(checkpoints))
+  assert 3 <= interrupted_at < 12, interrupted_at
+  output = finish(run_py(overrides, killed))
+  assert f"resumed from {checkpoints} step {interrupted_at}" in output
+  # The logged losses after the resume point are the uninterrupted run's, step for step.
+  losses = lambda d: {r["step"]: r["loss"] for r in read_jsonl(
+      os.path.join(d, "teacher", "metrics.jsonl")) if "loss" in r}
+  straight_losses, resumed_losses = losses(straight), losses(killed)
+  for step in range(interrupted_at + 1, 13):
+    assert resumed_losses[step] == straight_losses[step], (step, straight_losses,
+                                                           resumed_losses)
+  expected = restore_params(os.path.join(straight, "teacher", "checkpoints"), 12)
+  resumed = restore_params(checkpoints, 12)
+  jax.tree.map(np.testing.assert_array_equal, expected, resumed)
+
+
+@pytest.mark.slow
+def test_demo_trains_teacher_above_untrained_and_evaluates_student(tmp_path):
+  workdir = str(tmp_path / "demo")
+  output = finish(run_py(tiny_overrides(str(tmp_path), **{
+      "teacher.epochs": 4, "teacher.steps_per_epoch": 15, "teacher.eval_every_epochs": 4,
+      "distill.epochs": 1, "distill.steps_per_epoch": 8, "eval.num_trials": 10}), workdir))
+  records = read_jsonl(os.path.join(workdir, "teacher", "metrics.jsonl"))
+  trained_rank1 = [r["eval_rank1"] for r in records if "eval_rank1" in r][-1]
+  untrained_rank1 = untrained_rank1_of(workdir)
+  # Chance is 1/6 for 6 test identities; the trained teacher must be clearly above the
+  # untrained network on the same protocol.
+  assert trained_rank1 > untrained_rank1 + 0.15, (trained_rank1, untrained_rank1)
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    report = json.load(f)
+  assert "student" in report["source"]
+  mean = report["results"]["sysu_mm01/all/single-shot"]["mean"]
+  assert len(report["results"]["sysu_mm01/all/single-shot"]["trials"]) == 10
+  assert 0.0 <= mean["mAP"] <= 1.0 and len(mean["cmc"]) == 20
+  assert "evaluation of" in output and "sysu_mm01/all/single-shot" in output
+
+
+def untrained_rank1_of(workdir):
+  """Rank-1 of the randomly initialised teacher on the run's training-time protocol."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  from dakd_jax import sharding as sharding_lib
+  from dakd_jax.data import prepare
+  from dakd_jax.evaluation import evaluate
+  with open(os.path.join(workdir, "config.json")) as f:
+    resolved = json.load(f)
+  config = config_lib.load_config("configs/demo.py", validate_config=False)
+  flat = {}
+  for section, values in resolved.items():
+    if isinstance(values, dict):
+      flat.update({f"{section}.{k}": tuple(v) if isinstance(v, list) else v
+                   for k, v in values.items()})
+    else:
+      flat[section] = values
+  config_lib.apply_overrides(config, flat)
+  data = prepare.prepare_data(config, progress=False)
+  model = builders.model_from_config(config)
+  key_init = jax.random.split(jax.random.key(config.seed), 3)[0]
+  variables = builders.init_model_variables(config, model, key_init)
+  mesh = sharding_lib.make_mesh()
+  rows = evaluate.protocol_rows(data, evaluate.evaluation_protocols(config,
+                                                                    during_training=True))
+  embeddings = evaluate.embed_test_rows(config, model, variables, data, mesh,
+                                        evaluate.needed(rows))
+  results = evaluate.evaluate_embeddings(embeddings, data, rows, rerank=False, max_rank=20)
+  return evaluate.headline(results)["rank1"]

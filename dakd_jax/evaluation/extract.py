@@ -63,8 +63,10 @@ def extract_embeddings(embed_fn: Callable, variables, source, indices: Sequence[
   for number, batch in enumerate(tqdm(batches, total=num_batches, desc=description,
                                       disable=not show_progress or jax.process_index() != 0,
                                       leave=False, mininterval=2.0)):
-    local_index = np.where(batch["mask"], batch["index"], indices[0])
-    local = {"images": batch["images"], "modality": modality_codes[local_index].astype(np.int32)}
+    # batch["index"] is a position in `indices` (-1 for padding), not a dataset index.
+    dataset_index = indices[np.where(batch["mask"], batch["index"], 0)]
+    local = {"images": batch["images"],
+             "modality": modality_codes[dataset_index].astype(np.int32)}
     global_batch = sharding_lib.host_to_global(local, mesh)
     embeddings = step_fn(variables, global_batch["images"], global_batch["modality"],
                          jax.random.fold_in(key, number))

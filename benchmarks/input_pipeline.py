@@ -92,6 +92,11 @@ def main():
                                   args.ids_per_batch, args.images_per_id)
       print(f"num_workers={num_workers} read_threads={args.read_threads}: first batch "
             f"{first:.2f} s, {rate:,.0f} images/s")
+  # The second half of the story: augmentations on the device vs per image on the host.
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import augment_speed  # benchmarks/augment_speed.py
+  augment_speed.main(["--batch", str(2 * args.ids_per_batch * args.images_per_id),
+                      "--height", str(HEIGHT), "--width", str(WIDTH), "--repeats", "10"])
 
 
 if __name__ == "__main__":

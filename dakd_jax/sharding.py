@@ -99,3 +99,20 @@ def host_to_global(batch_tree: Any, mesh: Mesh) -> Any:
   for size in sizes:
     check_batch_divides(size, local_devices, "per-process batch (leading axis of the host batch)")
   return jax.make_array_from_process_local_data(data_sharding(mesh), batch_tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree (host or single-device values, identical on every process) replicated on
+  `mesh`. Works across processes, where `jax.device_put` cannot target devices that are not
+  addressable; typed PRNG keys are placed through their key data."""
+  sharding = replicated(mesh)
+
+  def put(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
+                                      impl=jax.random.key_impl(leaf))
+    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+      return leaf
+    return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+  return jax.tree.map(put, tree)

@@ -20,10 +20,16 @@ def losses_of(workdir):
 
 
 def assert_same_losses(expected, actual):
+  """Step 1's losses (one forward from identical weights) must agree to float32 rounding: BN
+  statistics or losses computed per device would change them. Gradients are sums in another
+  order, and Adam's first update is about sign(gradient), so later steps drift by ~0.1%."""
   assert sorted(expected) == sorted(actual) == [1, 2, 3]
   for step, record in expected.items():
+    tolerance = 1e-5 if step == 1 else 1e-2
     for name in ("loss", "memory_global", "memory_visible", "modality_kl", "centre_triplet"):
-      assert actual[step][name] == pytest.approx(record[name], rel=2e-4, abs=1e-5), (step, name)
+      assert actual[step][name] == pytest.approx(record[name], rel=tolerance, abs=1e-6), (
+          step, name)
+  assert actual[1]["grad_norm"] == pytest.approx(expected[1]["grad_norm"], rel=2e-3)
 
 
 @pytest.fixture(scope="module")

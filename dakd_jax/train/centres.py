@@ -79,7 +79,7 @@ def build_teacher_memories(config, model, variables, data, mesh, key):
   channel = modality_centres(config, model, variables, data, mesh, 0, channel_exchange=True,
                              key=key, description="memory: channel")
   memories = memory_lib.init_memories(visible, infrared, channel)
-  return jax.device_put(memories, sharding_lib.replicated(mesh))
+  return sharding_lib.replicate(memories, mesh)
 
 
 def find_best_checkpoint(source: str, *, hint: str) -> tuple[str, int]:
@@ -169,4 +169,4 @@ def load_frozen_teacher(config: ml_collections.ConfigDict, model, data: prepare.
                                     centres_infrared=centres_infrared)
   if jax.process_index() == 0:
     print(f"dakd_jax: teacher from {where} ({data.num_classes} centres of dim {dim})")
-  return jax.device_put(teacher, sharding_lib.replicated(mesh))
+  return sharding_lib.replicate(teacher, mesh)

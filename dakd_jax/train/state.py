@@ -84,7 +84,7 @@ def create_replicated_state(variables: dict, tx: optax.GradientTransformation, k
   """
   from dakd_jax import sharding as sharding_lib  # Avoids an import cycle at module load.
   replicated = sharding_lib.replicated(mesh)
-  variables, key, memories = jax.device_put((variables, key, memories), replicated)
+  variables, key, memories = sharding_lib.replicate((variables, key, memories), mesh)
   return jax.jit(lambda v, k, m: create_state(v, tx, k, m), out_shardings=replicated)(
       variables, key, memories)
 

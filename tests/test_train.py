@@ -232,6 +232,21 @@ def test_demo_trains_teacher_above_untrained_and_evaluates_student(tmp_path):
   assert len(report["results"]["sysu_mm01/all/single-shot"]["trials"]) == 10
   assert 0.0 <= mean["mAP"] <= 1.0 and len(mean["cmc"]) == 20
   assert "evaluation of" in output and "sysu_mm01/all/single-shot" in output
+  # Re-evaluating from the saved features reproduces the checkpoint's results exactly.
+  again = str(tmp_path / "again")
+  finish(run_py(tiny_overrides(str(tmp_path), **{
+      "stage": "eval", "eval.num_trials": 10,
+      "eval.features": os.path.join(workdir, "eval", "features.npz")}), again))
+  with open(os.path.join(again, "eval", "results.json")) as f:
+    assert json.load(f)["results"] == report["results"]
+
+
+def test_student_without_teacher_fails_clearly(tmp_path):
+  process = run_py(tiny_overrides(str(tmp_path), stage="student"), str(tmp_path / "run"))
+  output, _ = process.communicate(timeout=600)
+  assert process.returncode == 1
+  assert "no checkpoint in" in output and "train the teacher first" in output
+  assert "Traceback" not in output
 
 
 def untrained_rank1_of(workdir):

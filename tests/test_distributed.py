@@ -10,8 +10,10 @@ from tests.test_train import read_jsonl
 from tests.test_train import run_py
 from tests.test_train import tiny_overrides
 
+# A small learning rate: from random init the first updates are chaotic (Adam's first step is
+# about sign(gradient)), which would amplify reduction-order rounding into percent-level drift.
 RUN = {"stage": "teacher", "teacher.epochs": 1, "teacher.steps_per_epoch": 3,
-       "teacher.eval_every_epochs": 100, "checkpoint.every_steps": 3}
+       "teacher.eval_every_epochs": 100, "checkpoint.every_steps": 3, "teacher.lr": 1e-6}
 
 
 def losses_of(workdir):
@@ -22,10 +24,10 @@ def losses_of(workdir):
 def assert_same_losses(expected, actual):
   """Step 1's losses (one forward from identical weights) must agree to float32 rounding: BN
   statistics or losses computed per device would change them. Gradients are sums in another
-  order, and Adam's first update is about sign(gradient), so later steps drift by ~0.1%."""
+  order, so later steps (after tiny updates) agree a little less tightly."""
   assert sorted(expected) == sorted(actual) == [1, 2, 3]
   for step, record in expected.items():
-    tolerance = 1e-5 if step == 1 else 1e-2
+    tolerance = 1e-5 if step == 1 else 1e-3
     for name in ("loss", "memory_global", "memory_visible", "modality_kl", "centre_triplet"):
       assert actual[step][name] == pytest.approx(record[name], rel=tolerance, abs=1e-6), (
           step, name)

@@ -21,7 +21,7 @@ def get_config(arg=None):
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r} in --config=...:{preset}; choose one of {PRESETS}")
   config = ml_collections.ConfigDict()
-  config.stage = "all"  # teacher | student | eval | all (teacher, then student, then eval)
+  config.stage = "all"  # teacher | student | eval | all (the three in order) | extract (own images)
   config.seed = 0  # one seed for sampling, initialisation and augmentation keys
   # Confidence-mask cut, a quantile of the batch's teacher confidences in [0, 1] [4.4].
   config.mask_threshold = 0.5
@@ -126,6 +126,16 @@ def get_config(arg=None):
   config.eval.max_rank = 20  # CMC length
   config.eval.checkpoint = ""  # stage=eval: a checkpoint dir; "" = <workdir>/student best
   config.eval.features = ""  # stage=eval: a .npz of saved features instead of a checkpoint
+  config.eval.pictures = True  # stage=eval: CMC/training-curve/ranked-result PNGs and report.md
+  config.eval.num_visual_queries = 8  # queries (rows) per ranked-result picture, drawn by seed
+  config.eval.visual_top_k = 10  # gallery images shown per query
+
+  # stage=extract: embed folders of new images with a checkpoint (eval.checkpoint or student).
+  config.extract = ml_collections.ConfigDict()
+  config.extract.query_dir = ""  # folder of query images (required for stage=extract)
+  config.extract.gallery_dir = ""  # folder of gallery images; "" = embed the queries only
+  config.extract.query_modality = "infrared"  # visible | infrared (stem routing)
+  config.extract.gallery_modality = "visible"  # visible | infrared
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000  # save every N steps (and at each evaluation)

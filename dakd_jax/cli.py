@@ -1,11 +1,12 @@
-"""Stage dispatch for `run.py` and notebooks: teacher, student, eval, or all in sequence.
+"""Stage dispatch for `run.py` and notebooks: teacher, student, eval, all in sequence, or extract.
 
 Validation happens here, once, before any data is touched or anything compiles. Each stage
 writes under the workdir:
   <workdir>/config.json              the resolved config
   <workdir>/teacher/                 teacher checkpoints, metrics.jsonl, TensorBoard events
   <workdir>/student/                 the same for the DAKD student
-  <workdir>/eval/<name>.json         evaluation tables
+  <workdir>/eval/                    results.json, features.npz, pictures (and <workdir>/report.md)
+  <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def initialize_distributed(coordinator_address: str, num_processes: int | None,
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages `config.stage` names; returns {stage: result}."""
+  if config.stage == "extract":  # New images only: no dataset needed (for a student).
+    from dakd_jax.evaluation import folders
+    return {"extract": folders.extract_stage(config, workdir)}
   from dakd_jax.data import prepare  # Deferred: heavy imports only once the config is valid.
   from dakd_jax.evaluation import evaluate
   from dakd_jax.train import loop

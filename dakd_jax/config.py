@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 ENUMS = {
-    "stage": ("teacher", "student", "eval", "all"),
+    "stage": ("teacher", "student", "eval", "all", "extract"),
     "data.dataset": ("sysu_mm01", "regdb"),
     "model.depth": (18, 34, 50),
     "model.compute_dtype": ("float32", "bfloat16"),
@@ -28,6 +28,8 @@ ENUMS = {
     "distill.mask_keep": ("low", "high"),
     "distill.mask_mode": ("scale", "select"),
     "distill.ablation": ("only_kd", "mlkd_no_instance", "mlkd_no_class", "full_mlkd"),
+    "extract.query_modality": ("visible", "infrared"),
+    "extract.gallery_modality": ("visible", "infrared"),
 }
 # (field, low, high, low inclusive, high inclusive); None = unbounded.
 RANGES = (
@@ -64,6 +66,8 @@ RANGES = (
     ("eval.num_trials", 1, 10, True, True),
     ("eval.batch_size", 1, None, True, None),
     ("eval.max_rank", 1, None, True, None),
+    ("eval.num_visual_queries", 1, None, True, None),
+    ("eval.visual_top_k", 1, None, True, None),
     ("checkpoint.every_steps", 1, None, True, None),
     ("checkpoint.keep_last", 1, None, True, None),
     ("checkpoint.keep_best", 0, None, True, None),
@@ -242,7 +246,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"config.teacher.decay_epochs = {config.teacher.decay_epochs!r}: need two "
                       "epochs D1 < D2, e.g. --config.teacher.decay_epochs='(20,40)'")
   for field in ("model.init_weights", "distill.teacher_checkpoint", "checkpoint.resume",
-                "eval.checkpoint", "eval.features"):
+                "eval.checkpoint", "eval.features", "extract.query_dir", "extract.gallery_dir"):
     path = get_field(config, field)
     if path and not os.path.exists(path):
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory. Fix the path "

@@ -174,7 +174,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
 
   Reads config.eval.features if set, else the best checkpoint of config.eval.checkpoint (default
   <workdir>/student). Prints the table and writes <workdir>/eval/results.json (and the test
-  features as <workdir>/eval/features.npz for later re-evaluation).
+  features as <workdir>/eval/features.npz for later re-evaluation); with config.eval.pictures
+  also the PNGs of `viz.write_run_pictures` and <workdir>/report.md.
   """
   from dakd_jax import builders
   from dakd_jax import sharding as sharding_lib
@@ -203,4 +204,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
       json.dump(report, f, indent=2)
     print("\n" + format_table(results, title=f"evaluation of {source} "
                               f"(re-ranking {'on' if config.eval.rerank else 'off'})"))
+    if config.eval.pictures:
+      from dakd_jax import viz  # Deferred: matplotlib only when pictures are wanted.
+      viz.write_run_pictures(config, workdir, data, embeddings, rows, report)
   return report

@@ -1,0 +1,177 @@
+"""stage=extract (dakd_jax/evaluation/folders.py): embeddings of image folders equal the model's
+embedding of each file computed directly, bad files are reported by name, the ranking is the
+brute-force one; and one tiny end-to-end run (train, evaluate with pictures and report, extract)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import base
+from dakd_jax import augment
+from dakd_jax import builders
+from dakd_jax import config as config_lib
+from dakd_jax import sharding as sharding_lib
+from dakd_jax.evaluation import folders
+from dakd_jax.models import resnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H, W = 96, 48
+
+
+def tiny_config(**overrides):
+  config = base.get_config()
+  config.lock()
+  values = {"data.image_height": H, "data.image_width": W, "model.depth": 18, "model.width": 4,
+            "model.non_local": False, "eval.batch_size": 4, "log.progress": False,
+            "eval.visual_top_k": 3, "eval.num_visual_queries": 2}
+  values.update(overrides)
+  return config_lib.apply_overrides(config, values)
+
+
+def write_images(folder, count, seed, size=(30, 60)):
+  """`count` random RGB PNGs of `size` (w, h) named img_0.png, ...; returns their paths."""
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  paths = []
+  for i in range(count):
+    path = os.path.join(folder, f"img_{i}.png")
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    paths.append(path)
+  return paths
+
+
+def direct_embedding(model, variables, path, modality_code):
+  """The model's embedding of one file: PIL decode + Lanczos resize, ImageNet normalisation."""
+  image = np.asarray(Image.open(path).convert("RGB").resize((W, H), Image.LANCZOS))
+  out = model.apply(variables, augment.normalize(jnp.asarray(image[None])),
+                    jnp.array([modality_code], jnp.int32), train=False)
+  return np.asarray(out["embedding"][0])
+
+
+def test_read_folder_skips_and_names_bad_files(tmp_path):
+  folder = str(tmp_path / "images")
+  good = write_images(folder, 2, seed=0)
+  with open(os.path.join(folder, "broken.jpg"), "wb") as f:
+    f.write(b"definitely not a jpeg")
+  whole = open(good[0], "rb").read()
+  with open(os.path.join(folder, "truncated.png"), "wb") as f:
+    f.write(whole[:len(whole) // 2])
+  open(os.path.join(folder, ".hidden"), "w").close()
+  os.makedirs(os.path.join(folder, "subdir"))
+  images, names, bad = folders.read_folder(folder, H, W)
+  assert names == ["img_0.png", "img_1.png"]
+  assert [b["file"] for b in bad] == ["broken.jpg", "truncated.png"]
+  assert all(b["file"] in b["error"] for b in bad)
+  for image, path in zip(images, good):
+    expected = np.asarray(Image.open(path).convert("RGB").resize((W, H), Image.LANCZOS))
+    np.testing.assert_array_equal(image, expected)
+  with pytest.raises(FileNotFoundError, match="no_such_folder"):
+    folders.read_folder(str(tmp_path / "no_such_folder"), H, W)
+
+
+def test_extract_round_trip_ranking_and_bad_file(tmp_path, capsys):
+  query_paths = write_images(str(tmp_path / "q"), 3, seed=1)
+  gallery_paths = write_images(str(tmp_path / "g"), 5, seed=2, size=(48, 96))
+  with open(tmp_path / "g" / "zz_bad.jpg", "wb") as f:
+    f.write(b"\xff\xd8 broken")
+  config = tiny_config(**{"extract.query_dir": str(tmp_path / "q"),
+                          "extract.gallery_dir": str(tmp_path / "g"),
+                          "extract.query_modality": "infrared",
+                          "extract.gallery_modality": "visible"})
+  model = builders.model_from_config(config)
+  variables = resnet.init_variables(model, jax.random.key(3), (H, W))
+  mesh = sharding_lib.make_mesh()
+  out_dir = str(tmp_path / "out")
+  result = folders.extract_folders(config, model, sharding_lib.replicate(variables, mesh),
+                                   out_dir, mesh, where="test weights")
+  query, gallery = np.load(f"{out_dir}/query.npy"), np.load(f"{out_dir}/gallery.npy")
+  for row, path in zip(query, query_paths):
+    np.testing.assert_allclose(row, direct_embedding(model, variables, path, 1), atol=1e-5)
+  for row, path in zip(gallery, gallery_paths):
+    np.testing.assert_allclose(row, direct_embedding(model, variables, path, 0), atol=1e-5)
+  # The modality flag routes through its own stem: the other stem gives another embedding.
+  assert np.abs(query[0] - direct_embedding(model, variables, query_paths[0], 0)).max() > 1e-3
+  gallery_index = json.load(open(f"{out_dir}/gallery.json"))
+  assert gallery_index["files"] == [f"img_{i}.png" for i in range(5)]
+  assert [b["file"] for b in gallery_index["bad"]] == ["zz_bad.jpg"]
+  assert gallery_index["modality"] == "visible" and gallery_index["checkpoint"] == "test weights"
+  assert "zz_bad.jpg" in capsys.readouterr().err
+  ranking = json.load(open(f"{out_dir}/ranking.json"))
+  for q, entry in enumerate(ranking["queries"]):
+    distances = 1 - gallery @ query[q]
+    expected = np.argsort(distances, kind="stable")[:3]
+    assert entry["query"] == f"img_{q}.png"
+    assert [r["file"] for r in entry["ranked"]] == [f"img_{g}.png" for g in expected]
+    np.testing.assert_allclose([r["distance"] for r in entry["ranked"]], distances[expected],
+                               atol=1e-5)
+  np.testing.assert_array_equal(result["order"][:, 0], np.argmin(1 - query @ gallery.T, 1))
+  picture = Image.open(f"{out_dir}/ranked.png").convert("RGB")
+  # 2 query rows (num_visual_queries) of 1 + 3 panels, grey frames (identities unknown).
+  panel_w, panel_h = 2 * W + 8, 2 * H + 8
+  assert picture.size == (16 + 4 * panel_w + 3 * 6 + 12, 16 + 18 + 2 * (panel_h + 14) + 6)
+  assert picture.getpixel((8 + panel_w + 6 + 12 + 1, 8 + 18 + 1)) == (128, 128, 128)
+
+
+def test_extract_config_checks(tmp_path):
+  config = tiny_config(stage="extract")
+  config_lib.validate(config)
+  for field, value, message in (("extract.query_modality", "thermal", "choose one of"),
+                                ("eval.visual_top_k", 0, "out of range"),
+                                ("extract.query_dir", str(tmp_path / "missing"), "no such")):
+    bad = tiny_config(**{field: value})
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(bad)
+  with pytest.raises(config_lib.ConfigError, match="extract.query_dir"):
+    folders.extract_folders(config, None, None, str(tmp_path), None)
+
+
+@pytest.mark.slow
+def test_run_writes_pictures_report_and_extracts(tmp_path):
+  """One tiny run.py (teacher, student, eval with pictures), then stage=extract in-process."""
+  overrides = {
+      "data.root": str(tmp_path / "synthetic"), "data.prepared_dir": str(tmp_path / "tfds"),
+      "synthetic.num_train_ids": 4, "synthetic.num_val_ids": 1, "synthetic.num_test_ids": 3,
+      "synthetic.images_per_camera": 3, "model.width": 4, "model.non_local": False,
+      "data.ids_per_batch": 2, "data.images_per_id": 2, "eval.batch_size": 16,
+      "eval.num_trials": 2, "eval.modes": "('all',)", "eval.shots": "('single',)",
+      "teacher.epochs": 1, "teacher.steps_per_epoch": 2, "teacher.warmup_epochs": 0,
+      "teacher.decay_epochs": "(0,1)", "distill.epochs": 1, "distill.steps_per_epoch": 2,
+      "log.progress": False, "eval.num_visual_queries": 3, "eval.visual_top_k": 4}
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  workdir = str(tmp_path / "run")
+  process = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py",
+                            f"--workdir={workdir}", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+  assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+  results = json.load(open(f"{workdir}/eval/results.json"))["results"]
+  report = open(f"{workdir}/report.md").read()
+  mean = results["sysu_mm01/all/single-shot"]["mean"]
+  line = next(l for l in report.splitlines() if l.startswith("sysu_mm01/all/single-shot"))
+  numbers = [float(v) for v in re.findall(r"\d+\.\d+", line)]
+  np.testing.assert_allclose(numbers, [100 * mean["cmc"][0], 100 * mean["cmc"][4],
+                                       100 * mean["cmc"][9], 100 * mean["cmc"][19],
+                                       100 * mean["mAP"], 100 * mean["mINP"]], atol=0.006)
+  for name in ("cmc.png", "training_curves.png", "ranked_sysu_mm01_all_single-shot.png"):
+    assert f"(eval/{name})" in report and os.path.getsize(f"{workdir}/eval/{name}") > 1000
+  ranked = Image.open(f"{workdir}/eval/ranked_sysu_mm01_all_single-shot.png")
+  panel_w, panel_h = 2 * W + 8, 2 * H + 8
+  assert ranked.size == (16 + 5 * panel_w + 4 * 6 + 12, 16 + 18 + 3 * (panel_h + 14) + 2 * 6)
+  # Extract: infrared test files of the synthetic set against its visible ones.
+  root = tmp_path / "synthetic"
+  person = f"{int(open(root / 'exp' / 'test_id.txt').read().split(',')[0]):04d}"
+  config = config_lib.load_config("configs/demo.py", {**{
+      k: v for k, v in overrides.items() if not isinstance(v, str) or not v.startswith("(")},
+      "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),
+      "stage": "extract", "extract.query_dir": str(root / "cam3" / person),
+      "extract.gallery_dir": str(root / "cam1" / person)})
+  result = folders.extract_stage(config, workdir)
+  assert len(result["query_files"]) == 3 and len(result["gallery_files"]) == 3
+  assert json.load(open(f"{workdir}/extract/query.json"))["checkpoint"].startswith(
+      f"{workdir}/student/checkpoints step ")

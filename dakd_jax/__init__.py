@@ -16,7 +16,8 @@ def run_stages(config, workdir):
   """Runs the stages config.stage names; see dakd_jax.cli.run_stages."""
   from dakd_jax import cli  # Deferred: pulls in JAX, TFDS and Grain.
   validate(config)
-  return cli.run_stages(config, workdir)
+  import os  # Orbax needs an absolute workdir.
+  return cli.run_stages(config, os.path.abspath(workdir))
 
 
 __all__ = ["ConfigError", "load_config", "validate", "run_stages", "__version__"]

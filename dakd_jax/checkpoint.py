@@ -246,7 +246,8 @@ class CheckpointManager:
     if keep_last < 1 or keep_best < 0:
       raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 and "
                        f"checkpoint.keep_best={keep_best} must be >= 0")
-    self.directory = os.fspath(directory)
+    # Orbax (tensorstore OCDBT) needs absolute paths; relative ones come from the command line.
+    self.directory = os.path.abspath(os.fspath(directory))
     self.best_metric = best_metric
     preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep_last),

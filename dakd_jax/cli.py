@@ -84,7 +84,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     print(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
     return 0
   import jax  # Validation above already initialised the backend.
-  workdir = workdir or default_workdir(config_path)
+  # Absolute: Orbax refuses relative checkpoint paths, and a notebook may change directory.
+  workdir = os.path.abspath(workdir or default_workdir(config_path))
   if jax.process_index() == 0:
     path = write_resolved_config(config, workdir)
     print(f"dakd_jax: stage={config.stage} workdir={workdir} (resolved config: {path}, "

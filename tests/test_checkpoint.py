@@ -310,3 +310,20 @@ def test_restore_refuses_a_changed_config(tmp_path):
   same_but_paths = {"model": {"depth": 50}, "checkpoint": {"resume": "/elsewhere"}}
   manager.restore(3, target, config=same_but_paths)
   manager.close()
+
+
+def test_relative_directory_round_trip(tmp_path, monkeypatch):
+  # `--workdir=workdirs/demo` reaches the manager as a relative path; Orbax needs absolute ones.
+  monkeypatch.chdir(tmp_path)
+  mesh = sharding.make_mesh()
+  state = {"w": jnp.arange(6.0).reshape(2, 3)}
+  manager = checkpoint.CheckpointManager(os.path.join("workdirs", "run", "checkpoints"),
+                                         use_async=False)
+  manager.save(1, state, {"position": 1}, {"note": "relative"})
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=sharding.replicated(mesh)), state)
+  restored, data_state, metadata = manager.restore(1, target)
+  manager.close()
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0).reshape(2, 3))
+  assert data_state == {"position": 1} and metadata["note"] == "relative"
+  assert os.path.isdir(tmp_path / "workdirs" / "run" / "checkpoints" / "1")

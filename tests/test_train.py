@@ -40,11 +40,13 @@ def tiny_overrides(tmp_dir, **extra):
           for k, v in values.items()]
 
 
-def run_py(args, workdir, env_extra=None, **kwargs):
+def run_py(args, workdir, env_extra=None, cwd=REPO):
+  """run.py with the demo config in a subprocess; `workdir` may be relative to `cwd`."""
   env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-  return subprocess.Popen([sys.executable, "run.py", "--config=configs/demo.py",
-                           f"--workdir={workdir}", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"),
+                           "--config=" + os.path.join(REPO, "configs", "demo.py"),
+                           f"--workdir={workdir}", *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process, timeout=900):
@@ -225,7 +227,8 @@ def test_demo_runs_end_to_end_and_evaluates_the_student(tmp_path):
       "distill.epochs": 1, "distill.steps_per_epoch": 8, "eval.num_trials": 10,
       "eval.modes": ("all", "indoor"), "eval.shots": ("single", "multi")})
           if not a.startswith(("--config.synthetic.", "--config.model.width"))]
-  output = finish(run_py(args, workdir))
+  # A relative workdir, as in the README's command (Orbax itself needs absolute paths).
+  output = finish(run_py(args, "demo", cwd=str(tmp_path)))
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     report = json.load(f)
   assert "student" in report["source"]

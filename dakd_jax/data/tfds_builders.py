@@ -154,7 +154,8 @@ class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
         features=_features(config.height, config.width))
 
   def _read_records(self, split: str) -> list[ImageRecord]:
-    raise NotImplementedError
+    # Abstract: SysuMm01 and Regdb read their own on-disk layouts.
+    raise NotImplementedError(f"{type(self).__name__} does not know how to read {split!r}")
 
   def _shard_iterators_per_split(self, dl_manager):
     del dl_manager  # Nothing is downloaded; records come from config.root.

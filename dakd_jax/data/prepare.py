@@ -37,11 +37,16 @@ class DataBundle:
   train_meta: dict
   test_meta: dict
   num_classes: int
+  # Caches of derived lookups: the test split's path -> row, and protocol -> (query, gallery)
+  # rows (listing the protocol's folders once, not at every training-time evaluation).
+  _test_positions: dict = dataclasses.field(default_factory=dict, repr=False)
+  protocol_rows_cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def test_index_of(self, record: records.ImageRecord) -> int:
     """Index in the prepared test split of a protocol record (by path relative to the root)."""
-    if not hasattr(self, "_test_positions"):
-      self._test_positions = {p: i for i, p in enumerate(self.test_meta["path"].tolist())}
+    if not self._test_positions:
+      self._test_positions.update(
+          (p, i) for i, p in enumerate(self.test_meta["path"].tolist()))
     relative = os.path.relpath(record.path, self.root).replace(os.sep, "/")
     if relative not in self._test_positions:
       raise records.DatasetError(

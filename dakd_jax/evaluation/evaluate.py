@@ -41,9 +41,12 @@ def protocol_rows(data: prepare.DataBundle,
   """protocol -> (query rows, gallery rows) into the prepared test split."""
   rows = {}
   for protocol in protocols:
-    query, gallery = protocols_lib.query_gallery(protocol, data.root)
-    rows[protocol] = (np.array([data.test_index_of(r) for r in query]),
-                      np.array([data.test_index_of(r) for r in gallery]))
+    if protocol not in data.protocol_rows_cache:
+      query, gallery = protocols_lib.query_gallery(protocol, data.root)
+      data.protocol_rows_cache[protocol] = (
+          np.array([data.test_index_of(r) for r in query]),
+          np.array([data.test_index_of(r) for r in gallery]))
+    rows[protocol] = data.protocol_rows_cache[protocol]
   return rows
 
 

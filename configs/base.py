@@ -21,7 +21,8 @@ def get_config(arg=None):
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r} in --config=...:{preset}; choose one of {PRESETS}")
   config = ml_collections.ConfigDict()
-  config.stage = "all"  # teacher | student | eval | all (the three in order) | extract (own images)
+  # pretrain | teacher | student | eval | all (in order; pretrain only if enabled) | extract
+  config.stage = "all"
   config.seed = 0  # one seed for sampling, initialisation and augmentation keys
   # Confidence-mask cut, a quantile of the batch's teacher confidences in [0, 1] [4.4].
   config.mask_threshold = 0.5
@@ -47,6 +48,20 @@ def get_config(arg=None):
   config.synthetic.image_height = 128  # pixels of the generated files
   config.synthetic.image_width = 64
   config.synthetic.seed = 0
+
+  # Stand-in for ImageNet weights where none exist (the CPU demo): a short identity-classifier
+  # training on a separate synthetic dataset (other persons), whose weights then initialise the
+  # teacher and the student. Off for real experiments: they start from model.init_weights.
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.enabled = False  # stage=all runs pretrain first; teacher/student start from it
+  config.pretrain.data_root = "data/synthetic_pretrain"  # generated there (never data.root)
+  config.pretrain.num_ids = 96  # training identities of the pretraining set
+  config.pretrain.num_test_ids = 12  # held out, for its own final evaluation
+  config.pretrain.images_per_camera = 6
+  config.pretrain.seed = 1  # must differ from synthetic.seed (other persons)
+  config.pretrain.epochs = 15
+  config.pretrain.steps_per_epoch = 20
+  config.pretrain.lr = 1e-3  # Adam, constant
 
   config.model = ml_collections.ConfigDict()
   config.model.depth = 50  # ResNet depth: 18 | 34 | 50 [2.1]
@@ -124,7 +139,8 @@ def get_config(arg=None):
   config.eval.flip = False  # average the embeddings of the image and its mirror
   config.eval.batch_size = 64  # images per extraction batch (divisible by the device count)
   config.eval.max_rank = 20  # CMC length
-  config.eval.checkpoint = ""  # stage=eval: a checkpoint dir; "" = <workdir>/student best
+  # stage=eval: a checkpoint dir, or a variables .npz (pretrain/backbone.npz); "" = student best
+  config.eval.checkpoint = ""
   config.eval.features = ""  # stage=eval: a .npz of saved features instead of a checkpoint
   config.eval.pictures = True  # stage=eval: CMC/training-curve/ranked-result PNGs and report.md
   config.eval.num_visual_queries = 8  # queries (rows) per ranked-result picture, drawn by seed

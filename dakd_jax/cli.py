@@ -1,8 +1,10 @@
-"""Stage dispatch for `run.py` and notebooks: teacher, student, eval, all in sequence, or extract.
+"""Stage dispatch for `run.py` and notebooks: (pretrain,) teacher, student, eval, all in
+sequence, or extract.
 
 Validation happens here, once, before any data is touched or anything compiles. Each stage
 writes under the workdir:
   <workdir>/config.json              the resolved config
+  <workdir>/pretrain/                only with pretrain.enabled: its run and backbone.npz
   <workdir>/teacher/                 teacher checkpoints, metrics.jsonl, TensorBoard events
   <workdir>/student/                 the same for the DAKD student
   <workdir>/eval/                    results.json, features.npz, pictures (and <workdir>/report.md)
@@ -58,15 +60,25 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from dakd_jax.evaluation import evaluate
   from dakd_jax.train import loop
 
-  data = prepare.prepare_data(config)
+  from dakd_jax.train import pretrain
+
   results = {}
+  pretrain_dir = os.path.join(workdir, "pretrain")
+  if config.pretrain.enabled and config.stage in ("pretrain", "all"):
+    results["pretrain"] = pretrain.train_pretrain(config, pretrain_dir)
+  if config.stage == "pretrain":
+    return results
+  data = prepare.prepare_data(config)
   teacher_dir = os.path.join(workdir, "teacher")
   student_dir = os.path.join(workdir, "student")
+  if config.stage in ("teacher", "student", "all"):
+    # Both start from the pretrain stage's weights when it is enabled (method.md 2.4: ImageNet).
+    initial = pretrain.with_pretrained_init(config, pretrain_dir)
   if config.stage in ("teacher", "all"):
-    results["teacher"] = loop.train_teacher(config, teacher_dir, data)
+    results["teacher"] = loop.train_teacher(initial, teacher_dir, data)
   if config.stage in ("student", "all"):
     teacher_source = config.distill.teacher_checkpoint or teacher_dir
-    results["student"] = loop.train_student(config, student_dir, data, teacher_source)
+    results["student"] = loop.train_student(initial, student_dir, data, teacher_source)
   if config.stage in ("eval", "all"):
     results["eval"] = evaluate.evaluate_stage(config, workdir, data)
   return results

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 ENUMS = {
-    "stage": ("teacher", "student", "eval", "all", "extract"),
+    "stage": ("pretrain", "teacher", "student", "eval", "all", "extract"),
     "data.dataset": ("sysu_mm01", "regdb"),
     "model.depth": (18, 34, 50),
     "model.compute_dtype": ("float32", "bfloat16"),
@@ -76,6 +76,13 @@ RANGES = (
     ("synthetic.num_val_ids", 1, None, True, None),  # The SYSU reader needs a val_id.txt.
     ("synthetic.num_test_ids", 1, None, True, None),
     ("synthetic.images_per_camera", 1, None, True, None),
+    ("pretrain.num_ids", 2, None, True, None),
+    ("pretrain.num_test_ids", 1, None, True, None),
+    ("pretrain.images_per_camera", 1, None, True, None),
+    ("pretrain.seed", 0, None, True, None),
+    ("pretrain.epochs", 0, None, True, None),
+    ("pretrain.steps_per_epoch", 0, None, True, None),
+    ("pretrain.lr", 0.0, None, False, None),
 )
 TUPLE_CHOICES = {
     "eval.modes": ("all", "indoor"),
@@ -245,6 +252,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if d1 is None or not 0 <= d1 < d2:
     raise ConfigError(f"config.teacher.decay_epochs = {config.teacher.decay_epochs!r}: need two "
                       "epochs D1 < D2, e.g. --config.teacher.decay_epochs='(20,40)'")
+  _check_pretrain(config)
   for field in ("model.init_weights", "distill.teacher_checkpoint", "checkpoint.resume",
                 "eval.checkpoint", "eval.features", "extract.query_dir", "extract.gallery_dir"):
     path = get_field(config, field)
@@ -252,6 +260,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory. Fix the path "
                         f"or leave it empty (--config.{field}='')")
   _check_divisibility(config, num_devices)
+
+
+def _check_pretrain(config):
+  """The pretraining persons must not be the experiment's: another folder and another seed."""
+  if config.stage == "pretrain" and not config.pretrain.enabled:
+    raise ConfigError("config.stage = 'pretrain' needs config.pretrain.enabled = True "
+                      "(--config.pretrain.enabled=True)")
+  if not config.pretrain.enabled:
+    return
+  if os.path.abspath(config.pretrain.data_root) == os.path.abspath(config.data.root):
+    raise ConfigError(f"config.pretrain.data_root = {config.pretrain.data_root!r} is the "
+                      "experiment's data.root; pretraining needs its own folder, e.g. "
+                      "--config.pretrain.data_root=data/synthetic_pretrain")
+  if config.synthetic.enabled and config.pretrain.seed == config.synthetic.seed:
+    raise ConfigError(f"config.pretrain.seed = {config.pretrain.seed} equals config.synthetic.seed:"
+                      " the pretraining set would hold the same persons as the test split; "
+                      "choose another seed, e.g. --config.pretrain.seed="
+                      f"{config.synthetic.seed + 1}")
 
 
 def _check_divisibility(config, num_devices):

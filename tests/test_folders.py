@@ -143,7 +143,8 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
       "eval.num_trials": 2, "eval.modes": "('all',)", "eval.shots": "('single',)",
       "teacher.epochs": 1, "teacher.steps_per_epoch": 2, "teacher.warmup_epochs": 0,
       "teacher.decay_epochs": "(0,1)", "distill.epochs": 1, "distill.steps_per_epoch": 2,
-      "log.progress": False, "eval.num_visual_queries": 3, "eval.visual_top_k": 4}
+      "log.progress": False, "eval.num_visual_queries": 3, "eval.visual_top_k": 4,
+      "pretrain.enabled": False}
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
   workdir = str(tmp_path / "run")
   process = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py",
@@ -165,7 +166,9 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   assert ranked.size == (16 + 5 * panel_w + 4 * 6 + 12, 16 + 18 + 3 * (panel_h + 14) + 2 * 6)
   # Extract: infrared test files of the synthetic set against its visible ones.
   root = tmp_path / "synthetic"
-  person = f"{int(open(root / 'exp' / 'test_id.txt').read().split(',')[0]):04d}"
+  test_ids = open(root / "exp" / "test_id.txt").read().split(",")
+  person = next(p for p in (f"{int(i):04d}" for i in test_ids)
+                if (root / "cam3" / p).is_dir() and (root / "cam1" / p).is_dir())
   config = config_lib.load_config("configs/demo.py", {**{
       k: v for k, v in overrides.items() if not isinstance(v, str) or not v.startswith("(")},
       "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),

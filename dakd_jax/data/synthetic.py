@@ -7,12 +7,13 @@ Each identity is a drawn "person". Cues that survive the modality change: body h
 head size, where the upper garment ends, the lower garment's cut (trousers, skirt, shorts), the
 garments' patterns (stripes, checks, diagonals; frequency, orientation), a bag at one side.
 Garment colours come from a small shared wardrobe and a pattern's two materials always differ
-clearly in brightness (visible) and in temperature (infrared), so patterns are legible in both.
-Cues that do not survive: colours (visible only) and a per-part "temperature" drawn
-independently of them (infrared only, grey levels). Cameras add colour cast or gain, scale,
-background, blur and noise; images add shift, scale, mirroring, brightness, clutter and noise.
-A raw-pixel nearest neighbour thus matches within a modality but is near chance across modalities
-(tests/test_synthetic.py).
+clearly in brightness, so patterns are legible in both modalities. Infrared grey levels follow
+each material's visible luminance loosely (with a per-material deviation), as near-infrared
+reflectance does; hue does not survive. Cameras add colour cast or gain, scale, background,
+blur and noise; images add shift, scale, mirroring, brightness, clutter and noise. A raw colour
+pixel nearest neighbour thus matches within the visible modality but is near chance across
+modalities; grey, contrast-normalised pixels do better across modalities but stay well below
+the within-modality match (tests/test_synthetic.py).
 
 Every camera and every (identity, camera) batch has its own NumPy Generator seeded from (seed,
 dataset tag, keys): the bytes depend on the parameters (and the NumPy and Pillow versions) only,
@@ -31,7 +32,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MARKER_NAME = "synthetic_dataset.json"
 JPEG_QUALITY = 90
 VISIBLE_CAMERAS = (1, 2, 4, 5)
@@ -81,12 +82,10 @@ def _draw_person(rng: np.random.Generator) -> dict:
   colours[_SKIN] = rng.uniform(0.25, 0.85) * np.array([1.0, 0.82, 0.68])
   colours[_HAIR] = rng.uniform(0.05, 0.45) * np.array([1.0, 0.85, 0.7])
   colours[_SHOES] = rng.uniform(0.05, 0.35)
-  # Temperatures are drawn on their own: infrared brightness carries no information about
-  # visible colour. Garments differ little in mean temperature (worn fabric sits near body
-  # heat), but a pattern's other material differs strongly, so patterns stay legible in
-  # infrared.
-  temps = rng.uniform(0.38, 0.52, size=(_NUM_PARTS, 1)) + np.zeros((1, 2))
-  temps[:, 1] += rng.choice([-1.0, 1.0], size=_NUM_PARTS) * rng.uniform(0.25, 0.4, _NUM_PARTS)
+  # Near-infrared brightness (SYSU's infrared cameras are near-infrared) follows visible
+  # brightness only loosely: it tracks each material's luminance, plus a per-material
+  # deviation, and says nothing about hue. Skin, hair and bags get their own levels.
+  temps = 0.15 + 0.7 * colours @ _LUMA + rng.uniform(-0.08, 0.08, size=(_NUM_PARTS, 2))
   temps[_SKIN] = rng.uniform(0.8, 0.95)
   temps[_HAIR] = rng.uniform(0.4, 0.6)
   temps[_BAG] = rng.uniform(0.12, 0.35, size=2)

@@ -176,7 +176,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   """stage=eval: every protocol of config.eval on a checkpoint (or saved features).
 
   Reads config.eval.features if set, else the best checkpoint of config.eval.checkpoint (default
-  <workdir>/student). Prints the table and writes <workdir>/eval/results.json (and the test
+  <workdir>/student), or the model variables file it names (`weights.save_variables` format,
+  e.g. <workdir>/pretrain/backbone.npz). Prints the table and writes <workdir>/eval/results.json (and the test
   features as <workdir>/eval/features.npz for later re-evaluation); with config.eval.pictures
   also the PNGs of `viz.write_run_pictures` and <workdir>/report.md.
   """
@@ -191,9 +192,16 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   else:
     mesh = sharding_lib.make_mesh()
     model = builders.model_from_config(config)
-    variables, source = centres.restore_model_variables(
-        config, model, data, config.eval.checkpoint or os.path.join(workdir, "student"), mesh,
-        hint="train first (--config.stage=all) or set --config.eval.checkpoint")
+    if os.path.isfile(config.eval.checkpoint):  # A variables file, e.g. pretrain/backbone.npz.
+      from dakd_jax.models import weights  # Only for this case.
+      variables = weights.load_pretrained(
+          builders.init_model_variables(config, model, jax.random.key(0)),
+          config.eval.checkpoint, depth=config.model.depth)
+      variables, source = sharding_lib.replicate(variables, mesh), config.eval.checkpoint
+    else:
+      variables, source = centres.restore_model_variables(
+          config, model, data, config.eval.checkpoint or os.path.join(workdir, "student"), mesh,
+          hint="train first (--config.stage=all) or set --config.eval.checkpoint")
     embeddings = embed_test_rows(config, model, variables, data, mesh,
                                  np.arange(len(data.test_meta["label"])))
     if jax.process_index() == 0:

@@ -5,6 +5,10 @@ and overwrites the backbone part of freshly initialised variables. Every stem (o
 modality) receives the checkpoint's stem; non-local blocks, GeM `p` and the BNNeck keep their
 initialisation because torchvision has no such layers.
 
+Our own variable files (`save_variables`: every leaf of the model under "params/..." and
+"batch_stats/..." names, e.g. what the pretrain stage writes) are recognised by their names and
+replace the whole model.
+
 Files: `.safetensors` and `.npz` are read without torch; `.pth`/`.pt` need torch and are read
 with `torch.load(weights_only=True)` (tensors only, nothing else is unpickled). Convert once with
 
@@ -170,9 +174,57 @@ def _torch_shape(shape) -> tuple[int, ...]:
   return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
 
 
+# Names in our own variable files start with a collection: "params/stem.../kernel".
+NATIVE_PREFIXES = ("params/", "batch_stats/")
+
+
+def save_variables(variables, path: str) -> None:
+  """Writes model variables ({'params', 'batch_stats'}) to a `.npz` of "collection/a/b" names.
+
+  Written to a temporary file and renamed, so a crash never leaves a half-written `path`. The
+  file is read back by `load_pretrained` (whole model: both stems, non-local, GeM, BNNeck).
+  """
+  if not path.endswith(".npz"):
+    raise WeightsError(f"model variables are saved as .npz, got {path!r}")
+  flat = traverse_util.flatten_dict(dict(variables), sep="/")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temporary = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(temporary, **{name: np.asarray(value) for name, value in flat.items()})
+  os.replace(temporary, path)
+
+
+def import_native_variables(variables, state_dict: Mapping[str, np.ndarray], *, where: str):
+  """Returns `variables` with every leaf replaced by the same-named entry of `state_dict`.
+
+  For files from `save_variables` (e.g. the pretrain stage's backbone.npz): the file must hold
+  exactly the model's leaves with the model's shapes. Raises WeightsError naming the missing,
+  unexpected or mis-shaped entries and the likely cause.
+  """
+  flat = traverse_util.flatten_dict(dict(variables), sep="/")
+  missing = sorted(set(flat) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(flat))
+  if missing or unexpected:
+    raise WeightsError(
+        f"{where} does not fit this model: missing {len(missing)} {missing[:5]}, unexpected "
+        f"{len(unexpected)} {unexpected[:5]}; was it saved from a model with another depth, "
+        "stem mode (model.modality_specific_stem) or non-local setting?")
+  for name, current in flat.items():
+    value = np.asarray(state_dict[name])
+    if value.shape != current.shape:
+      raise WeightsError(f"{where}: shape mismatch for {name}: file {value.shape}, model "
+                         f"{current.shape}; was it saved from a model of another width?")
+    flat[name] = jnp.asarray(value, dtype=current.dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def load_pretrained(variables, path: str, *, depth: int):
-  """`import_torchvision_resnet(variables, load_state_dict(path), depth=depth)`; same errors."""
-  return import_torchvision_resnet(variables, load_state_dict(path), depth=depth)
+  """Initial weights from `path`: a torchvision ResNet file (`import_torchvision_resnet`, the
+  backbone only) or one of our own variable files (`save_variables`, the whole model); the
+  kind is told by the names inside. Same errors as those functions and `load_state_dict`."""
+  state_dict = load_state_dict(path)
+  if state_dict and all(name.startswith(NATIVE_PREFIXES) for name in state_dict):
+    return import_native_variables(variables, state_dict, where=path)
+  return import_torchvision_resnet(variables, state_dict, depth=depth)
 
 
 def convert_pth_to_safetensors(src: str, dst: str) -> None:

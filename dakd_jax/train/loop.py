@@ -49,6 +49,8 @@ class Stage:
   step_fn: Callable
   on_epoch_start: Callable
   variables_of: Callable  # state -> {'params', 'batch_stats'} for evaluation
+  # state -> None, once the last step is done (also when a finished run is resumed).
+  on_finish: Callable | None = None
 
 
 def stage_steps_per_epoch(config_value: int, config: ml_collections.ConfigDict,
@@ -158,6 +160,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         manager.save(done, state, iterator.get_state(),
                      {"config": config_lib.to_dict(config), "epoch": epoch + 1,
                       "stage": stage.name, "best": best}, metrics=eval_metrics)
+    if stage.on_finish is not None:
+      stage.on_finish(state)
   finally:
     progress.close()
     if hasattr(iterator, "close"):  # Stops Grain worker processes.

@@ -1,0 +1,165 @@
+"""Optional stage 0: supervised pretraining on a separate synthetic set, a stand-in for ImageNet.
+
+The method starts both networks from ImageNet weights (method.md 2.4); from random weights the
+memory-based teacher does not learn to bridge the modalities in a CPU-sized budget (its
+unidirectional KL and hard-mined global memory assume embeddings that already roughly agree
+across modalities). Where no ImageNet file exists (the demo, the tests) this stage trains the
+same network with a linear identity classifier shared by both modalities on *other* persons
+(`config.pretrain`: its own folder and seed), then writes the whole model to
+`<stage workdir>/backbone.npz`, which the teacher and the student load as their initial weights.
+It runs through the same loop as the other stages (progress, logs, checkpoints, resume) and
+ends with an evaluation on the pretraining set's own held-out persons.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dakd_jax import augment
+from dakd_jax import builders
+from dakd_jax import sharding as sharding_lib
+from dakd_jax.data import prepare
+from dakd_jax.models import resnet
+from dakd_jax.models import weights
+from dakd_jax.train import loop
+from dakd_jax.train import state as state_lib
+from dakd_jax.train.steps import INFRARED_CODE, VISIBLE_CODE
+
+WEIGHTS_NAME = "backbone.npz"
+
+
+def weights_path(stage_workdir: str) -> str:
+  """Where the pretrain stage writes the initial weights of the later stages."""
+  return os.path.join(stage_workdir, WEIGHTS_NAME)
+
+
+def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the pretraining run: config with its data replaced by config.pretrain's.
+
+  A SYSU-style synthetic tree at pretrain.data_root (pretrain.seed, so other persons than the
+  experiment's), evaluated once at the end with one all-search single-shot trial.
+  """
+  derived = copy.deepcopy(config)
+  p = config.pretrain
+  derived.data.dataset = "sysu_mm01"
+  derived.data.root = p.data_root
+  derived.synthetic.enabled = True
+  derived.synthetic.num_train_ids = p.num_ids - 1
+  derived.synthetic.num_val_ids = 1  # SYSU trains on train + val identities.
+  derived.synthetic.num_test_ids = p.num_test_ids
+  derived.synthetic.images_per_camera = p.images_per_camera
+  derived.synthetic.seed = p.seed
+  derived.eval.training_modes = ("all",)
+  derived.eval.num_trials = 1
+  return derived
+
+
+def with_pretrained_init(config: ml_collections.ConfigDict,
+                         stage_workdir: str) -> ml_collections.ConfigDict:
+  """config unchanged without pretraining; else a copy whose model.init_weights is the file the
+  pretrain stage wrote in `stage_workdir`. Raises FileNotFoundError when it is missing."""
+  if not config.pretrain.enabled:
+    return config
+  path = weights_path(stage_workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"config.pretrain.enabled is set but {path} does not exist: run the pretrain stage "
+        "first (--config.stage=pretrain or all), or set --config.pretrain.enabled=False")
+  derived = copy.deepcopy(config)
+  derived.model.init_weights = path
+  return derived
+
+
+def identity_cross_entropy(features: jax.Array, classifier: jax.Array,
+                           labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Softmax cross-entropy of `features @ classifier` and its accuracy.
+
+  features: [m, D] (BNNeck output, training mode); classifier: [D, C]; labels: [m] in [0, C).
+  Returns (mean_k -log softmax(f_k W)[y_k], mean_k [argmax f_k W == y_k]), float32 scalars.
+  """
+  logits = jnp.asarray(features, jnp.float32) @ classifier
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def make_pretrain_step(model, tx: optax.GradientTransformation, views: dict):
+  """Returns pretrain_step(state, batch) -> (state, metrics).
+
+  Both modalities go through the network in one batch [visible; infrared], augmented as the
+  teacher's views; ONE classifier scores both, so an identity's visible and infrared images
+  are pulled to the same class direction (the cross-modal agreement the teacher builds on).
+  state.params = {'backbone': model params, 'classifier': [D, C]}.
+  """
+
+  def pretrain_step(state: state_lib.TrainState, batch: dict):
+    key_v, key_i = jax.random.split(jax.random.fold_in(state.key, state.step))
+    n = batch["labels"].shape[0]
+    images = jnp.concatenate([augment.augment_batch(key_v, batch["visible"], views["visible"]),
+                              augment.augment_batch(key_i, batch["infrared"], views["infrared"])])
+    modality = jnp.concatenate([jnp.full((n,), VISIBLE_CODE, jnp.int32),
+                                jnp.full((n,), INFRARED_CODE, jnp.int32)])
+    labels = jnp.concatenate([batch["labels"], batch["labels"]])
+
+    def loss_fn(params):
+      outputs, updates = model.apply(
+          {"params": params["backbone"], "batch_stats": state.batch_stats}, images, modality,
+          train=True, mutable=["batch_stats"])
+      loss, accuracy = identity_cross_entropy(outputs["features"], params["classifier"], labels)
+      return loss, (accuracy, updates["batch_stats"])
+
+    (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+
+  return pretrain_step
+
+
+def _export(state: state_lib.TrainState, path: str) -> None:
+  """Process 0 writes the model variables; the others wait until the file exists."""
+  if jax.process_index() == 0:
+    variables = jax.device_get({"params": state.params["backbone"],
+                                "batch_stats": state.batch_stats})
+    weights.save_variables(variables, path)
+    print(f"dakd_jax: pretrained weights written to {path}", flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # Multi-host only.
+    multihost_utils.sync_global_devices("dakd_jax: pretrained weights written")
+
+
+def train_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stage 0: prepares the pretraining set, trains, writes `weights_path(workdir)`.
+
+  `workdir` is the stage's own folder (<run workdir>/pretrain). Starts from
+  config.model.init_weights when set (else random). Returns run_stage's summary.
+  """
+  derived = pretrain_config(config)
+  data = prepare.prepare_data(derived, progress=config.log.progress)
+  mesh = sharding_lib.make_mesh()
+  model = builders.model_from_config(derived)
+  key_init, key_classifier, key_state = jax.random.split(
+      jax.random.fold_in(jax.random.key(config.seed), 2), 3)
+  variables = builders.init_model_variables(derived, model, key_init)
+  dim = resnet.output_features(config.model.depth, config.model.width)
+  classifier = 0.01 * jax.random.normal(key_classifier, (dim, data.num_classes), jnp.float32)
+  tx = optax.adam(config.pretrain.lr, b1=config.optim.b1, b2=config.optim.b2,
+                  eps=config.optim.eps)
+  state = state_lib.create_replicated_state(
+      {"params": {"backbone": variables["params"], "classifier": classifier},
+       "batch_stats": variables["batch_stats"]}, tx, key_state, mesh)
+  step = make_pretrain_step(model, tx, builders.augment_views(derived, "teacher"))
+  stage = loop.Stage(
+      name="pretrain", epochs=config.pretrain.epochs,
+      steps_per_epoch=loop.stage_steps_per_epoch(config.pretrain.steps_per_epoch, derived, data),
+      eval_due=lambda epoch: False,  # run_stage still evaluates after the last step
+      step_fn=loop.jit_step(step, mesh), on_epoch_start=lambda s, epoch: s,
+      variables_of=lambda s: {"params": s.params["backbone"], "batch_stats": s.batch_stats},
+      on_finish=lambda s: _export(s, weights_path(workdir)))
+  return loop.run_stage(stage, derived, workdir, data, state, mesh)

@@ -23,6 +23,12 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
 flags.mark_flags_as_required(["config"])
+# Library warnings that are expected in every run and say nothing actionable: Orbax on periodic
+# saves between evaluations (no metric to rank them by) and on read-only managers (restoring a
+# teacher or a best checkpoint), TFDS on our own builder configs. --verbosity shows them again.
+EXPECTED_WARNINGS = ("Requested `tracked_metric`; did not provide metrics",
+                     "CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                     "Using custom data configuration: ReidConfig", "has no dataset_info.json")
 
 
 def parse_flags(argv):
@@ -44,6 +50,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax, TFDS and JAX log much at INFO; --verbosity=0 brings it back.
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(
+        lambda record: not any(text in record.getMessage() for text in EXPECTED_WARNINGS))
   from dakd_jax import cli  # Imported after flag parsing: Grain reads absl flags.
   if _COORDINATOR.value:
     cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -1,5 +1,5 @@
-"""Stage dispatch for `run.py` and notebooks: (pretrain,) teacher, student, eval, all in
-sequence, or extract.
+"""Stage dispatch for `run.py` and notebooks: pretrain (optional), teacher, student, eval, all
+in sequence, or extract.
 
 Validation happens here, once, before any data is touched or anything compiles. Each stage
 writes under the workdir:
@@ -59,7 +59,6 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from dakd_jax.data import prepare  # Deferred: heavy imports only once the config is valid.
   from dakd_jax.evaluation import evaluate
   from dakd_jax.train import loop
-
   from dakd_jax.train import pretrain
 
   results = {}

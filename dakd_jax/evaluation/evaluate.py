@@ -177,9 +177,9 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
 
   Reads config.eval.features if set, else the best checkpoint of config.eval.checkpoint (default
   <workdir>/student), or the model variables file it names (`weights.save_variables` format,
-  e.g. <workdir>/pretrain/backbone.npz). Prints the table and writes <workdir>/eval/results.json (and the test
-  features as <workdir>/eval/features.npz for later re-evaluation); with config.eval.pictures
-  also the PNGs of `viz.write_run_pictures` and <workdir>/report.md.
+  e.g. <workdir>/pretrain/backbone.npz). Prints the table and writes <workdir>/eval/results.json
+  (and the test features as <workdir>/eval/features.npz for later re-evaluation); with
+  config.eval.pictures also the PNGs of `viz.write_run_pictures` and <workdir>/report.md.
   """
   from dakd_jax import builders
   from dakd_jax import sharding as sharding_lib

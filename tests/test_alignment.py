@@ -1,8 +1,5 @@
 """Tests of dakd_jax.losses.alignment against a float64 NumPy re-statement of method.md 3.3."""
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,8 +10,8 @@ import pytest
 from dakd_jax.losses.alignment import (TeacherSettings, centre_triplet, memory_cross_entropy,
                                        modality_kl, teacher_loss)
 from dakd_jax.losses.memory import init_memories
+from tests.fake_devices import run_child
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAU = 0.05
 
 
@@ -203,12 +200,6 @@ def test_teacher_settings_weights_are_applied_and_validated():
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
-    import os
-    # Four fake CPU devices; the last two flags only make XLA compile faster (same numerics).
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                               "--xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true")
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from dakd_jax.losses.alignment import TeacherSettings, teacher_loss
@@ -242,7 +233,4 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_teacher_loss_and_memory_update_sharded_over_four_devices():
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-  assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+  assert "SHARDED_OK" in run_child(SHARDED_SCRIPT, 4, timeout=300, fast_compile=True)

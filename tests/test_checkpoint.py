@@ -16,16 +16,7 @@ import pytest
 
 from dakd_jax import checkpoint
 from dakd_jax import sharding
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _child_env(device_count: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+from tests.fake_devices import child_env, run_child
 
 
 def _make_state(seed: int = 0) -> dict:
@@ -178,11 +169,7 @@ def test_restore_onto_a_different_device_layout(tmp_path):
     writer.close()
     print("OK")
   """
-  result = subprocess.run(
-      [sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "from_one"),
-       str(tmp_path / "from_four")],
-      env=_child_env(4), capture_output=True, text=True, timeout=60, check=False)
-  assert result.returncode == 0, result.stdout + result.stderr
+  run_child(script, 4, str(tmp_path / "from_one"), str(tmp_path / "from_four"))
   target = {"rows": jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=one_device),
             "scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=one_device)}
   reader = checkpoint.CheckpointManager(tmp_path / "from_four", read_only=True)
@@ -221,7 +208,7 @@ def test_sigkill_during_save_keeps_previous_step(tmp_path):
   directory, marker = tmp_path / "ckpt", tmp_path / "writing_step_2"
   child = subprocess.Popen(
       [sys.executable, "-c", textwrap.dedent(_KILL_SCRIPT), str(directory), str(marker)],
-      env=_child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.monotonic() + 60
     while not marker.exists():

@@ -1,8 +1,5 @@
 """Tests of dakd_jax.losses.distill against a float64 NumPy re-statement of method.md section 4."""
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,8 +11,7 @@ from dakd_jax.losses import distill
 from dakd_jax.losses.distill import (PAPER_DISTILL, RELEASED_DISTILL, DistillSettings,
                                      confidence_mask, dakd_loss, kd_divergence,
                                      standardize_logits)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fake_devices import run_child
 
 
 def np_standardize(row):
@@ -318,12 +314,6 @@ def test_settings_constants_validation_and_hashing():
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
-    import os
-    # Four fake CPU devices; the last two flags only make XLA compile faster (same numerics).
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                               "--xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true")
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from dakd_jax.losses.distill import PAPER_DISTILL, RELEASED_DISTILL, confidence_mask, \\
@@ -359,7 +349,4 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_over_four_devices_matches_unsharded():
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-  assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+  assert "SHARDED_OK" in run_child(SHARDED_SCRIPT, 4, timeout=300, fast_compile=True)

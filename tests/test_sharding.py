@@ -3,7 +3,6 @@
 Multi-device cases run in a subprocess with 4 fake CPU devices (the flag must be set before JAX
 starts); the multi-process case runs two processes that meet on 127.0.0.1.
 """
-import os
 import socket
 import subprocess
 import sys
@@ -14,24 +13,7 @@ import numpy as np
 import pytest
 
 from dakd_jax import sharding
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _child_env(device_count: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _run_child(script: str, device_count: int, timeout: float = 60.0) -> str:
-  result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
-                          env=_child_env(device_count), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-  assert result.returncode == 0, f"child failed:\n{result.stdout}\n{result.stderr}"
-  return result.stdout
+from tests.fake_devices import child_env, run_child
 
 
 def test_check_batch_divides_accepts_multiples():
@@ -79,7 +61,7 @@ def test_host_to_global_rejects_bad_batches():
 
 
 def test_host_to_global_on_four_devices():
-  _run_child("""
+  run_child("""
     from absl import flags; flags.FLAGS.mark_as_parsed()
     import jax, numpy as np
     from dakd_jax import sharding
@@ -140,7 +122,7 @@ def test_host_to_global_two_processes():
     print("OK", index)
   """)
   address = f"127.0.0.1:{_free_port()}"
-  env = _child_env(2)
+  env = child_env(2)
   children = [subprocess.Popen([sys.executable, "-c", script, address, str(index)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for index in range(2)]

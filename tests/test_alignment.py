@@ -11,13 +11,9 @@ from dakd_jax.losses.alignment import (TeacherSettings, centre_triplet, memory_c
                                        modality_kl, teacher_loss)
 from dakd_jax.losses.memory import init_memories
 from tests.fake_devices import run_child
+from tests.numpy_reference import np_log_softmax, numeric_grad
 
 TAU = 0.05
-
-
-def np_log_softmax(row):
-  shifted = row - row.max()
-  return shifted - np.log(np.sum(np.exp(shifted)))
 
 
 def np_unit_rows(x):
@@ -70,16 +66,6 @@ def np_teacher_loss(g_v, g_i, g_a, labels, memories, frozen=None):
           + 0.4 * np_memory_ce(z_a, m["channel"], labels)
           + 1.2 * np_modality_kl(z_v, z_i, z_a, m["snapshot_visible"], m["snapshot_infrared"],
                                  m["snapshot_channel"], targets_from=targets))
-
-
-def numeric_grad(fn, x, eps=1e-6):
-  grad = np.zeros_like(x)
-  for index in np.ndindex(x.shape):
-    plus, minus = x.copy(), x.copy()
-    plus[index] += eps
-    minus[index] -= eps
-    grad[index] = (fn(plus) - fn(minus)) / (2 * eps)
-  return grad
 
 
 def random_unit(rng, *shape):

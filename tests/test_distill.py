@@ -12,16 +12,12 @@ from dakd_jax.losses.distill import (PAPER_DISTILL, RELEASED_DISTILL, DistillSet
                                      confidence_mask, dakd_loss, kd_divergence,
                                      standardize_logits)
 from tests.fake_devices import run_child
+from tests.numpy_reference import np_log_softmax, numeric_grad
 
 
 def np_standardize(row):
   row = np.asarray(row, np.float64)
   return (row - row.mean()) / (1e-7 + row.std(ddof=1))
-
-
-def np_log_softmax(row):
-  shifted = row - row.max()
-  return shifted - np.log(np.sum(np.exp(shifted)))
 
 
 def np_kd(student, teacher, temperature, standardize):
@@ -77,16 +73,6 @@ def np_dakd_loss(s_v, s_i, t_v, t_i, centres_v, centres_i, settings):
   plain_kd = 1.0 * 0.9 * (kd(s_v, t_v, 4).mean() + kd(s_i, t_i, 4).mean())
   return {"only_kd": plain_kd, "mlkd_no_instance": class_level, "mlkd_no_class": instance,
           "full_mlkd": instance + class_level}[settings.ablation]
-
-
-def numeric_grad(fn, x, eps=1e-6):
-  grad = np.zeros_like(x)
-  for index in np.ndindex(x.shape):
-    plus, minus = x.copy(), x.copy()
-    plus[index] += eps
-    minus[index] -= eps
-    grad[index] = (fn(plus) - fn(minus)) / (2 * eps)
-  return grad
 
 
 def unit(x):

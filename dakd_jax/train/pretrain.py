@@ -28,6 +28,7 @@ from dakd_jax.models import resnet
 from dakd_jax.models import weights
 from dakd_jax.train import loop
 from dakd_jax.train import state as state_lib
+from dakd_jax.train import steps as steps_lib
 from dakd_jax.train.steps import INFRARED_CODE, VISIBLE_CODE
 
 WEIGHTS_NAME = "backbone.npz"
@@ -101,8 +102,8 @@ def make_pretrain_step(model, tx: optax.GradientTransformation, views: dict):
     n = batch["labels"].shape[0]
     images = jnp.concatenate([augment.augment_batch(key_v, batch["visible"], views["visible"]),
                               augment.augment_batch(key_i, batch["infrared"], views["infrared"])])
-    modality = jnp.concatenate([jnp.full((n,), VISIBLE_CODE, jnp.int32),
-                                jnp.full((n,), INFRARED_CODE, jnp.int32)])
+    modality = jnp.concatenate([steps_lib.modality_codes(n, VISIBLE_CODE),
+                                steps_lib.modality_codes(n, INFRARED_CODE)])
     labels = jnp.concatenate([batch["labels"], batch["labels"]])
 
     def loss_fn(params):

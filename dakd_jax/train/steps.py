@@ -37,7 +37,8 @@ def unit(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _modality(n: int, code: int) -> jax.Array:
+def modality_codes(n: int, code: int) -> jax.Array:
+  """int32 [n] filled with a modality code (the stem routing of n images of one modality)."""
   return jnp.full((n,), code, jnp.int32)
 
 
@@ -61,8 +62,8 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
         augment.augment_batch(key_i, batch["infrared"], views["infrared"]),
         augment.augment_batch(key_a, batch["visible"], views["channel"]),
     ])
-    modality = jnp.concatenate([_modality(n, VISIBLE_CODE), _modality(n, INFRARED_CODE),
-                                _modality(n, VISIBLE_CODE)])
+    modality = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE),
+                                modality_codes(n, VISIBLE_CODE)])
     labels = batch["labels"]
 
     def loss_fn(params):
@@ -104,7 +105,7 @@ def make_student_step(model, tx: optax.GradientTransformation,
 
   def forward(params, batch_stats, images, code):
     outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                   _modality(images.shape[0], code), train=True,
+                                   modality_codes(images.shape[0], code), train=True,
                                    mutable=["batch_stats"])
     return outputs["features"], updates["batch_stats"]
 
@@ -114,9 +115,9 @@ def make_student_step(model, tx: optax.GradientTransformation,
     visible = augment.augment_batch(key_v, batch["visible"], views["visible"])
     infrared = augment.augment_batch(key_i, batch["infrared"], views["infrared"])
     n = visible.shape[0]
-    teacher_v = model.apply(teacher.variables, visible, _modality(n, VISIBLE_CODE),
+    teacher_v = model.apply(teacher.variables, visible, modality_codes(n, VISIBLE_CODE),
                             train=False)["embedding"]
-    teacher_i = model.apply(teacher.variables, infrared, _modality(n, INFRARED_CODE),
+    teacher_i = model.apply(teacher.variables, infrared, modality_codes(n, INFRARED_CODE),
                             train=False)["embedding"]
     batch_stats = state.batch_stats
     if double_bn_update:

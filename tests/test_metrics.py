@@ -1,8 +1,9 @@
-"""Tests for dakd_jax.evaluation.metrics.rank_metrics (method.md 7.4).
+"""Tests for dakd_jax.evaluation.metrics.rank_metrics (method.md 7.4, llcm.md 3.3).
 
 The reference below is a deliberately plain per-query loop: a stable argsort, the SYSU camera
-filter, an explicit list for the distinct-identity collapse and the AP/INP formulas written
-out. The vectorised, chunked implementation must agree with it exactly (up to float sums).
+filter or the LLCM same-identity same-camera filter, an explicit list for the distinct-identity
+collapse and the AP/INP formulas written out. The vectorised, chunked implementation must agree
+with it exactly (up to float sums).
 """
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +22,15 @@ def slow_rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
     ranked = list(np.argsort(distmat[i], kind="stable"))
     if protocol == "sysu" and query_cams[i] == 3:
       ranked = [g for g in ranked if gallery_cams[g] != 2]
+    if protocol == "llcm":
+      ranked = [g for g in ranked
+                if not (gallery_ids[g] == query_ids[i] and gallery_cams[g] == query_cams[i])]
     positions = [p + 1 for p, g in enumerate(ranked) if gallery_ids[g] == query_ids[i]]
     if not positions:
       continue
     average_precisions.append(np.mean([j / p for j, p in enumerate(positions, start=1)]))
     inverse_precisions.append(len(positions) / positions[-1])
-    if protocol == "sysu":
+    if protocol in ("sysu", "llcm"):
       distinct = []
       for g in ranked:
         if gallery_ids[g] not in distinct:
@@ -74,10 +78,47 @@ def random_problem(seed, num_query=60, num_identities=12, images_per_camera=3, l
   return distmat.astype(np.float32), query_ids, gallery_ids, query_cams, gallery_cams
 
 
-@pytest.mark.parametrize("protocol", ["sysu", "regdb"])
+def llcm_problem(seed, num_query=60, num_identities=12, levels=None):
+  """LLCM-like: both sides from cameras 1..9, each identity in a few cameras of the gallery.
+
+  Half of the queries come from a camera where the gallery holds their identity (the filter
+  drops those images); identity 0 is only in camera 5, so its camera-5 queries lose every match;
+  ids 12 and 13 are never in the gallery.
+  """
+  rng = np.random.default_rng(seed)
+  gallery_ids, gallery_cams, cameras_of = [], [], {}
+  for identity in range(num_identities):
+    cameras = [5] if identity == 0 else list(rng.choice(np.arange(1, 10), rng.integers(1, 4),
+                                                        replace=False))
+    cameras_of[identity] = cameras
+    for camera in cameras:
+      count = int(rng.integers(1, 4))
+      gallery_ids += [identity] * count
+      gallery_cams += [camera] * count
+  gallery_ids, gallery_cams = np.array(gallery_ids), np.array(gallery_cams)
+  shuffle = rng.permutation(gallery_ids.size)
+  gallery_ids, gallery_cams = gallery_ids[shuffle], gallery_cams[shuffle]
+  query_ids = rng.integers(0, num_identities + 2, num_query)
+  query_ids[:4] = 0
+  query_cams = rng.integers(1, 10, num_query)
+  for i, identity in enumerate(query_ids):
+    if identity in cameras_of and (i < 4 or rng.random() < 0.5):
+      query_cams[i] = rng.choice(cameras_of[identity])
+  distmat = rng.normal(size=(num_query, gallery_ids.size))
+  distmat -= 1.5 * (query_ids[:, None] == gallery_ids[None, :])
+  if levels is not None:
+    distmat = np.round(distmat * levels / 4) / levels
+  return distmat.astype(np.float32), query_ids, gallery_ids, query_cams, gallery_cams
+
+
+def make_problem(protocol, seed, levels=None):
+  return (llcm_problem if protocol == "llcm" else random_problem)(seed, levels=levels)
+
+
+@pytest.mark.parametrize("protocol", ["sysu", "regdb", "llcm"])
 @pytest.mark.parametrize("seed,levels", [(0, None), (1, None), (2, 3), (3, 1)])
 def test_matches_slow_reference(protocol, seed, levels):
-  distmat, query_ids, gallery_ids, query_cams, gallery_cams = random_problem(seed, levels=levels)
+  distmat, query_ids, gallery_ids, query_cams, gallery_cams = make_problem(protocol, seed, levels)
   expected = slow_rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
                                protocol, 20)
   result = rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
@@ -89,9 +130,9 @@ def test_matches_slow_reference(protocol, seed, levels):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int32, np.uint8])
-@pytest.mark.parametrize("protocol", ["sysu", "regdb"])
+@pytest.mark.parametrize("protocol", ["sysu", "regdb", "llcm"])
 def test_other_dtypes_with_ties(dtype, protocol):
-  distmat, query_ids, gallery_ids, query_cams, gallery_cams = random_problem(4, levels=2)
+  distmat, query_ids, gallery_ids, query_cams, gallery_cams = make_problem(protocol, 4, 2)
   distmat = (distmat * 4 + 20).astype(dtype)  # small integers: many ties in every dtype
   expected = slow_rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
                                protocol, 10)
@@ -100,9 +141,9 @@ def test_other_dtypes_with_ties(dtype, protocol):
   assert_same(result, expected)
 
 
-@pytest.mark.parametrize("protocol", ["sysu", "regdb"])
+@pytest.mark.parametrize("protocol", ["sysu", "regdb", "llcm"])
 def test_chunked_equals_unchunked(protocol):
-  distmat, query_ids, gallery_ids, query_cams, gallery_cams = random_problem(5, levels=2)
+  distmat, query_ids, gallery_ids, query_cams, gallery_cams = make_problem(protocol, 5, 2)
   args = (distmat, query_ids, gallery_ids, query_cams, gallery_cams)
   whole = rank_metrics(*args, protocol=protocol, query_chunk_size=distmat.shape[0])
   for chunk in (1, 7):
@@ -148,6 +189,39 @@ def test_regdb_hand_computed():
   assert result["num_valid_queries"] == 2
 
 
+def test_llcm_problem_exercises_the_filter():
+  # The random LLCM problems above really drop images, and really lose queries to the filter
+  # alone (their identity is in the gallery, only in their own camera).
+  for seed in range(7):
+    _, query_ids, gallery_ids, query_cams, gallery_cams = llcm_problem(seed)
+    dropped = ((query_ids[:, None] == gallery_ids[None, :])
+               & (query_cams[:, None] == gallery_cams[None, :]))
+    kept_matches = (query_ids[:, None] == gallery_ids[None, :]) & ~dropped
+    assert (dropped.any(axis=1) & kept_matches.any(axis=1)).sum() >= 5
+    assert (dropped.any(axis=1) & ~kept_matches.any(axis=1)).sum() >= 1
+
+
+def test_llcm_hand_computed():
+  # Gallery (index: identity, camera), distance 0.1 .. 0.6 for every query:
+  #   0: A cam1   1: B cam1   2: A cam2   3: B cam2   4: A cam1   5: C cam3
+  # Query 0 = A cam1: gallery 0 and 4 (A, cam1) dropped; B cam1 (same camera, other identity)
+  #   stays. Kept ranking B A B C: A at 2 -> AP = 1/2, INP = 1/2; distinct B, A -> rank 2.
+  #   (A camera-only filter would give rank 1; no filter AP = (1 + 2/3 + 3/5) / 3.)
+  # Query 1 = A cam3: nothing dropped. A B A B A C: A at 1, 3, 5 -> AP = (1 + 2/3 + 3/5) / 3,
+  #   INP = 3/5, rank 1.
+  # Query 2 = C cam3: its only image is dropped -> no match left, skipped.
+  # Query 3 = B cam2: gallery 3 dropped. A B A A C: B at 2 -> AP = INP = 1/2; distinct A, B ->
+  #   rank 2.
+  row = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+  result = rank_metrics(np.array([row] * 4, np.float32), ["A", "A", "C", "B"],
+                        ["A", "B", "A", "B", "A", "C"], [1, 3, 3, 2], [1, 1, 2, 2, 1, 3],
+                        protocol="llcm", max_rank=4)
+  assert result["num_valid_queries"] == 3
+  np.testing.assert_allclose(result["cmc"], [1 / 3, 1.0, 1.0, 1.0])
+  assert result["mAP"] == pytest.approx((0.5 + (1 + 2 / 3 + 3 / 5) / 3 + 0.5) / 3)
+  assert result["mINP"] == pytest.approx((0.5 + 0.6 + 0.5) / 3)
+
+
 def test_ties_rank_by_gallery_index():
   # Gallery B A A at 0.5 0.5 0.2: ranking 2 (A), then the tie 0 (B) before 1 (A).
   # A at positions 1, 3 -> AP = (1/1 + 2/3) / 2 = 5/6, INP = 2/3 (the other tie order
@@ -176,9 +250,9 @@ def test_max_rank_beyond_gallery_continues_curve():
   np.testing.assert_allclose(result["cmc"], [0.0] + [1.0] * 7)
 
 
-@pytest.mark.parametrize("protocol", ["sysu", "regdb"])
+@pytest.mark.parametrize("protocol", ["sysu", "regdb", "llcm"])
 def test_invariant_to_gallery_permutation_without_ties(protocol):
-  distmat, query_ids, gallery_ids, query_cams, gallery_cams = random_problem(6)
+  distmat, query_ids, gallery_ids, query_cams, gallery_cams = make_problem(protocol, 6)
   assert len(np.unique(distmat)) == distmat.size  # no ties
   before = rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
                         protocol=protocol)
@@ -224,6 +298,8 @@ def test_bad_inputs():
     rank_metrics(distmat, ids_q, [1, 2], protocol="regdb")
   with pytest.raises(ValueError, match="needs query_cams"):
     rank_metrics(distmat, ids_q, ids_g, protocol="sysu")
+  with pytest.raises(ValueError, match="'llcm' needs gallery_cams"):
+    rank_metrics(distmat, ids_q, ids_g, cams_q, protocol="llcm")
   with pytest.raises(ValueError, match="gallery_cams"):
     rank_metrics(distmat, ids_q, ids_g, cams_q, [1, 2], protocol="sysu")
   with pytest.raises(ValueError, match="integer camera"):
@@ -243,3 +319,6 @@ def test_bad_inputs():
   # SYSU: the only match of a camera-3 query is in camera 2 -> no valid query.
   with pytest.raises(ValueError, match="no query has a true match"):
     rank_metrics(distmat[:1], [2], [1, 2, 3], [3], [1, 2, 4], protocol="sysu")
+  # LLCM: the only match is in the query's own camera -> no valid query.
+  with pytest.raises(ValueError, match="no query has a true match"):
+    rank_metrics(distmat[:1], [2], [1, 2, 3], [4], [1, 4, 4], protocol="llcm")

@@ -19,6 +19,10 @@ SMALL_SYSU = dict(num_train_ids=4, num_val_ids=1, num_test_ids=3, images_per_cam
                   height=48, width=24)
 SMALL_REGDB = dict(num_ids=6, images_per_modality=3, height=48, width=24, num_trials=3)
 REGDB_NAME = re.compile(r"^(female|male)_(front|back)_([vt])_(\d{5})_(\d+)\.bmp$")
+SMALL_LLCM = dict(num_train_ids=4, num_test_ids=5, images_per_camera=2, height=48, width=24)
+LLCM_NAME = re.compile(r"^(\d{4})_c(\d{2})_s\d{6}_f\d+_(vis|nir)\.jpg$")
+WRITERS = {"sysu": synthetic.write_sysu_tree, "regdb": synthetic.write_regdb_tree,
+           "llcm": synthetic.write_llcm_tree}
 
 
 def tree_bytes(root):
@@ -67,9 +71,10 @@ def parse_regdb_idx(root, split, modality, trial):
   return [(line.split(" ")[0], int(line.split(" ")[1])) for line in text.splitlines()]
 
 
-@pytest.mark.parametrize("kind, params", [("sysu", SMALL_SYSU), ("regdb", SMALL_REGDB)])
+@pytest.mark.parametrize("kind, params", [("sysu", SMALL_SYSU), ("regdb", SMALL_REGDB),
+                                          ("llcm", SMALL_LLCM)])
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, kind, params):
-  writer = {"sysu": synthetic.write_sysu_tree, "regdb": synthetic.write_regdb_tree}[kind]
+  writer = WRITERS[kind]
   writer(str(tmp_path / "a"), seed=3, **params)
   writer(str(tmp_path / "b"), seed=3, **params)
   writer(str(tmp_path / "c"), seed=4, **params)
@@ -153,6 +158,103 @@ def test_regdb_layout(tmp_path):
     assert split_ids["train"] | split_ids["test"] == set(range(1, 7))
     train_sets.append(split_ids["train"])
   assert len({frozenset(ids) for ids in train_sets}) > 1  # trials draw different splits
+
+
+def grey_spread(path):
+  """Mean distance of a pixel's channels from their mean: ~0 for grey images."""
+  with Image.open(path) as image:
+    assert image.format == "JPEG" and image.size == (24, 48)
+    pixels = np.asarray(image.convert("RGB"), np.int32)
+  return np.abs(pixels - pixels.mean(-1, keepdims=True)).mean()
+
+
+def parse_llcm_test(root, test_ids):
+  """{(modality, pid): {camera: sorted names}} from test_vis/ and test_nir/, names checked."""
+  folders = {}
+  for modality, top in (("vis", "test_vis"), ("nir", "test_nir")):
+    for camera_folder in os.listdir(root / top):
+      camera = int(camera_folder[3:])
+      for pid in os.listdir(root / top / camera_folder):
+        assert re.fullmatch(r"\d{4}", pid) and int(pid) in test_ids
+        names = sorted(os.listdir(root / top / camera_folder / pid))
+        for name in names:
+          match = LLCM_NAME.match(name)
+          assert match and (match[1], int(match[2]), match[3]) == (pid, camera, modality)
+        folders.setdefault((modality, int(pid)), {})[camera] = names
+  return folders
+
+
+def parse_llcm_list(root, modality):
+  """[(pid folder, camera, label)] of idx/train_<modality>.txt; checks paths and names."""
+  text = (root / "idx" / f"train_{modality}.txt").read_text()
+  assert text.endswith("\n") and not text.endswith("\n\n")
+  rows = []
+  for line in text.splitlines():
+    relative, label = line.split(" ")
+    top, pid, name = relative.split("/")
+    match = LLCM_NAME.match(name)
+    assert top == modality and (root / relative).is_file()
+    assert match and match[1] == pid and match[3] == modality
+    rows.append((int(pid), int(match[2]), int(label)))
+  assert len({line.split(" ")[0] for line in text.splitlines()}) == len(rows)
+  return rows
+
+
+def test_llcm_layout(tmp_path):
+  synthetic.write_llcm_tree(str(tmp_path), seed=2, **SMALL_LLCM)
+  assert sorted(os.listdir(tmp_path)) == ["idx", "nir", "test_nir", "test_vis", "vis"]
+  assert sorted(os.listdir(tmp_path / "idx")) == ["test_id.txt", "train_nir.txt",
+                                                  "train_vis.txt"]
+  assert sorted(os.listdir(tmp_path / "test_vis")) == [f"cam{k}" for k in range(1, 10)]
+  assert sorted(os.listdir(tmp_path / "test_nir")) == [f"cam{k}" for k in (1, 2, 4, 5, 6, 7,
+                                                                            8, 9)]
+  lines = (tmp_path / "idx" / "test_id.txt").read_text().splitlines()
+  test_ids = [int(token) for token in lines[0].split(",")]
+  assert len(lines) == 1 and len(test_ids) == 5 and test_ids == sorted(set(test_ids))
+  test = parse_llcm_test(tmp_path, test_ids)
+  assert {pid for _, pid in test} == set(test_ids)
+  for cameras in test.values():
+    assert 2 <= len(cameras) <= 4 and all(len(names) == 2 for names in cameras.values())
+  lists = {modality: parse_llcm_list(tmp_path, modality) for modality in ("vis", "nir")}
+  pairs = {modality: sorted({(pid, label) for pid, _, label in rows})
+           for modality, rows in lists.items()}
+  # Labels 0..3, one per training pid, in ascending pid order, in both lists alike.
+  assert pairs["vis"] == pairs["nir"] and [label for _, label in pairs["vis"]] == [0, 1, 2, 3]
+  assert [pid for pid, _ in pairs["vis"]] == sorted(pid for pid, _ in pairs["vis"])
+  assert not {pid for pid, _ in pairs["vis"]} & set(test_ids)
+  for modality, rows in lists.items():
+    assert [label for _, _, label in rows] == sorted(label for _, _, label in rows)
+    on_disk = sum(len(os.listdir(tmp_path / modality / pid))
+                  for pid in os.listdir(tmp_path / modality))
+    assert on_disk == len(rows)  # every training image is listed, once (paths are distinct)
+    for pid, _ in pairs[modality]:
+      cameras = [camera for p, camera, _ in rows if p == pid]
+      assert 2 <= len(set(cameras)) <= 4 and len(cameras) == 2 * len(set(cameras))
+      assert modality == "vis" or 3 not in cameras
+  # Camera k records both modalities: some identity is seen by one camera by day and night.
+  assert any(set(test[("vis", pid)]) & set(test[("nir", pid)]) for pid in test_ids)
+  for (modality, pid), cameras in list(test.items())[:6]:
+    camera, names = next(iter(cameras.items()))
+    top = {"vis": "test_vis", "nir": "test_nir"}[modality]
+    spread = grey_spread(tmp_path / top / f"cam{camera}" / f"{pid:04d}" / names[0])
+    assert spread < 2.0 if modality == "nir" else spread > 5.0
+
+
+def test_ensure_and_command_line_llcm(tmp_path):
+  root = synthetic.ensure_synthetic(str(tmp_path / "llcm"), "llcm", seed=3, **SMALL_LLCM)
+  marker = json.loads((tmp_path / "llcm" / synthetic.MARKER_NAME).read_text())
+  assert marker["kind"] == "llcm" and marker["params"] == dict(SMALL_LLCM, seed=3)
+  synthetic.write_llcm_tree(str(tmp_path / "direct"), seed=3, **SMALL_LLCM)
+  written = tree_bytes(root)
+  assert written.pop(synthetic.MARKER_NAME) and written == tree_bytes(tmp_path / "direct")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "dakd_jax.data.synthetic", "--root", str(tmp_path / "cli"),
+             "--kind", "llcm", "--seed", "3"] + [
+                 f"--{name.replace('_', '-')}={value}" for name, value in SMALL_LLCM.items()]
+  subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True)
+  assert tree_bytes(tmp_path / "cli") == tree_bytes(root)
+  with pytest.raises(ValueError, match="unknown parameter"):
+    synthetic.ensure_synthetic(str(tmp_path / "other"), "llcm", num_val_ids=1)
 
 
 def test_writers_refuse_bad_sizes_and_occupied_folders(tmp_path):

@@ -1,24 +1,17 @@
 """Deterministic synthetic visible-infrared re-ID datasets, written in the real on-disk layouts.
 
-First step of the demo data flow: `ensure_synthetic` writes a SYSU-MM01-style or RegDB-style tree
-(method.md 6.1, 6.2) that the real readers, protocols and TFDS builders read like the real sets.
-
-Each identity is a drawn "person". Cues that survive the modality change: body height and width,
-head size, where the upper garment ends, the lower garment's cut (trousers, skirt, shorts), the
-garments' patterns (stripes, checks, diagonals; frequency, orientation), a bag at one side.
-Garment colours come from a small shared wardrobe and a pattern's two materials always differ
-clearly in brightness, so patterns are legible in both modalities. Infrared grey levels follow
-each material's visible luminance loosely (with a per-material deviation), as near-infrared
-reflectance does; hue does not survive. Cameras add colour cast or gain, scale, background,
-blur and noise; images add shift, scale, mirroring, brightness, clutter and noise. A raw colour
-pixel nearest neighbour thus matches within the visible modality but is near chance across
-modalities; grey, contrast-normalised pixels do better across modalities but stay well below
-the within-modality match (tests/test_synthetic.py).
+First step of the demo data flow: `ensure_synthetic` writes a SYSU-MM01-style, RegDB-style or
+LLCM-style tree (method.md 6.1, 6.2; llcm.md 2) that the real readers, protocols and TFDS builders
+read like the real sets. This module decides the identities, splits, cameras, file names and index
+files; the persons and cameras are drawn and rendered by `synthetic_render.py`. A raw colour pixel
+nearest neighbour matches within the visible modality but is near chance across modalities; grey,
+contrast-normalised pixels do better across modalities but stay well below the within-modality
+match (tests/test_synthetic.py).
 
 Every camera and every (identity, camera) batch has its own NumPy Generator seeded from (seed,
 dataset tag, keys): the bytes depend on the parameters (and the NumPy and Pillow versions) only,
-not on the generation order. Images are saved with Pillow as JPEG (quality 90, SYSU) or BMP
-(RegDB).
+not on the generation order. Images are saved with Pillow as JPEG (quality 90, SYSU and LLCM) or
+BMP (RegDB).
 """
 from __future__ import annotations
 
@@ -32,6 +25,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from dakd_jax.data.synthetic_render import draw_camera, draw_person, make_rng, render
+
 FORMAT_VERSION = 3
 MARKER_NAME = "synthetic_dataset.json"
 JPEG_QUALITY = 90
@@ -40,191 +35,12 @@ INFRARED_CAMERAS = (3, 6)
 # Every identity appears in one or both cameras of each pair, so indoor (1, 2) and all-search
 # galleries and the infrared queries are never empty for a test identity.
 _CAMERA_PAIRS = ((1, 2), (4, 5), (3, 6))
-_DATASET_TAG = {"sysu": 1, "regdb": 2}
-# Part labels of the person map; 0 is background.
-_SKIN, _HAIR, _UPPER, _LOWER, _BAG, _SHOES = 1, 2, 3, 4, 5, 6
-_NUM_PARTS = 7
-
-
-def _rng(seed: int, *keys: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
-
-
-# Garment colours: a small shared wardrobe (jittered per identity), so that colour alone rarely
-# names a person and the layout and patterns carry much of the identity, as on real sets.
-_WARDROBE = np.array([
-    [0.08, 0.08, 0.1], [0.92, 0.92, 0.9], [0.5, 0.5, 0.52], [0.12, 0.16, 0.45],
-    [0.75, 0.12, 0.12], [0.15, 0.55, 0.2], [0.9, 0.8, 0.15], [0.82, 0.72, 0.55],
-    [0.45, 0.28, 0.12], [0.25, 0.5, 0.85], [0.6, 0.2, 0.6], [0.95, 0.5, 0.15]])
-_LUMA = np.array([0.299, 0.587, 0.114])
-
-
-def _garment_colours(rng: np.random.Generator) -> np.ndarray:
-  """[2, 3] RGB: a wardrobe colour and a pattern colour that differs from it in brightness."""
-  luma = _WARDROBE @ _LUMA
-  first = rng.integers(len(_WARDROBE))
-  others = np.flatnonzero(np.abs(luma - luma[first]) > 0.3)
-  chosen = _WARDROBE[[first, rng.choice(others)]]
-  return np.clip(chosen + rng.uniform(-0.06, 0.06, size=(2, 3)), 0.0, 1.0)
-
-
-def _draw_person(rng: np.random.Generator) -> dict:
-  """One identity's shape, clothing layout and both modalities' part palettes."""
-  person = dict(
-      height=rng.uniform(0.74, 0.96), width=rng.uniform(0.32, 0.62),
-      head=rng.uniform(0.05, 0.09), split=rng.uniform(0.40, 0.62),
-      lower_cut=rng.integers(3), upper_pattern=rng.integers(5), lower_pattern=rng.integers(5),
-      upper_freq=rng.integers(2, 5), lower_freq=rng.integers(2, 5),
-      bag_side=rng.integers(-1, 2), bag_size=rng.uniform(0.14, 0.3),
-      bag_top=rng.uniform(0.35, 0.55))
-  colours = rng.uniform(0.05, 0.95, size=(_NUM_PARTS, 2, 3))
-  colours[_UPPER], colours[_LOWER] = _garment_colours(rng), _garment_colours(rng)
-  colours[_SKIN] = rng.uniform(0.25, 0.85) * np.array([1.0, 0.82, 0.68])
-  colours[_HAIR] = rng.uniform(0.05, 0.45) * np.array([1.0, 0.85, 0.7])
-  colours[_SHOES] = rng.uniform(0.05, 0.35)
-  # Near-infrared brightness (SYSU's infrared cameras are near-infrared) follows visible
-  # brightness only loosely: it tracks each material's luminance, plus a per-material
-  # deviation, and says nothing about hue. Skin, hair and bags get their own levels.
-  temps = 0.15 + 0.7 * colours @ _LUMA + rng.uniform(-0.08, 0.08, size=(_NUM_PARTS, 2))
-  temps[_SKIN] = rng.uniform(0.8, 0.95)
-  temps[_HAIR] = rng.uniform(0.4, 0.6)
-  temps[_BAG] = rng.uniform(0.12, 0.35, size=2)
-  person["visible_palette"], person["infrared_palette"] = colours, np.clip(temps, 0.0, 1.0)
-  return person
-
-
-def _draw_camera(rng: np.random.Generator, is_visible: bool) -> dict:
-  """One camera's fixed nuisances: scale, colour cast or gain, background, blur, noise."""
-  camera = dict(scale=rng.uniform(0.84, 1.0), blur=int(rng.integers(0, 2) + (not is_visible)),
-                noise=rng.uniform(0.01, 0.035), gradient=rng.uniform(-0.2, 0.2),
-                horizon=rng.uniform(0.55, 0.8))
-  if is_visible:
-    camera["gain"] = rng.uniform(0.8, 1.2, size=3)
-    camera["wall"], camera["floor"] = rng.uniform(0.15, 0.85, size=(2, 3))
-  else:
-    camera["gain"] = np.full(3, rng.uniform(0.8, 1.15))
-    camera["wall"], camera["floor"] = np.full((2, 3), rng.uniform(0.08, 0.3))
-  return camera
-
-
-def _stripes(values: np.ndarray, frequency: float) -> np.ndarray:
-  return (np.floor(values * frequency) % 2).astype(bool)
-
-
-def _pattern(kind: int, frequency: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Garment pattern bit: kind 0 plain, 1 horizontal stripes, 2 vertical, 3 checks, 4 diagonal.
-
-  u, v: garment coordinates (u 0..1 across the shoulders, v 0..1 down the garment), broadcast.
-  """
-  u, v = np.broadcast_arrays(u, v)
-  if kind == 0:
-    return np.zeros(u.shape, bool)
-  if kind == 3:
-    return _stripes(u, frequency) ^ _stripes(v, frequency)
-  return _stripes({1: v, 2: u, 4: 0.7 * (u + v)}[kind], frequency)
-
-
-def _person_map(person: dict, scale: np.ndarray, shift: np.ndarray, height: int, width: int):
-  """Part labels and pattern bits of n images of one person.
-
-  Args: scale [n] (person size factor), shift [n, 2] (pixels, y and x).
-  Returns: labels [n, H, W] int64 in 0.._NUM_PARTS-1, bits [n, H, W] bool.
-  """
-  body_h = (person["height"] * scale * height)[:, None, None]
-  top = (height - body_h) / 2 + shift[:, 0, None, None]
-  # v runs 0..1 from the top of the head to the soles; u is in shoulder widths from the centre.
-  v = (np.arange(height)[None, :, None] - top) / body_h
-  u = ((np.arange(width)[None, None, :] - width / 2 - shift[:, 1, None, None])
-       / (person["width"] * scale * width)[:, None, None])
-  au, r, split = np.abs(u), person["head"], person["split"]
-  labels = np.zeros(np.broadcast_shapes(v.shape, u.shape), np.int64)
-  # Head: an ellipse of radius r (in body heights), hair on its upper part.
-  head_u = u * person["width"] * width / (0.8 * r * person["height"] * height)
-  head = head_u ** 2 + ((v - r) / r) ** 2 < 1
-  labels[head] = _SKIN
-  labels[head & (v < 0.7 * r)] = _HAIR
-  shoulder = 2.1 * r
-  garment_v = (v - shoulder) / (split - shoulder)
-  torso = (v >= shoulder) & (v < split) & (au < 0.5 - 0.08 * garment_v)
-  sleeve = (v >= shoulder + 0.02) & (v < shoulder + 0.32) & (au >= 0.5) & (au < 0.64)
-  hand = (v >= shoulder + 0.32) & (v < shoulder + 0.38) & (au >= 0.51) & (au < 0.62)
-  labels[torso | sleeve] = _UPPER
-  labels[hand] = _SKIN
-  leg_v = (v - split) / (0.96 - split)
-  legs = (v >= split) & (v < 0.96) & (au < 0.42) & (au >= 0.07 * np.clip(leg_v * 3 - 0.3, 0, 1))
-  cut = person["lower_cut"]
-  if cut == 0:  # trousers
-    lower = legs
-  elif cut == 1:  # skirt, widening, with bare legs below
-    lower = (leg_v >= 0) & (leg_v < 0.5) & (au < 0.42 + 0.2 * leg_v)
-  else:  # shorts
-    lower = legs & (leg_v < 0.35)
-  labels[legs & (au >= 0.12) & (au < 0.3)] = _SKIN
-  labels[lower] = _LOWER
-  labels[(v >= 0.96) & (v < 1.0) & (au < 0.34) & (au >= 0.06)] = _SHOES
-  bits = np.where(labels == _UPPER, _pattern(person["upper_pattern"], person["upper_freq"],
-                                             u + 0.5, garment_v),
-                  _pattern(person["lower_pattern"], person["lower_freq"], u + 0.5, leg_v))
-  if person["bag_side"] != 0:
-    side_u = u * person["bag_side"]
-    bag = ((side_u >= 0.6) & (side_u < 0.6 + 1.4 * person["bag_size"])
-           & (v >= person["bag_top"]) & (v < person["bag_top"] + person["bag_size"]))
-    labels[bag] = _BAG
-  return labels, bits & ((labels == _UPPER) | (labels == _LOWER))
-
-
-def _background(camera: dict, rng: np.random.Generator, n: int, height: int, width: int,
-                is_visible: bool) -> np.ndarray:
-  """Wall above a floor line, a vertical gradient and a few clutter boxes: [n, H, W, 3] float."""
-  rows = np.arange(height)[None, :, None, None] / height
-  horizon = camera["horizon"] + rng.uniform(-0.03, 0.03, size=(n, 1, 1, 1))
-  images = np.where(rows < horizon, camera["wall"], camera["floor"]) * (1 + camera["gradient"]
-                                                                        * (rows - 0.5))
-  images = np.broadcast_to(images, (n, height, width, 3)).copy()
-  ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]
-  for index in range(n):
-    for _ in range(rng.integers(0, 3)):
-      y0, x0 = rng.integers(0, height), rng.integers(-width // 4, width)
-      box = ((ys >= y0) & (ys < y0 + rng.integers(height // 10, height // 3))
-             & (xs >= x0) & (xs < x0 + rng.integers(width // 10, width // 3)))
-      colour = rng.uniform(0.05, 0.95, size=3) if is_visible else rng.uniform(0.05, 0.55)
-      images[index][box] = colour
-  return images
-
-
-def _smooth(images: np.ndarray, passes: int) -> np.ndarray:
-  """Separable [1, 2, 1] / 4 blur over H and W, applied `passes` times (edges replicated)."""
-  for _ in range(passes):
-    for axis in (1, 2):
-      padded = np.concatenate([np.take(images, [0], axis), images, np.take(images, [-1], axis)],
-                              axis)
-      size = images.shape[axis]
-      images = (np.take(padded, range(0, size), axis) + 2 * images
-                + np.take(padded, range(2, size + 2), axis)) / 4
-  return images
-
-
-def _render(person: dict, camera: dict, rng: np.random.Generator, n: int, height: int,
-            width: int, is_visible: bool) -> np.ndarray:
-  """n images of `person` seen by `camera`: uint8 [n, height, width, 3]."""
-  scale = camera["scale"] * rng.uniform(0.92, 1.04, size=n)
-  shift = rng.uniform(-1, 1, size=(n, 2)) * np.array([0.05 * height, 0.12 * width])
-  labels, bits = _person_map(person, scale, shift, height, width)
-  # Seen from the front or the back: half of the images are mirrored (bag side, diagonals).
-  mirrored = rng.random(n) < 0.5
-  labels[mirrored], bits[mirrored] = labels[mirrored, :, ::-1], bits[mirrored, :, ::-1]
-  if is_visible:
-    colours = person["visible_palette"][labels, bits.astype(np.int64)]
-  else:
-    colours = person["infrared_palette"][labels, bits.astype(np.int64)][..., None]
-  images = np.where((labels > 0)[..., None], colours,
-                    _background(camera, rng, n, height, width, is_visible))
-  brightness = rng.uniform(0.85, 1.15, size=(n, 1, 1, 1))
-  images = _smooth(images * camera["gain"] * brightness, camera["blur"])
-  images = images + rng.normal(0.0, camera["noise"], size=images.shape[:3] + (1,))
-  if is_visible:  # colour sensors add some per-channel noise as well
-    images = images + rng.normal(0.0, 0.01, size=images.shape)
-  return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
+# LLCM (llcm.md 2): nine cameras that each record visible light by day and near-infrared at
+# night; the release has no near-infrared camera 3 (its test_nir/cam3 is empty or absent).
+LLCM_VISIBLE_CAMERAS = tuple(range(1, 10))
+LLCM_INFRARED_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
+_LLCM_FOLDERS = {"vis": ("vis", "test_vis"), "nir": ("nir", "test_nir")}
+_DATASET_TAG = {"sysu": 1, "regdb": 2, "llcm": 3}
 
 
 def _check_sizes(**sizes: tuple[int, int]) -> None:
@@ -262,7 +78,7 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
                height=(height, 16), width=(width, 16), seed=(seed, 0))
   _prepare_root(root)
   tag, total = _DATASET_TAG["sysu"], num_train_ids + num_val_ids + num_test_ids
-  split_rng = _rng(seed, tag, 0)
+  split_rng = make_rng(seed, tag, 0)
   ids = np.sort(split_rng.choice(np.arange(1, total + total // 10 + 2), total, replace=False))
   order = split_rng.permutation(ids)
   splits = {"train": order[:num_train_ids], "val": order[num_train_ids:total - num_test_ids],
@@ -271,15 +87,16 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
   for name, members in splits.items():
     with open(os.path.join(root, "exp", f"{name}_id.txt"), "w", encoding="utf-8") as file:
       file.write(",".join(str(int(i)) for i in np.sort(members)) + "\n")
-  cameras = {c: _draw_camera(_rng(seed, tag, 1, c), c in VISIBLE_CAMERAS) for c in range(1, 7)}
+  cameras = {c: draw_camera(make_rng(seed, tag, 1, c), c in VISIBLE_CAMERAS)
+             for c in range(1, 7)}
   for identity in ids.tolist():
-    person_rng = _rng(seed, tag, 2, identity)
-    person = _draw_person(person_rng)
+    person_rng = make_rng(seed, tag, 2, identity)
+    person = draw_person(person_rng)
     present = []
     for pair in _CAMERA_PAIRS:
       present += list(pair) if person_rng.random() < 0.5 else [pair[person_rng.integers(2)]]
     for camera in sorted(present):
-      images = _render(person, cameras[camera], _rng(seed, tag, 3, identity, camera),
+      images = render(person, cameras[camera], make_rng(seed, tag, 3, identity, camera),
                        images_per_camera, height, width, camera in VISIBLE_CAMERAS)
       folder = os.path.join(root, f"cam{camera}", f"{identity:04d}")
       os.makedirs(folder)
@@ -295,7 +112,7 @@ def _write_regdb_idx(root: str, num_ids: int, names: dict, seed: int, num_trials
   os.makedirs(os.path.join(root, "idx"))
   ids = np.arange(1, num_ids + 1)
   for trial in range(1, num_trials + 1):
-    order = _rng(seed, _DATASET_TAG["regdb"], 4, trial).permutation(ids)
+    order = make_rng(seed, _DATASET_TAG["regdb"], 4, trial).permutation(ids)
     halves = {"train": np.sort(order[:num_ids // 2]), "test": np.sort(order[num_ids // 2:])}
     for split, members in halves.items():
       for modality, folder in (("visible", "Visible"), ("thermal", "Thermal")):
@@ -326,15 +143,15 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
                height=(height, 16), width=(width, 16), seed=(seed, 0), num_trials=(num_trials, 1))
   _prepare_root(root)
   tag, names = _DATASET_TAG["regdb"], {}
-  cameras = {folder: _draw_camera(_rng(seed, tag, 1, code), folder == "Visible")
+  cameras = {folder: draw_camera(make_rng(seed, tag, 1, code), folder == "Visible")
              for code, folder in ((1, "Visible"), (2, "Thermal"))}
   for identity in range(1, num_ids + 1):
-    person_rng = _rng(seed, tag, 2, identity)
-    person = _draw_person(person_rng)
+    person_rng = make_rng(seed, tag, 2, identity)
+    person = draw_person(person_rng)
     sex = ("female", "male")[person_rng.integers(2)]
     views = person_rng.choice(["front", "back"], size=images_per_modality)
     for code, folder in enumerate(("Visible", "Thermal"), start=1):
-      images = _render(person, cameras[folder], _rng(seed, tag, 3, identity, code),
+      images = render(person, cameras[folder], make_rng(seed, tag, 3, identity, code),
                        images_per_modality, height, width, folder == "Visible")
       os.makedirs(os.path.join(root, folder, str(identity)))
       names[(folder, identity)] = []
@@ -346,7 +163,106 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
   _write_regdb_idx(root, num_ids, names, seed, num_trials)
 
 
-_WRITERS = {"sysu": write_sysu_tree, "regdb": write_regdb_tree}
+def _llcm_cameras(seed: int) -> dict:
+  """{(camera, "vis" | "nir"): camera nuisances}; one physical camera per number, so the night
+  view keeps the day view's scale and horizon and differs in gain, background, blur and noise."""
+  tag, cameras = _DATASET_TAG["llcm"], {}
+  for camera in LLCM_VISIBLE_CAMERAS:
+    day = draw_camera(make_rng(seed, tag, 1, camera, 0), True)
+    cameras[(camera, "vis")] = day
+    if camera in LLCM_INFRARED_CAMERAS:
+      night = draw_camera(make_rng(seed, tag, 1, camera, 1), False)
+      cameras[(camera, "nir")] = dict(night, scale=day["scale"], horizon=day["horizon"])
+  return cameras
+
+
+def _llcm_identity(root: str, identity: int, is_test: bool, cameras: dict, seed: int,
+                   images_per_camera: int, height: int, width: int) -> dict:
+  """Writes one LLCM identity's images; returns {"vis" | "nir": [paths relative to root]}.
+
+  The identity is seen by 2..4 distinct cameras per modality (drawn independently, so a camera
+  may see it by day and by night), which leaves every query of the test protocol a match in
+  another camera after the same-identity same-camera filter (llcm.md 3.3).
+  """
+  tag = _DATASET_TAG["llcm"]
+  person_rng = make_rng(seed, tag, 2, identity)
+  person = draw_person(person_rng)
+  written = {}
+  for code, (modality, camera_list) in enumerate((("vis", LLCM_VISIBLE_CAMERAS),
+                                                  ("nir", LLCM_INFRARED_CAMERAS))):
+    present = np.sort(person_rng.choice(camera_list, size=person_rng.integers(2, 5),
+                                        replace=False))
+    written[modality] = []
+    for camera in present.tolist():
+      images = render(person, cameras[(camera, modality)],
+                      make_rng(seed, tag, 3, identity, camera, code), images_per_camera, height,
+                      width, modality == "vis")
+      train_folder, test_folder = _LLCM_FOLDERS[modality]
+      folder = (os.path.join(test_folder, f"cam{camera}", f"{identity:04d}") if is_test
+                else os.path.join(train_folder, f"{identity:04d}"))
+      os.makedirs(os.path.join(root, folder), exist_ok=True)
+      # The release's naming (llcm.md 2): <pid>_c<camera>_s<session>_f<frame>_<vis|nir>.jpg.
+      session = int(person_rng.integers(0, 1_000_000))
+      frames = np.sort(person_rng.choice(np.arange(1, 10_000), images_per_camera, replace=False))
+      for image, frame in zip(images, frames.tolist()):
+        name = f"{identity:04d}_c{camera:02d}_s{session:06d}_f{frame}_{modality}.jpg"
+        Image.fromarray(image).save(os.path.join(root, folder, name), quality=JPEG_QUALITY)
+        written[modality].append(os.path.join(folder, name).replace(os.sep, "/"))
+  return written
+
+
+def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 16,
+                    images_per_camera: int = 4, height: int = 128, width: int = 64,
+                    seed: int = 0) -> None:
+  """Writes an LLCM-style tree (llcm.md 2) into the empty or absent folder `root`.
+
+  Layout:
+    vis/<pid:04d>/<name>, nir/<pid:04d>/<name>            training identities
+    test_vis/cam1..cam9/<pid:04d>/<name>                  test identities, visible
+    test_nir/cam1, cam2, cam4..cam9/<pid:04d>/<name>      test identities, near-infrared
+    idx/train_vis.txt, idx/train_nir.txt   "<path relative to root> <label>", labels 0..C-1 by
+                                           ascending pid, lines by label then file name
+    idx/test_id.txt                        first line: comma-separated test pids ascending
+  with names `<pid:04d>_c<camera:02d>_s<6 digits>_f<frame>_<vis|nir>.jpg` (JPEG quality 90,
+  `height` x `width` RGB; near-infrared images grey). Pids are non-contiguous ints from
+  1..~1.1 x total. Each identity is seen by 2..4 cameras per modality with `images_per_camera`
+  images each; every camera folder of the test layout exists, even if no identity reached it;
+  there is no test_nir/cam3. The release's unread idx/test_vis.txt and idx/test_nir.txt are not
+  written.
+
+  Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
+  FileExistsError when `root` exists and is not an empty folder.
+  """
+  _check_sizes(num_train_ids=(num_train_ids, 1), num_test_ids=(num_test_ids, 1),
+               images_per_camera=(images_per_camera, 1), height=(height, 16),
+               width=(width, 16), seed=(seed, 0))
+  _prepare_root(root)
+  total = num_train_ids + num_test_ids
+  split_rng = make_rng(seed, _DATASET_TAG["llcm"], 0)
+  ids = np.sort(split_rng.choice(np.arange(1, total + total // 10 + 2), total, replace=False))
+  test_ids = set(split_rng.permutation(ids)[num_train_ids:].tolist())
+  cameras = _llcm_cameras(seed)
+  lists = {"vis": [], "nir": []}
+  label = 0
+  for identity in ids.tolist():
+    written = _llcm_identity(root, identity, identity in test_ids, cameras, seed,
+                             images_per_camera, height, width)
+    if identity not in test_ids:
+      for modality, paths in written.items():
+        lists[modality] += [f"{path} {label}" for path in sorted(paths)]
+      label += 1
+  for modality, camera_list in (("vis", LLCM_VISIBLE_CAMERAS), ("nir", LLCM_INFRARED_CAMERAS)):
+    for camera in camera_list:
+      os.makedirs(os.path.join(root, _LLCM_FOLDERS[modality][1], f"cam{camera}"), exist_ok=True)
+  os.makedirs(os.path.join(root, "idx"))
+  for modality, lines in lists.items():
+    with open(os.path.join(root, "idx", f"train_{modality}.txt"), "w", encoding="utf-8") as file:
+      file.write("\n".join(lines) + "\n")
+  with open(os.path.join(root, "idx", "test_id.txt"), "w", encoding="utf-8") as file:
+    file.write(",".join(str(i) for i in sorted(test_ids)) + "\n")
+
+
+_WRITERS = {"sysu": write_sysu_tree, "regdb": write_regdb_tree, "llcm": write_llcm_tree}
 
 
 def _count_files(root: str) -> int:
@@ -392,7 +308,8 @@ def ensure_synthetic(root: str, kind: str, **params) -> str:
 
   Args:
     root: folder of the dataset (created with its parents when absent).
-    kind: "sysu" (`write_sysu_tree`) or "regdb" (`write_regdb_tree`).
+    kind: "sysu" (`write_sysu_tree`), "regdb" (`write_regdb_tree`) or "llcm"
+      (`write_llcm_tree`).
     **params: keyword arguments of that writer; missing ones take the writer's defaults.
 
   The tree is generated in a sibling temporary folder and moved into place once complete, with
@@ -431,7 +348,7 @@ def ensure_synthetic(root: str, kind: str, **params) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  """Command line: `python -m dakd_jax.data.synthetic --root DIR --kind sysu|regdb [...]`."""
+  """Command line: `python -m dakd_jax.data.synthetic --root DIR --kind sysu|regdb|llcm [...]`."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", required=True, help="dataset folder to create or reuse")
   parser.add_argument("--kind", required=True, choices=sorted(_WRITERS))

@@ -2,8 +2,9 @@
 
 Last step of evaluation: embeddings -> distance matrix -> (optional k-reciprocal re-ranking,
 `rerank.py`) -> `rank_metrics` -> report. It reproduces the AGW baseline's `eval_sysu` and
-`eval_regdb` (SYSU camera filter, distinct-identity CMC on SYSU, mAP and mINP on the full kept
-ranking) without a per-query Python loop, in bounded memory (chunks of queries).
+`eval_regdb` and the LLCM reference's `eval_llcm` (SYSU camera filter or LLCM same-identity
+same-camera filter, distinct-identity CMC on SYSU and LLCM, mAP and mINP on the full kept ranking)
+without a per-query Python loop, in bounded memory (chunks of queries).
 
 Tie rule: the baseline ranks with `np.argsort(distmat, axis=1)` (introsort, not stable), so its
 order among equal distances is unspecified. Here equal distances are ranked by gallery index
@@ -14,7 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 # Accepted `protocol` values; "sysu_mm01" is the dataset's full name used in configs.
-PROTOCOLS = {"sysu": "sysu", "sysu_mm01": "sysu", "regdb": "regdb"}
+PROTOCOLS = {"sysu": "sysu", "sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llcm"}
+# Protocols whose filter needs the cameras, and what they are used for (for error messages).
+_CAMERA_RULES = {"sysu": "cameras 1..6 as on disk, for the camera-3/camera-2 filter",
+                 "llcm": "cameras as on disk, for the same-identity same-camera filter"}
 # SYSU-MM01 filter (method.md 7.2): queries from camera 3 never see gallery camera 2.
 SYSU_FILTERED_QUERY_CAMERA = 3
 SYSU_FILTERED_GALLERY_CAMERA = 2
@@ -32,15 +36,18 @@ _REMOVED_KEY = np.uint32(0xFFFFFFFF)
 def rank_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=None, *,
                  protocol, max_rank=20, query_chunk_size=None,
                  memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES):
-  """CMC, mAP and mINP of a cross-modal retrieval (method.md 7.4, AGW `eval_sysu`/`eval_regdb`).
+  """CMC, mAP and mINP of a cross-modal retrieval (method.md 7.4, llcm.md 3.3; the references'
+  `eval_sysu`, `eval_regdb`, `eval_llcm`).
 
   Each query's gallery is ranked by increasing distance (ties by gallery index). On SYSU every
-  gallery image from camera 2 is dropped for a query from camera 3; RegDB drops nothing. With
-  `p_1 < ... < p_G` the 1-based positions of the G true matches in the kept ranking:
+  gallery image from camera 2 is dropped for a query from camera 3; on LLCM every gallery image
+  with the query's identity and the query's camera number is dropped (camera k records both
+  modalities), and nothing else; RegDB drops nothing. With `p_1 < ... < p_G` the 1-based
+  positions of the G true matches in the kept ranking:
     AP = (1/G) sum_j j / p_j,   INP = G / p_G,
     CMC@k = fraction of valid queries whose first-hit rank r <= k, where r = p_1 on RegDB and,
-      on SYSU, the position of the query identity in the ranked list collapsed to distinct
-      identities (first occurrence kept), as in the baseline.
+      on SYSU and LLCM, the position of the query identity in the kept ranked list collapsed to
+      distinct identities (first occurrence kept), as in the references.
   Queries with no true match left are not valid and are left out of every average.
   CMC always has `max_rank` entries: where the baseline would clamp `max_rank` to the gallery
   size (or fail on SYSU when fewer distinct identities are kept), the curve is continued with
@@ -52,8 +59,8 @@ def rank_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=
       integer dtypes are ranked through a stable argsort first. NaN is rejected.
     query_ids, gallery_ids: [num_query] / [num_gallery] identity labels (any comparable type).
     query_cams, gallery_cams: [num_query] / [num_gallery] integer cameras as on disk (SYSU
-      1..6). Required for SYSU; optional and ignored for RegDB.
-    protocol: "sysu" (alias "sysu_mm01") or "regdb".
+      1..6, LLCM 1..9). Required for SYSU and LLCM; optional and ignored for RegDB.
+    protocol: "sysu" (alias "sysu_mm01"), "regdb" or "llcm".
     max_rank: length of the CMC curve, >= 1.
     query_chunk_size: queries per chunk; None picks it from `memory_budget_bytes`.
     memory_budget_bytes: approximate working memory per chunk beyond the input.
@@ -63,21 +70,23 @@ def rank_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=
      "num_valid_queries": int}.
 
   Raises:
-    ValueError: bad shapes, protocol, max_rank, chunk size, NaN distances, missing SYSU
-      cameras, or no valid query at all (the baseline asserts on that too).
+    ValueError: bad shapes, protocol, max_rank, chunk size, NaN distances, missing cameras
+      (SYSU, LLCM), or no valid query at all (the baseline asserts on that too).
     TypeError: a distmat that is not real-valued numbers.
   """
   distmat, query_codes, gallery_codes, protocol = _validate(
       distmat, query_ids, gallery_ids, query_cams, gallery_cams, protocol, max_rank,
       query_chunk_size)
   layout = _gallery_layout(gallery_codes, gallery_cams, protocol)
-  filtered_query = (np.zeros(query_codes.size, bool) if protocol == "regdb"
-                    else np.asarray(query_cams) == SYSU_FILTERED_QUERY_CAMERA)
+  filtered_query = (np.asarray(query_cams) == SYSU_FILTERED_QUERY_CAMERA if protocol == "sysu"
+                    else np.zeros(query_codes.size, bool))
+  query_cams = np.asarray(query_cams) if protocol == "llcm" else None
   parts = []
   for start, stop in _chunk_bounds(query_codes, gallery_codes, query_chunk_size,
                                    memory_budget_bytes):
-    parts.append(_chunk_stats(distmat[start:stop], start, query_codes[start:stop],
-                              filtered_query[start:stop], layout, memory_budget_bytes))
+    parts.append(_chunk_stats(
+        distmat[start:stop], start, query_codes[start:stop], filtered_query[start:stop],
+        None if query_cams is None else query_cams[start:stop], layout, memory_budget_bytes))
   first_rank, average_precision, inverse_precision, num_matches = (
       np.concatenate(column) for column in zip(*parts))
   valid = num_matches > 0
@@ -118,11 +127,14 @@ def _float32_keys_inplace(values):
   return keys
 
 
-def _chunk_stats(chunk, start, query_codes, filtered_query, layout, memory_budget_bytes):
+def _chunk_stats(chunk, start, query_codes, filtered_query, query_cams, layout,
+                 memory_budget_bytes):
   """Per-query first-hit rank, AP, INP and match count for one chunk of distmat rows.
 
-  Positions come from counting, in the row's sorted uint32 keys, the keys below each true
-  match (a searchsorted over all rows at once), plus equal keys with a smaller gallery index.
+  filtered_query: [rows] bool, SYSU rows whose camera-2 columns are dropped; query_cams: [rows]
+  cameras for the LLCM filter, or None. Positions come from counting, in the row's sorted uint32
+  keys, the keys below each true match (a searchsorted over all rows at once), plus equal keys
+  with a smaller gallery index.
   """
   keys = _chunk_keys(chunk, start, layout["perm"])
   num_rows = keys.shape[0]
@@ -134,6 +146,9 @@ def _chunk_stats(chunk, start, query_codes, filtered_query, layout, memory_budge
     is_match[cells] = False
   match_rows, match_columns = np.nonzero(is_match)
   del is_match
+  if query_cams is not None:
+    match_rows, match_columns = _drop_same_camera(keys, match_rows, match_columns, query_cams,
+                                                  layout["cams"])
   if not match_rows.size:
     empty = np.zeros(num_rows)
     return empty.astype(np.intp), empty, empty, empty.astype(np.intp)
@@ -159,6 +174,20 @@ def _chunk_stats(chunk, start, query_codes, filtered_query, layout, memory_budge
   else:
     first_rank = _distinct_rank(keys, match_keys[first], match_columns[first], valid, layout)
   return first_rank, average_precision, inverse_precision, num_matches
+
+
+def _drop_same_camera(keys, match_rows, match_columns, query_cams, layout_cams):
+  """LLCM filter: true matches from the query's own camera leave the ranking.
+
+  Only true matches can share the query's identity, so the filter works on the match list
+  (O(matches) memory, no second [rows, num_gallery] mask). The dropped cells get the removed key,
+  after every kept image, so they neither count as matches nor precede one, and the identity's
+  best kept key (`_distinct_rank`) ignores them. Returns the kept (match_rows, match_columns).
+  """
+  same_camera = layout_cams[match_columns] == query_cams[match_rows]
+  keys[match_rows[same_camera], match_columns[same_camera]] = _REMOVED_KEY
+  kept = ~same_camera
+  return match_rows[kept], match_columns[kept]
 
 
 def _match_positions(keys, match_rows, match_columns, match_keys, index, memory_budget_bytes):
@@ -222,24 +251,28 @@ def _chunk_keys(chunk, start, perm):
 
 
 def _gallery_layout(gallery_codes, gallery_cams, protocol):
-  """Column layout of the keys: grouped by identity on SYSU (for per-identity minima).
+  """Column layout of the keys: grouped by identity on SYSU and LLCM (per-identity minima).
 
   Returns a dict: perm (gather from distmat columns, None when already in layout order),
   index ([num_gallery] original gallery index of each layout column, the tie-break), codes
-  (identity code per layout column), identity_starts (SYSU: first column of each identity),
-  removed_columns (SYSU: layout columns from camera 2).
+  (identity code per layout column), identity_starts (SYSU, LLCM: first column of each
+  identity), removed_columns (SYSU: layout columns from camera 2), cams (LLCM: camera per layout
+  column).
   """
   num_gallery = gallery_codes.size
+  no_columns = np.zeros(0, np.intp)
   if protocol == "regdb":
     return {"perm": None, "index": np.arange(num_gallery), "codes": gallery_codes,
-            "identity_starts": None, "removed_columns": np.zeros(0, np.intp)}
+            "identity_starts": None, "removed_columns": no_columns, "cams": None}
   perm = np.argsort(gallery_codes, kind="stable")
   codes = gallery_codes[perm]
+  cams = np.asarray(gallery_cams)[perm]
   is_grouped = bool(np.all(perm == np.arange(num_gallery)))
   return {"perm": None if is_grouped else perm, "index": perm, "codes": codes,
           "identity_starts": np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]),
-          "removed_columns": np.flatnonzero(
-              np.asarray(gallery_cams)[perm] == SYSU_FILTERED_GALLERY_CAMERA)}
+          "removed_columns": (np.flatnonzero(cams == SYSU_FILTERED_GALLERY_CAMERA)
+                              if protocol == "sysu" else no_columns),
+          "cams": cams if protocol == "llcm" else None}
 
 
 def _chunk_bounds(query_codes, gallery_codes, query_chunk_size, memory_budget_bytes):
@@ -289,18 +322,13 @@ def _validate(distmat, query_ids, gallery_ids, query_cams, gallery_cams, protoco
   query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
   _check_vector("query_ids", query_ids, num_query, "rows")
   _check_vector("gallery_ids", gallery_ids, num_gallery, "columns")
-  if protocol == "sysu":
-    for name, cams, size, axis in (("query_cams", query_cams, num_query, "rows"),
-                                   ("gallery_cams", gallery_cams, num_gallery, "columns")):
-      if cams is None:
-        raise ValueError(f"rank_metrics: protocol 'sysu' needs {name} (cameras 1..6 as on "
-                         "disk) for the camera-3/camera-2 filter.")
+  for name, cams, size, axis in (("query_cams", query_cams, num_query, "rows"),
+                                 ("gallery_cams", gallery_cams, num_gallery, "columns")):
+    if cams is None and protocol in _CAMERA_RULES:
+      raise ValueError(f"rank_metrics: protocol {protocol!r} needs {name} "
+                       f"({_CAMERA_RULES[protocol]}).")
+    if cams is not None:
       _check_vector(name, np.asarray(cams), size, axis, integer=True)
-  else:
-    for name, cams, size, axis in (("query_cams", query_cams, num_query, "rows"),
-                                   ("gallery_cams", gallery_cams, num_gallery, "columns")):
-      if cams is not None:
-        _check_vector(name, np.asarray(cams), size, axis, integer=True)
   _, codes = np.unique(np.concatenate([query_ids, gallery_ids]), return_inverse=True)
   codes = codes.astype(np.int32)
   return distmat, codes[:num_query], codes[num_query:], protocol

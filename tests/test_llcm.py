@@ -1,0 +1,351 @@
+"""Tests for the LLCM reader and test sets (llcm.md 2, 3.1, 3.2) on synthetic LLCM trees.
+
+The sets are compared with a re-statement of the reference loaders written below (test ids from
+idx/test_id.txt as 4-digit strings, the camera lists in order, sorted `os.listdir` paths, global
+`random.seed(trial)` and module-level `random.choice`). Identities and cameras of the expected
+rows come from the loop variables, never from the path text. The tree's root sits below a folder
+whose name contains "cam", which the reference's own path parsing gets wrong.
+"""
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from dakd_jax.data import llcm, synthetic
+from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, records_of
+from dakd_jax.evaluation import rank_metrics
+
+TREE = dict(num_train_ids=5, num_test_ids=6, images_per_camera=3, height=32, width=16, seed=1)
+CAMERA_LISTS = {VISIBLE: ("test_vis", [f"cam{k}" for k in range(1, 10)]),
+                INFRARED: ("test_nir", [f"cam{k}" for k in (1, 2, 4, 5, 6, 7, 8, 9)])}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  root = tmp_path_factory.mktemp("camera_root") / "cam7_llcm"
+  synthetic.write_llcm_tree(str(root), **TREE)
+  return str(root)
+
+
+@pytest.fixture
+def copy(tree, tmp_path):
+  """A private copy of the tree, to damage (same "cam" in the path above the root)."""
+  root = tmp_path / "camera_root" / "cam3_copy"
+  shutil.copytree(tree, root)
+  return root
+
+
+@pytest.fixture(autouse=True)
+def keep_global_random_state():
+  state = random.getstate()
+  yield
+  random.setstate(state)
+
+
+def reference_ids(root):
+  with open(os.path.join(root, "idx", "test_id.txt")) as file:
+    return ["%04d" % int(token) for token in file.read().splitlines()[0].split(",")]
+
+
+def reference_folders(root, modality):
+  """[(identity, camera, sorted full paths)] of existing folders, in the reference's loop order."""
+  top, cameras = CAMERA_LISTS[modality]
+  found = []
+  for pid in sorted(reference_ids(root)):
+    for camera in cameras:
+      folder = os.path.join(root, top, camera, pid)
+      if os.path.isdir(folder):
+        found.append((int(pid), int(camera[3:]),
+                      sorted(folder + "/" + name for name in os.listdir(folder))))
+  return found
+
+
+def reference_full(root, modality):
+  return [(path, pid, camera, modality) for pid, camera, paths in reference_folders(root, modality)
+          for path in paths]
+
+
+def reference_sampled(root, modality, trial):
+  random.seed(trial)
+  return [(random.choice(paths), pid, camera, modality)
+          for pid, camera, paths in reference_folders(root, modality)]
+
+
+def rows(records):
+  return [(r.path, r.identity, r.camera, r.modality) for r in records]
+
+
+def test_full_sets_in_reference_order(tree):
+  for modality in (VISIBLE, INFRARED):
+    full = llcm.llcm_full_set(tree, modality)
+    assert rows(full) == reference_full(tree, modality)
+    assert len({r.identity for r in full}) == 6 and all(os.path.isfile(r.path) for r in full)
+  test = llcm.read_llcm_split(tree, "test")
+  assert rows(test) == reference_full(tree, VISIBLE) + reference_full(tree, INFRARED)
+  assert {r.camera for r in records_of(test, INFRARED)} <= {1, 2, 4, 5, 6, 7, 8, 9}
+
+
+@pytest.mark.parametrize("modality", [VISIBLE, INFRARED])
+def test_sampled_sets_replay_reference_draws(tree, modality):
+  num_folders = len(reference_folders(tree, modality))
+  draws = set()
+  for trial in range(10):
+    sampled = llcm.llcm_sampled_set(tree, modality, trial)
+    assert rows(sampled) == reference_sampled(tree, modality, trial)
+    assert len(sampled) == num_folders  # one per existing id/camera folder, every trial
+    draws.add(tuple(r.path for r in sampled))
+  assert len(draws) == 10  # the seed matters
+
+
+def test_sampled_set_leaves_global_random_state_alone(tree):
+  random.seed(99)
+  before = random.getstate()
+  llcm.llcm_sampled_set(tree, VISIBLE, 4)
+  assert random.getstate() == before
+
+
+def test_query_gallery_directions_and_variants(tree):
+  for trial in (0, 7):
+    full = {m: rows(llcm.llcm_full_set(tree, m)) for m in (VISIBLE, INFRARED)}
+    sampled = {m: rows(llcm.llcm_sampled_set(tree, m, trial)) for m in (VISIBLE, INFRARED)}
+    for variant in llcm.VIS_TO_IR_VARIANTS:  # the variant does not touch IR->VIS
+      query, gallery = llcm.llcm_query_gallery(tree, trial, "infrared_to_visible", variant)
+      assert (rows(query), rows(gallery)) == (full[INFRARED], sampled[VISIBLE])
+    plain = llcm.llcm_query_gallery(tree, trial, "visible_to_infrared")
+    assert (rows(plain[0]), rows(plain[1])) == (full[VISIBLE], sampled[INFRARED])
+    deen = llcm.llcm_query_gallery(tree, trial, "visible_to_infrared", "deen_test_script")
+    # The test scripts' [2, 1] branch: the plain sets with their roles swapped.
+    assert (rows(deen[0]), rows(deen[1])) == (rows(plain[1]), rows(plain[0]))
+
+
+def test_deen_variant_is_the_reference_transposed_score_matrix(tree):
+  # The reference scores gallery x query of the plain sets and passes the gallery's labels and
+  # cameras as the query's; that is the variant's own query/gallery evaluated directly.
+  query, gallery = llcm.llcm_query_gallery(tree, 3, "visible_to_infrared")
+  rng = np.random.default_rng(0)
+  features = {r.path: rng.normal(size=8) + 0.8 * np.eye(8)[r.identity % 8]
+              for r in query + gallery}
+  def distmat(left, right):
+    return -np.array([[features[a.path] @ features[b.path] for b in right] for a in left])
+  def fields(records, name):
+    return np.array([getattr(r, name) for r in records])
+  reference = rank_metrics(distmat(query, gallery).T, fields(gallery, "identity"),
+                           fields(query, "identity"), fields(gallery, "camera"),
+                           fields(query, "camera"), protocol="llcm", max_rank=5)
+  deen_query, deen_gallery = llcm.llcm_query_gallery(tree, 3, "visible_to_infrared",
+                                                     "deen_test_script")
+  ours = rank_metrics(distmat(deen_query, deen_gallery), fields(deen_query, "identity"),
+                      fields(deen_gallery, "identity"), fields(deen_query, "camera"),
+                      fields(deen_gallery, "camera"), protocol="llcm", max_rank=5)
+  np.testing.assert_allclose(ours["cmc"], reference["cmc"])
+  assert (ours["mAP"], ours["mINP"]) == pytest.approx((reference["mAP"], reference["mINP"]))
+  assert ours["num_valid_queries"] == len(deen_query)
+
+
+def test_cameras_and_identities_from_components_below_a_root_with_cam(tree):
+  assert "cam" in os.path.dirname(tree) and "cam" in os.path.basename(tree)
+  records = llcm.read_llcm_split(tree, "test")
+  substring_cameras = []
+  for record in records:
+    top, camera, pid, _ = os.path.relpath(record.path, tree).split(os.sep)
+    assert (record.camera, record.identity) == (int(camera[3:]), int(pid))
+    assert record.modality == {"test_vis": VISIBLE, "test_nir": INFRARED}[top]
+    text = record.path.split("cam")[1][0]  # the reference's parse: after the first "cam"
+    substring_cameras.append(int(text) if text.isdigit() else None)
+  assert substring_cameras != [r.camera for r in records]  # the trap is real for this root
+
+
+def test_parse_test_path():
+  assert llcm.parse_test_path("test_nir/cam9/0042/x.jpg") == (INFRARED, 9, 42)
+  assert llcm.parse_test_path(os.path.join("test_vis", "cam3", "0001", "a.png")) == (
+      VISIBLE, 3, 1)
+  for bad in ("test_nir/cam3/0001/x.jpg", "test_vis/cam10/0001/x.jpg", "test_vis/cam0/0001/x",
+              "test_vis/cam1/001/x.jpg", "test_vis/cam1/0001/", "test_vis/cam1/0001/a/x.jpg",
+              "vis/cam1/0001/x.jpg", "test_vis/camera1/0001/x.jpg", "test_vis/cam1/00a1/x.jpg"):
+    with pytest.raises(DatasetError, match="is not '<test_vis|test_nir>/cam<k>/"):
+      llcm.parse_test_path(bad)
+
+
+def read_list(root, name):
+  """[(absolute path, label, camera from the name's `_c<camera>_` field)] of one list."""
+  with open(os.path.join(root, "idx", name)) as file:
+    lines = file.read().splitlines()
+  result = []
+  for line in lines:
+    relative, label = line.split(" ")
+    camera = int(os.path.basename(relative).split("_")[1][1:])
+    result.append((os.path.join(root, *relative.split("/")), int(label), camera))
+  return result
+
+
+def test_train_records_follow_the_lists(tree):
+  records = llcm.read_llcm_split(tree, "train")
+  expected = [(path, label, camera, modality)
+              for name, modality in (("train_vis.txt", VISIBLE), ("train_nir.txt", INFRARED))
+              for path, label, camera in read_list(tree, name)]
+  assert rows(records) == expected
+  for modality in (VISIBLE, INFRARED):
+    assert {r.identity for r in records_of(records, modality)} == set(range(5))
+
+
+def test_train_camera_is_unknown_without_the_release_naming(copy):
+  os.rename(copy / "vis", copy / "day")
+  lines = (copy / "idx" / "train_vis.txt").read_text().splitlines()
+  renamed = []
+  for number, line in enumerate(lines):
+    relative, label = line.split(" ")
+    new = f"day/{relative.split('/')[1]}/img{number:03d}.jpg"
+    os.rename(copy / "day" / relative.split("/", 1)[1], copy / new)
+    renamed.append(f"{new} {label}")
+  (copy / "idx" / "train_vis.txt").write_text("\n".join(renamed) + "\n")
+  visible = records_of(llcm.read_llcm_split(str(copy), "train"), VISIBLE)
+  assert {r.camera for r in visible} == {llcm.UNKNOWN_CAMERA} and len(visible) == len(lines)
+
+
+def rewrite_labels(path, change):
+  """Applies change(label) -> label or None (drop the line); returns the new (label) lines."""
+  kept = []
+  for line in path.read_text().splitlines():
+    relative, label = line.split(" ")
+    new = change(int(label))
+    if new is not None:
+      kept.append((relative, new))
+  path.write_text("".join(f"{relative} {label}\n" for relative, label in kept))
+  return [label for _, label in kept]
+
+
+def test_train_labels_must_be_contiguous(copy):
+  labels = rewrite_labels(copy / "idx" / "train_nir.txt", lambda l: l + 1 if l >= 2 else l)
+  line = labels.index(5) + 1  # labels 0, 1, 3, 4, 5: the first line with a label >= 5
+  with pytest.raises(DatasetError, match=rf"train_nir\.txt, line {line}: label 5 breaks the "
+                     r"labels 0\.\.C-1 .*missing e\.g\. \[2\]"):
+    llcm.read_llcm_split(str(copy), "train")
+
+
+def test_train_label_sets_must_match(copy):
+  rewrite_labels(copy / "idx" / "train_nir.txt", lambda l: None if l == 4 else l)
+  labels = [label for _, label, _ in read_list(str(copy), "train_vis.txt")]
+  line = labels.index(4) + 1
+  with pytest.raises(DatasetError, match=rf"train_vis\.txt, line {line}: label 4 has no image in "
+                     r".*train_nir\.txt \(which has labels 0\.\.3\)"):
+    llcm.read_llcm_split(str(copy), "train")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("vis/x.jpg", r"line 2 has 1 fields"),
+    ("vis/x.jpg 1 2", r"line 2 has 3 fields"),
+    ("vis/x.jpg one", r"line 2 has label 'one', not an integer"),
+    ("/abs/x.jpg 0", r"line 2 gives an absolute image path"),
+    ("vis/gone.jpg 0", r"line 2 not found: .*gone\.jpg"),
+])
+def test_train_bad_lines(copy, line, message):
+  path = copy / "idx" / "train_vis.txt"
+  lines = path.read_text().splitlines()
+  lines[1] = line
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(DatasetError, match=r"train_vis\.txt.*" + message):
+    llcm.read_llcm_split(str(copy), "train")
+
+
+def first_test_folder(root, top="test_vis"):
+  """(camera folder name, pid) of the first existing id folder under `top`, and a test pid
+  that has no folder under that camera."""
+  pids = reference_ids(str(root))
+  for camera in sorted(os.listdir(root / top)):
+    present = sorted(os.listdir(root / top / camera))
+    absent = [pid for pid in pids if pid not in present]
+    if present and absent:
+      return camera, present[0], absent[0]
+  raise AssertionError("the tree has no camera that misses a test identity")
+
+
+def test_empty_id_camera_folder_is_refused(copy):
+  camera, _, absent = first_test_folder(copy)
+  (copy / "test_vis" / camera / absent).mkdir()
+  with pytest.raises(DatasetError, match=rf"test_vis.{camera}.{absent} is empty"):
+    llcm.llcm_sampled_set(str(copy), VISIBLE, 0)
+  shutil.rmtree(copy / "test_vis" / camera / absent)
+  camera, present, _ = first_test_folder(copy, "test_nir")
+  for name in os.listdir(copy / "test_nir" / camera / present):
+    os.remove(copy / "test_nir" / camera / present / name)
+  for call in (lambda: llcm.llcm_full_set(str(copy), VISIBLE),
+               lambda: llcm.read_llcm_split(str(copy), "test")):
+    with pytest.raises(DatasetError, match=rf"test_nir.{camera}.{present} is empty"):
+      call()
+
+
+def test_stray_file_is_refused_and_nir_camera_3_is_ignored(copy):
+  # The reference's near-infrared camera list has no cam3: a folder there changes nothing.
+  shutil.copytree(copy / "test_vis" / "cam1", copy / "test_nir" / "cam3")
+  assert rows(llcm.llcm_sampled_set(str(copy), INFRARED, 2)) == reference_sampled(
+      str(copy), INFRARED, 2)
+  camera, present, _ = first_test_folder(copy)
+  (copy / "test_vis" / camera / present / "notes.txt").write_text("x")
+  with pytest.raises(DatasetError, match=rf"{camera}.{present} holds 'notes\.txt', which is not"):
+    llcm.llcm_full_set(str(copy), VISIBLE)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"test_id\.txt, line 1 is empty"),
+    ("3,x", r"line 1, token 2 is 'x'"),
+    ("3,12345", r"token 2 is '12345'"),
+    ("{first},{first}", r"lists identity \d+ twice"),
+    ("{first},9999", r"test identity 9999 of .*test_id\.txt has no folder"),
+])
+def test_test_id_file_errors(copy, text, message):
+  first = reference_ids(str(copy))[0]
+  (copy / "idx" / "test_id.txt").write_text(text.format(first=int(first)) + "\n")
+  with pytest.raises(DatasetError, match=message):
+    llcm.llcm_query_gallery(str(copy), 0, "infrared_to_visible")
+
+
+def test_missing_files_and_folders(copy, tmp_path):
+  with pytest.raises(DatasetError, match=r"LLCM root not found: .*nowhere"):
+    llcm.read_llcm_split(str(tmp_path / "nowhere"), "test")
+  shutil.rmtree(copy / "test_nir")
+  with pytest.raises(DatasetError, match=r"LLCM test folder not found: .*test_nir"):
+    llcm.read_llcm_split(str(copy), "test")
+  os.remove(copy / "idx" / "train_nir.txt")
+  with pytest.raises(DatasetError, match=r"training list not found: .*train_nir\.txt"):
+    llcm.read_llcm_split(str(copy), "train")
+  os.remove(copy / "idx" / "test_id.txt")
+  with pytest.raises(DatasetError, match=r"test id file not found: .*test_id\.txt"):
+    llcm.llcm_full_set(str(copy), VISIBLE)
+  shutil.rmtree(copy / "idx")
+  with pytest.raises(DatasetError, match=r"index folder not found"):
+    llcm.read_llcm_split(str(copy), "train")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda root: llcm.read_llcm_split(root, "val"), r"split must be one of"),
+    (lambda root: llcm.llcm_full_set(root, "thermal"), r"modality must be one of"),
+    (lambda root: llcm.llcm_sampled_set(root, VISIBLE, -1), r"trial must be a non-negative"),
+    (lambda root: llcm.llcm_sampled_set(root, VISIBLE, True), r"trial must be a non-negative"),
+    (lambda root: llcm.llcm_query_gallery(root, 0, "visible_to_thermal"), r"direction must be"),
+    (lambda root: llcm.llcm_query_gallery(root, 0, "visible_to_infrared", "deen"),
+     r"vis_to_ir must be one of \('plain', 'deen_test_script'\)"),
+])
+def test_argument_errors(tree, call, message):
+  with pytest.raises(DatasetError, match=message):
+    call(tree)
+
+
+def test_describe_counts(tree):
+  train = llcm.read_llcm_split(tree, "train")
+  query, gallery = llcm.llcm_query_gallery(tree, 0, "infrared_to_visible")
+  text = llcm.describe({"train visible": records_of(train, VISIBLE), "query": query,
+                        "gallery": gallery}, title="llcm demo")
+  table = {}
+  for line in text.splitlines()[4:-1]:
+    name, *numbers = [field.strip() for field in line.split("|")]
+    table[name] = tuple(int(n) for n in numbers)
+  assert text.splitlines()[0].strip() == "llcm demo"
+  visible_list = read_list(tree, "train_vis.txt")
+  folders = reference_folders(tree, VISIBLE)
+  assert table == {
+      "train visible": (5, len(visible_list), len({c for _, _, c in visible_list})),
+      "query": (6, len(reference_full(tree, INFRARED)),
+                len({c for _, c, _ in reference_folders(tree, INFRARED)})),
+      "gallery": (6, len(folders), len({c for _, c, _ in folders}))}

@@ -1,12 +1,13 @@
 """ImageNet weight import: parity with a torchvision-named torch ResNet, file formats, errors, CLI.
 
-The torch network below is written here with torchvision's module and parameter names (torchvision
-itself is not importable in this environment) and last stride 1. Random weights and random BN
-running statistics make the eval-mode comparison sensitive to every imported tensor.
+The torch network (tests/torch_resnet.py) has torchvision's module and parameter names
+(torchvision itself is not importable in this environment) and last stride 1. Random weights and
+random BN running statistics make the eval-mode comparison sensitive to every imported tensor.
 """
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -18,101 +19,12 @@ from safetensors.numpy import load_file, save_file
 
 from dakd_jax.models import resnet
 from dakd_jax.models import weights
+from tests.torch_resnet import make_torch_resnet
+from tests.torch_resnet import numpy_state_dict
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 64, 48  # layer4 map 4 x 3
 NET_WIDTH = 8
-
-
-class TorchBasicBlock(torch.nn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = torch.nn.BatchNorm2d(planes)
-    self.conv2 = torch.nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = torch.nn.BatchNorm2d(planes)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = torch.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    shortcut = x if self.downsample is None else self.downsample(x)
-    return torch.relu(out + shortcut)
-
-
-class TorchBottleneck(torch.nn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = torch.nn.BatchNorm2d(planes)
-    self.conv2 = torch.nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = torch.nn.BatchNorm2d(planes)
-    self.conv3 = torch.nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = torch.nn.BatchNorm2d(planes * 4)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = torch.relu(self.bn1(self.conv1(x)))
-    out = torch.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    shortcut = x if self.downsample is None else self.downsample(x)
-    return torch.relu(out + shortcut)
-
-
-class TorchResNet(torch.nn.Module):
-  """torchvision ResNet layout with last stride 1; forward returns the layer4 map (NCHW)."""
-
-  def __init__(self, depth, width):
-    super().__init__()
-    block = TorchBottleneck if depth == 50 else TorchBasicBlock
-    sizes = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth]
-    self.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = torch.nn.BatchNorm2d(width)
-    self.maxpool = torch.nn.MaxPool2d(3, 2, 1)
-    self.inplanes = width
-    for stage, (count, stride) in enumerate(zip(sizes, (1, 2, 2, 1)), start=1):
-      setattr(self, f"layer{stage}", self._layer(block, width * 2 ** (stage - 1), count, stride))
-    self.fc = torch.nn.Linear(self.inplanes, 10)
-
-  def _layer(self, block, planes, count, stride):
-    downsample = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = torch.nn.Sequential(
-          torch.nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-          torch.nn.BatchNorm2d(planes * block.expansion))
-    layers = [block(self.inplanes, planes, stride, downsample)]
-    self.inplanes = planes * block.expansion
-    layers += [block(self.inplanes, planes, 1, None) for _ in range(1, count)]
-    return torch.nn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-    return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def make_torch_resnet(depth, width, seed):
-  """Random conv weights (He normal) and random BN affine parameters and running statistics."""
-  torch.manual_seed(seed)
-  net = TorchResNet(depth, width)
-  with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.Conv2d):
-        torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-      elif isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-        module.running_mean.normal_(0.0, 0.1)
-        module.running_var.uniform_(0.5, 2.0)
-        module.num_batches_tracked.fill_(7)
-  return net.eval()
-
-
-def numpy_state_dict(net):
-  return {name: value.detach().numpy().copy() for name, value in net.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +147,7 @@ def test_file_errors(tmp_path, monkeypatch):
     weights.load_state_dict(str(unknown))
   nested = tmp_path / "checkpoint.pth"
   torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "epoch": 3}, nested)
-  with pytest.raises(weights.WeightsError, match="not a flat state dict"):
+  with pytest.raises(weights.WeightsError, match="neither a flat state dict"):
     weights.load_state_dict(str(nested))
   flat = tmp_path / "flat.pth"
   torch.save({"conv1.weight": torch.zeros(1)}, flat)
@@ -253,6 +165,8 @@ def test_convert_cli_round_trip(tmp_path):
       [sys.executable, "-m", "dakd_jax.models.weights", "convert", str(src), str(dst)],
       capture_output=True, text=True, env=env, check=False, timeout=120)
   assert result.returncode == 0, result.stderr
+  assert "Warning" not in result.stderr, result.stderr  # runpy's double-import RuntimeWarning
+  assert result.stdout.strip() == f"wrote {dst} (torchvision)"
   converted = load_file(str(dst))
   state = numpy_state_dict(net)
   assert converted.keys() == state.keys()
@@ -260,4 +174,84 @@ def test_convert_cli_round_trip(tmp_path):
     np.testing.assert_array_equal(converted[name], state[name], err_msg=name)
   assert weights.main(["convert", str(tmp_path / "missing.pth"), str(dst)]) == 1
   with pytest.raises(weights.WeightsError, match="must end in .safetensors"):
-    weights.convert_pth_to_safetensors(str(src), str(tmp_path / "out.npz"))
+    weights.convert_to_safetensors(str(src), str(tmp_path / "out.npz"))
+  with pytest.raises(weights.WeightsError, match=r"source must be a torch file"):
+    weights.convert_to_safetensors(str(dst), str(tmp_path / "again.safetensors"))
+
+
+def test_truncated_and_garbage_files_are_refused_with_one_line(tmp_path):
+  state = numpy_state_dict(make_torch_resnet(18, NET_WIDTH, seed=8))
+  whole = tmp_path / "whole.safetensors"
+  save_file(state, str(whole))
+  data = whole.read_bytes()
+  for size in (len(data) - 100, 40, 3):
+    truncated = tmp_path / f"cut{size}.safetensors"
+    truncated.write_bytes(data[:size])
+    for read in (weights.load_state_dict, weights.describe_weights_file):
+      with pytest.raises(weights.WeightsError) as error:
+        read(str(truncated))
+      message = str(error.value)
+      assert "\n" not in message and repr(str(truncated)) in message
+      assert "not a readable .safetensors file" in message and "truncated" in message
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_bytes(b"not a zip archive" * 10)
+  with pytest.raises(weights.WeightsError, match=r"garbage\.npz' is not a valid \.npz file"):
+    weights.load_state_dict(str(garbage))
+  archive = tmp_path / "archive.npz"
+  np.savez(archive, **state)
+  cut = tmp_path / "cut.npz"
+  cut.write_bytes(archive.read_bytes()[:-200])
+  with pytest.raises(weights.WeightsError, match=r"cut\.npz' is not a valid \.npz file") as error:
+    weights.load_state_dict(str(cut))
+  assert "pickled" not in str(error.value)
+  bad_member = tmp_path / "bad_member.npz"
+  with zipfile.ZipFile(bad_member, "w") as archive:
+    archive.writestr("conv1.weight.npy", b"not an array")
+  with pytest.raises(weights.WeightsError, match=r"bad_member\.npz' is not a valid \.npz file"):
+    weights.load_state_dict(str(bad_member))
+  objects = tmp_path / "objects.npz"
+  np.savez(objects, names=np.array([{"a": 1}], dtype=object))
+  with pytest.raises(weights.WeightsError, match="object arrays, which are never unpickled"):
+    weights.load_state_dict(str(objects))
+
+
+def test_torch_files_with_objects_or_damage_are_refused_without_unpickling(tmp_path):
+  module_file = tmp_path / "whole_model.pth"
+  torch.save(make_torch_resnet(18, NET_WIDTH, seed=9), module_file)
+  with pytest.raises(weights.WeightsError) as error:
+    weights.load_state_dict(str(module_file))
+  message = str(error.value)
+  assert repr(str(module_file)) in message and "\n" not in message
+  assert "holds objects other than tensors" in message
+  assert "TorchResNet" in message  # names the pickled class
+  assert "model.state_dict()" in message and "dakd_jax.models.weights convert" in message
+  assert "weights_only" not in message
+  legacy = tmp_path / "legacy.pth"
+  torch.save({"conv1.weight": torch.zeros(1), "opt": torch.nn.Linear(1, 1)}, legacy,
+             _use_new_zipfile_serialization=False)
+  with pytest.raises(weights.WeightsError, match="holds objects other than tensors, and"):
+    weights.load_state_dict(str(legacy))
+  flat = tmp_path / "flat.pth"
+  torch.save({"conv1.weight": torch.zeros(3)}, flat)
+  cut = tmp_path / "cut.pth"
+  cut.write_bytes(flat.read_bytes()[:-300])
+  with pytest.raises(weights.WeightsError, match=r"not a readable torch file .*truncated"):
+    weights.load_state_dict(str(cut))
+  garbage = tmp_path / "garbage.t"
+  garbage.write_bytes(b"plain text, not torch" * 5)
+  with pytest.raises(weights.WeightsError, match=r"garbage\.t' is not a torch\.save file"):
+    weights.load_state_dict(str(garbage))
+
+
+def test_safetensors_header_entries_must_be_ours(tmp_path):
+  state = {"conv1.weight": np.zeros((2, 3, 7, 7), np.float32)}
+  for header, message in (({"dakd_jax.kind": "teacher"}, r"dakd_jax\.kind header entry is "
+                                                           r"'teacher', expected one of"),
+                          ({"dakd_jax.metadata": "{epoch"}, r"dakd_jax\.metadata header entry "
+                                                            r"is not JSON")):
+    path = str(tmp_path / "header.safetensors")
+    save_file(state, path, metadata=header)
+    with pytest.raises(weights.WeightsError, match=message):
+      weights.load_state_dict(path)
+    with pytest.raises(weights.WeightsError, match=message):
+      weights.describe_weights_file(path)

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dakd_jax import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dakd_jax.data import specs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MEAN = np.array(augment.IMAGENET_MEAN, np.float32)
 STD = np.array(augment.IMAGENET_STD, np.float32)
@@ -113,7 +114,7 @@ def time_device_augment(images, settings, repeats, seed=0):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--dataset", choices=augment.DATASETS, default="sysu_mm01")
+  parser.add_argument("--dataset", choices=specs.DATASET_NAMES, default="sysu_mm01")
   parser.add_argument("--view", choices=augment.VIEWS, default="visible")
   parser.add_argument("--cutswap_mode", choices=augment.CUTSWAP_MODES, default="region")
   parser.add_argument("--batch", type=int, default=64)
@@ -121,7 +122,8 @@ def main(argv=None):
   parser.add_argument("--width", type=int, default=144)
   parser.add_argument("--repeats", type=int, default=20)
   args = parser.parse_args(argv)
-  settings = augment.view_settings(args.dataset, args.view, cutswap_mode=args.cutswap_mode)
+  settings = augment.view_settings(args.view, specs.get_spec(args.dataset).augment,
+                                   cutswap_mode=args.cutswap_mode)
   images = np.random.default_rng(0).integers(
       0, 256, (args.batch, args.height, args.width, 3), dtype=np.uint8)
   compile_s, device_s = time_device_augment(images, settings, args.repeats)

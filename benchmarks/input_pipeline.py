@@ -80,7 +80,7 @@ def main():
     start = time.perf_counter()
     builder = tfds_builders.prepare(
         "regdb", root, data_dir, HEIGHT, WIDTH, trial=1, progress=False,
-        records_fn=lambda split: records if split == "train" else records[:2])
+        split_records={"train": records, "test": records[:2]})
     print(f"prepared {len(records)} images at {HEIGHT}x{WIDTH} in "
           f"{time.perf_counter() - start:.1f} s")
     source = tfds_builders.load_sources(builder)["train"]

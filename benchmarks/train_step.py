@@ -76,7 +76,7 @@ def main():
         f"{config.data.image_height}x{config.data.image_width}, {config.model.compute_dtype}, "
         f"{n} pairs per step")
 
-  tx = state_lib.make_teacher_optimizer(config, steps_per_epoch=100)
+  tx = builders.make_teacher_optimizer(config, steps_per_epoch=100)
   memories = memory_lib.init_memories(*(unit_rows(rng, (NUM_CLASSES, dim)) for _ in range(3)))
   state = state_lib.create_replicated_state(variables, tx, jax.random.key(1), mesh, memories)
   step = loop.jit_step(steps_lib.make_teacher_step(
@@ -88,7 +88,7 @@ def main():
 
   teacher = sharding_lib.replicate(steps_lib.FrozenTeacher(
       variables, unit_rows(rng, (NUM_CLASSES, dim)), unit_rows(rng, (NUM_CLASSES, dim))), mesh)
-  tx = state_lib.make_student_optimizer(config)
+  tx = builders.make_student_optimizer(config)
   state = state_lib.create_replicated_state(variables, tx, jax.random.key(2), mesh)
   student = loop.jit_step(steps_lib.make_student_step(
       model, tx, builders.distill_settings(config), builders.augment_views(config, "student"),

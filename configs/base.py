@@ -28,10 +28,10 @@ def get_config(arg=None):
   config.mask_threshold = 0.5
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = "sysu_mm01"  # sysu_mm01 | regdb
+  config.data.dataset = "sysu_mm01"  # sysu_mm01 | regdb | llcm
   config.data.root = "data/SYSU-MM01"  # extracted dataset (the TFDS manual_dir)
   config.data.prepared_dir = "data/tfds"  # where prepared ArrayRecord files are written
-  config.data.trial = 1  # RegDB trial 1..10 (train and test split); ignored on SYSU-MM01
+  config.data.trial = 1  # RegDB trial 1..10 (train and test split); ignored elsewhere
   config.data.image_height = 384  # pixels; SYSU-MM01 384, RegDB 288 [5.2]
   config.data.image_width = 128  # pixels; SYSU-MM01 128, RegDB 144
   config.data.ids_per_batch = 8  # P: identities per batch [5.1]
@@ -73,7 +73,8 @@ def get_config(arg=None):
   config.model.init_weights = ""  # torchvision ResNet file (.safetensors/.npz/.pth); "" = random
 
   config.augment = ml_collections.ConfigDict()
-  config.augment.use_cutswap = True  # CutSwap on visible views at all (SYSU-MM01 yes, RegDB no)
+  # CutSwap on visible views where the dataset's recipe has it (SYSU-MM01, LLCM; never RegDB)
+  config.augment.use_cutswap = True
   config.augment.cutswap_mode = "whole_image" if preset == "released_code" else "region"  # [5.2]
   config.augment.cutswap_prob = 0.5  # probability of CutSwap on a visible image
   config.augment.cutswap_min = 0.3  # region height/width fraction drawn in [min, max)
@@ -132,9 +133,14 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict()
   config.eval.modes = ("all", "indoor")  # SYSU-MM01 search modes [7.2]
   config.eval.shots = ("single", "multi")  # SYSU-MM01 gallery shots
-  config.eval.num_trials = 10  # SYSU-MM01 gallery trials (seeds 0..N-1)
+  config.eval.num_trials = 10  # gallery trials, seeds 0..N-1 (SYSU-MM01, LLCM)
   config.eval.training_modes = ("all",)  # SYSU-MM01 modes evaluated during training (single-shot)
-  config.eval.directions = ("visible_to_thermal", "thermal_to_visible")  # RegDB [7.3]
+  # Query directions, () = all of the dataset's: RegDB visible_to_thermal, thermal_to_visible
+  # [7.3]; LLCM infrared_to_visible, visible_to_infrared (llcm.md 3.2)
+  config.eval.directions = ()
+  # LLCM visible->infrared: plain (all visible queries vs sampled infrared gallery) or
+  # deen_test_script (what the DEEN/AGW test scripts compute; llcm.md 3.2, 6.1)
+  config.eval.llcm_vis_to_ir = "plain"
   config.eval.rerank = False  # k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) [7.1]
   config.eval.flip = False  # average the embeddings of the image and its mirror
   config.eval.batch_size = 64  # images per extraction batch (divisible by the device count)

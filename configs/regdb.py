@@ -35,6 +35,5 @@ def get_config(arg=None):
   config.data.image_width = 144
   config.data.images_per_id = 5
   config.teacher.decay_epochs = (30, 60)
-  # RegDB has no CutSwap on the visible view and no adaptive gray (method.md 5.2).
-  config.augment.use_cutswap = False
+  # No CutSwap and no adaptive gray on RegDB: its dataset spec's augmentation recipe says so.
   return config

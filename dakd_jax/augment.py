@@ -26,7 +26,6 @@ ERASING_ATTEMPTS = 100
 ERASING_AREA = (0.02, 0.4)
 ERASING_ASPECT = (0.3, 1.0 / 0.3)
 LUMINANCE_WEIGHTS = (0.2989, 0.5870, 0.1140)
-DATASETS = ("sysu_mm01", "regdb")
 VIEWS = ("visible", "infrared", "channel")
 CUTSWAP_MODES = ("region", "whole_image")
 # Slices of the per-image uniform vector drawn by `augment_image`.
@@ -301,43 +300,42 @@ class AugmentSettings:
       raise ValueError("Invalid AugmentSettings: " + "; ".join(problems) + ".")
 
 
-def view_settings(dataset, view, *, cutswap_mode="region", cutswap_prob=0.5,
+def view_settings(view, recipe, *, cutswap_mode="region", cutswap_prob=0.5,
                   cutswap_range=(0.3, 0.6), use_cutswap_on_visible=True):
   """The settings of one view, following the table in method.md 5.2.
 
-  | view     | sysu_mm01                                  | regdb                            |
+  | view     | SYSU-MM01 recipe                           | RegDB recipe                     |
   |----------|--------------------------------------------|----------------------------------|
   | visible  | zero pad/crop/flip, CutSwap, erasing       | flip/grey pad/crop, erasing      |
   | infrared | zero pad/crop/flip, erasing, adaptive gray | flip/grey pad/crop, erasing      |
-  | channel  | zero pad/crop/flip, erasing, channel exch. | same as sysu_mm01                |
+  | channel  | zero pad/crop/flip, erasing, channel exch. | same as SYSU-MM01                |
 
   Args:
-    dataset: "sysu_mm01" or "regdb".
     view: "visible", "infrared" or "channel".
+    recipe: the dataset's `specs.AugmentRecipe` (grey_pad_flip_first, cutswap_on_visible,
+      adaptive_gray_on_infrared).
     cutswap_mode, cutswap_prob, cutswap_range: CutSwap knobs (`augment.*`, method.md 10).
-    use_cutswap_on_visible: CutSwap on the SYSU-MM01 visible view (the teacher may turn it off,
-      config `teacher.cutswap`). RegDB never uses CutSwap (released behaviour), whatever this is.
+    use_cutswap_on_visible: CutSwap on the visible view where the recipe has it (the teacher may
+      turn it off, config `teacher.cutswap`); a recipe without CutSwap (RegDB) never uses it.
   Returns:
     `AugmentSettings`.
   Raises:
-    ValueError: unknown dataset or view, or invalid CutSwap knobs.
+    ValueError: unknown view, or invalid CutSwap knobs.
   """
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}.")
   if view not in VIEWS:
     raise ValueError(f"view {view!r} is not one of {VIEWS}.")
-  grey_regdb = dataset == "regdb" and view != "channel"
+  grey_first = recipe.grey_pad_flip_first and view != "channel"
   return AugmentSettings(
       pad=10,
-      pad_value=127 if grey_regdb else 0,
+      pad_value=127 if grey_first else 0,
       flip_prob=0.5,
-      flip_before_pad=grey_regdb,
+      flip_before_pad=grey_first,
       erasing_prob=0.5,
-      use_cutswap=(dataset == "sysu_mm01" and view == "visible" and use_cutswap_on_visible),
+      use_cutswap=(recipe.cutswap_on_visible and view == "visible" and use_cutswap_on_visible),
       cutswap_prob=cutswap_prob,
       cutswap_range=tuple(cutswap_range),
       cutswap_mode=cutswap_mode,
-      use_adaptive_gray=(dataset == "sysu_mm01" and view == "infrared"),
+      use_adaptive_gray=(recipe.adaptive_gray_on_infrared and view == "infrared"),
       use_channel_exchange=(view == "channel"),
   )
 

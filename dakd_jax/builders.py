@@ -1,40 +1,56 @@
-"""Translate a resolved config into the static objects the steps close over.
+"""Translate a resolved config into what the stages run: model, variables, settings, data.
 
-The only place that reads config fields for models, losses and augmentations, so a knob's name
-in `configs/base.py` and its effect are one lookup apart.
+The only place below the stage loops that reads config fields, so a knob's name in
+`configs/base.py` and its effect are one lookup apart: the model and its initial or restored
+variables, the augmentation, loss and evaluation settings, the optimisers and their schedules,
+the protocol options and the prepared data. Everything it returns is a plain object the lower
+modules take as arguments.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from dakd_jax import augment
+from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import sharding as sharding_lib
+from dakd_jax.data import prepare
+from dakd_jax.data import specs
+from dakd_jax.data.records import ProtocolOptions
+from dakd_jax.errors import CheckpointError
+from dakd_jax.evaluation import evaluator as evaluator_lib
+from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.losses import alignment
 from dakd_jax.losses import distill
 from dakd_jax.models import resnet
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Fields that must match between a checkpoint that is loaded and the config that loads it.
+ARCHITECTURE_FIELDS = ("model.depth", "model.width", "model.modality_specific_stem",
+                       "model.non_local", "data.dataset", "data.trial")
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> resnet.ReIDResNet:
   """The ReIDResNet of config.model (teacher and student share the architecture)."""
-  return resnet.ReIDResNet(
-      depth=config.model.depth, width=config.model.width,
-      modality_specific_stem=config.model.modality_specific_stem,
-      non_local=config.model.non_local, gem_p_init=config.model.gem_p,
-      dtype=COMPUTE_DTYPES[config.model.compute_dtype])
+  return resnet.model_from_settings(config.model)
+
+
+def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(height, width) of the network's input."""
+  return config.data.image_height, config.data.image_width
 
 
 def init_model_variables(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
                          key) -> dict:
-  """Variables of a fresh model: random init, then ImageNet weights if model.init_weights is set.
-
-  Runs outside any jit: the weight file is read on the host.
-  """
-  variables = resnet.init_variables(model, key,
-                                    (config.data.image_height, config.data.image_width))
+  """Variables of a fresh model: random init (both stems equal, as ImageNet weights would make
+  them), then the weights of model.init_weights if set. Runs outside any jit (files are read on
+  the host)."""
+  variables = resnet.tie_stems(resnet.init_variables(model, key, image_size(config)))
   if config.model.init_weights:
     from dakd_jax.models import weights  # Only when a file is named.
     variables = weights.load_pretrained(variables, config.model.init_weights,
@@ -44,12 +60,13 @@ def init_model_variables(config: ml_collections.ConfigDict, model: resnet.ReIDRe
 
 def augment_views(config: ml_collections.ConfigDict, stage: str) -> dict:
   """AugmentSettings per view for 'teacher' (visible, infrared, channel) or 'student'."""
+  recipe = specs.get_spec(config.data.dataset).augment
   use_cutswap = config.augment.use_cutswap and (stage != "teacher" or config.teacher.cutswap)
   views = ("visible", "infrared", "channel") if stage == "teacher" else ("visible", "infrared")
   settings = {}
   for view in views:
     base = augment.view_settings(
-        config.data.dataset, view, cutswap_mode=config.augment.cutswap_mode,
+        view, recipe, cutswap_mode=config.augment.cutswap_mode,
         cutswap_prob=config.augment.cutswap_prob,
         cutswap_range=(config.augment.cutswap_min, config.augment.cutswap_max),
         use_cutswap_on_visible=use_cutswap)
@@ -78,3 +95,144 @@ def distill_settings(config: ml_collections.ConfigDict) -> distill.DistillSettin
       logit_standardize=d.logit_standardize, mask_threshold=config.mask_threshold,
       mask_keep=d.mask_keep, mask_mode=d.mask_mode,
       strong_uses_weak_at_2_6=d.strong_uses_weak_at_2_6, ablation=d.ablation)
+
+
+def teacher_learning_rate(config: ml_collections.ConfigDict,
+                          steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+  """The MCE per-epoch schedule (method.md 3.4) as a function of the step.
+
+  lr(e) = base (e+1)/warmup for e < warmup; base for e <= D1; 0.1 base for D1 < e < D2;
+  0.01 base for e >= D2; e = step // steps_per_epoch (note the strict > at D1).
+  """
+  base = config.teacher.lr
+  warmup = config.teacher.warmup_epochs
+  first_decay, second_decay = config.teacher.decay_epochs
+
+  def schedule(step):
+    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    lr = jnp.where(epoch > first_decay, 0.1 * base, base)
+    lr = jnp.where(epoch >= second_decay, 0.01 * base, lr)
+    if warmup > 0:
+      lr = jnp.where(epoch < warmup, base * (epoch + 1) / warmup, lr)
+    return lr
+
+  return schedule
+
+
+def make_teacher_optimizer(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with coupled L2 weight decay (added to the gradient before Adam, as torch's Adam)."""
+  schedule = teacher_learning_rate(config, steps_per_epoch)
+  return optax.chain(
+      optax.add_decayed_weights(config.teacher.weight_decay),
+      optax.scale_by_adam(b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps),
+      optax.scale_by_learning_rate(schedule),
+  )
+
+
+def make_student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam, constant learning rate, no weight decay (method.md 4.7)."""
+  return optax.adam(config.distill.lr, b1=config.optim.b1, b2=config.optim.b2,
+                    eps=config.optim.eps)
+
+
+def synthetic_sizes(config: ml_collections.ConfigDict) -> specs.SyntheticSizes | None:
+  """The generated tree's sizes when config.synthetic.enabled, else None."""
+  if not config.synthetic.enabled:
+    return None
+  s = config.synthetic
+  return specs.SyntheticSizes(
+      num_train_ids=s.num_train_ids, num_val_ids=s.num_val_ids, num_test_ids=s.num_test_ids,
+      images_per_camera=s.images_per_camera, height=s.image_height, width=s.image_width,
+      seed=s.seed)
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> prepare.DataBundle:
+  """Generates (synthetic), prepares (once per size/trial/content) and opens config.data."""
+  return prepare.prepare_data(
+      config.data.dataset, config.data.root, config.data.prepared_dir, image_size(config),
+      trial=config.data.trial, synthetic_sizes=synthetic_sizes(config),
+      progress=config.log.progress)
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> evaluator_lib.EvalSettings:
+  """How embeddings are made and scored (config.eval)."""
+  return evaluator_lib.EvalSettings(
+      batch_size=config.eval.batch_size, use_flip=config.eval.flip, rerank=config.eval.rerank,
+      max_rank=config.eval.max_rank, show_progress=config.log.progress)
+
+
+def protocol_options(config: ml_collections.ConfigDict, *,
+                     during_training: bool = False) -> ProtocolOptions:
+  """Which protocols config.eval asks for (the lighter training-time set when during_training:
+  eval.training_modes)."""
+  e = config.eval
+  return ProtocolOptions(
+      modes=tuple(e.training_modes if during_training else e.modes), shots=tuple(e.shots),
+      num_trials=e.num_trials, directions=tuple(e.directions), trial=config.data.trial,
+      variant=e.llcm_vis_to_ir)
+
+
+def make_evaluator(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
+                   data: prepare.DataBundle, mesh, *,
+                   during_training: bool = False) -> evaluator_lib.Evaluator:
+  """The evaluator of config's protocols on `data` (built once per stage)."""
+  protocols = data.spec.make_protocols(
+      protocol_options(config, during_training=during_training),
+      during_training=during_training)
+  settings = eval_settings(config)
+  if during_training:
+    settings = dataclasses.replace(settings, rerank=False, use_flip=False)
+  return evaluator_lib.Evaluator(model, data, protocols, settings, mesh)
+
+
+def check_architecture(stored_config: dict, config: ml_collections.ConfigDict,
+                       where: str) -> None:
+  """Raises CheckpointError naming every architecture/data field a checkpoint differs in."""
+  problems = []
+  spec = specs.get_spec(config.data.dataset)
+  for field in ARCHITECTURE_FIELDS:
+    if field == "data.trial" and not spec.trials:
+      continue
+    section, name = field.split(".")
+    theirs = stored_config.get(section, {}).get(name)
+    ours = config[section][name]
+    if theirs != ours:
+      problems.append(f"{field}: checkpoint {theirs!r}, config {ours!r}")
+  if problems:
+    raise CheckpointError(
+        f"the checkpoint {where} does not fit this config (" + "; ".join(problems) + "). Use "
+        "the checkpoint's values (--config.<field>=...) or a checkpoint of this architecture.")
+
+
+def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
+                            source: str, mesh, *, hint: str,
+                            stages: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+  """{'params', 'batch_stats'} of a stage checkpoint (best-mAP step, else newest) or of a
+  weights file, replicated on `mesh`, and a description {"source", "stage", "step", ...}.
+
+  `stages`: the stages whose checkpoints are accepted (e.g. ("teacher",) for a student's
+  teacher); None accepts any. Raises CheckpointNotFoundError, CheckpointError (another stage,
+  another architecture), WeightsError (a file that does not fit).
+  """
+  if os.path.isfile(source):
+    variables = extractor_lib.load_weights_file(model, source, image_size(config), mesh)
+    return variables, {"source": source, "stage": "weights file"}
+  directory, step = checkpoint_lib.find_stage_checkpoint(source, hint=hint)
+  where = f"{directory} step {step}"
+  metadata = checkpoint_lib.read_step_metadata(directory, step)
+  stage = metadata.get("stage", "teacher")
+  if stages is not None and stage not in stages:
+    raise CheckpointError(
+        f"{where} is a {stage} checkpoint; a {' or '.join(stages)} checkpoint is needed here. "
+        f"{hint}")
+  check_architecture(metadata.get("config", {}), config, where)
+  variables = checkpoint_lib.restore_variables(
+      directory, step, extractor_lib.abstract_variables(model, image_size(config), mesh))
+  return variables, {"source": where, "stage": stage, "step": step,
+                     "best": metadata.get("best", {})}
+
+
+def make_mesh():
+  """The data-parallel mesh over every device."""
+  return sharding_lib.make_mesh()

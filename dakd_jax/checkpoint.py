@@ -1,23 +1,24 @@
-"""Checkpoints: the train state, the Grain iterator state and JSON metadata, written by Orbax.
+"""Checkpoints: the train state and JSON metadata, written by Orbax; weights-only restores.
 
 Sits at the end of the training loop: `CheckpointManager.save` is called every
-`checkpoint.every_steps` steps and at each evaluation; a restart restores all three items so a
-resumed run sees exactly the batches an uninterrupted run would have seen. Each step directory
-`<dir>/<step>/` holds
+`checkpoint.every_steps` steps and at each evaluation. The data position needs no item of its
+own: every batch is a pure function of (seed, step), so the restored step is the data position
+and a resumed run sees exactly the batches an uninterrupted run would have seen, with any
+`data.num_workers` and any process count. Each step directory `<dir>/<step>/` holds
 
   state/     the state pytree of arrays (Orbax StandardSave; restored onto an abstract target
              built for the CURRENT mesh, so a run saved on one device layout restores on another)
-  data/      the Grain iterator state, one JSON file per process (grain's Orbax handler)
-  metadata/  JSON: the resolved config, step, epoch, metrics (whatever the loop passes)
-  metrics/   JSON written by Orbax when `metrics` are passed; used to pick the best checkpoint
+  metadata/  JSON: the resolved config, stage, step, epoch, and "evaluation" (the metrics of an
+             evaluated step, which rank the checkpoints)
 
 Orbax writes every step into a temporary directory and renames it when complete, so a crash
 mid-write leaves the previous step restorable; leftover temporary directories are ignored when
 listing steps and removed when a writable manager opens the directory.
 
 Kept checkpoints: the newest `keep_last` AND the best `keep_best` by `best_metric` (mAP, higher is
-better), whichever way a step qualifies (an Orbax AnyPreservationPolicy of LatestN and BestN;
-plain `max_to_keep` with `best_fn` would keep only the best N and could delete the newest step).
+better), whichever way a step qualifies (an Orbax AnyPreservationPolicy of LatestN and our own
+`BestByEvaluation`). The evaluation metrics of a step live in its metadata ("evaluation"), so
+the best step survives a reopen without Orbax's `best_fn`, which expects metrics on every save.
 
 Resume order (`find_resume_checkpoint`):
   1. a complete checkpoint in the run's own checkpoint directory (the run was interrupted);
@@ -27,9 +28,15 @@ Resume order (`find_resume_checkpoint`):
   3. else nothing: the caller starts from the initial weights.
 Before a resumed run continues, its config is compared with the checkpoint's (`diff_configs`);
 a difference is refused unless `checkpoint.allow_config_change` is set.
+
+Weights only (`restore_variables`): the model variables of a stage checkpoint are restored with
+Orbax's partial restore onto an abstract {"params", "batch_stats"}; nothing else of the state
+(optimiser, memories) is built or read.
 """
+from __future__ import annotations
+
+import dataclasses
 import fnmatch
-import json
 import os
 from typing import Any
 
@@ -38,16 +45,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from grain import checkpoint as grain_checkpoint
 
-STATE, DATA, METADATA = "state", "data", "metadata"
+from dakd_jax.errors import CheckpointError, CheckpointNotFoundError
+
+STATE, METADATA = "state", "metadata"
+VARIABLE_COLLECTIONS = ("params", "batch_stats")
 
 # Config fields that may change between a run and its resume without changing the result:
-# paths, logging and checkpoint bookkeeping. Patterns are fnmatch-style on dotted names.
-# (data.num_workers is not here: Grain's iterator state depends on the worker count.)
+# paths, logging, checkpoint bookkeeping, the number of loader workers (batches are a function
+# of the step). Patterns are fnmatch-style on dotted names.
 RESUME_IGNORED_FIELDS = (
-    "stage", "workdir", "checkpoint.*", "log.*", "data.root", "data.prepared_dir",
-    "distill.teacher_checkpoint", "eval.checkpoint", "eval.features",
+    "stage", "checkpoint.*", "log.*", "data.root", "data.prepared_dir", "data.num_workers",
+    "distill.teacher_checkpoint", "eval.*", "extract.*",
 )
 
 
@@ -68,38 +77,6 @@ def to_json_tree(value: Any) -> Any:
     return value
   raise TypeError(f"cannot store {type(value).__name__} value {value!r} in checkpoint JSON; "
                   "pass str, bool, int, float, None, lists, dicts or NumPy values")
-
-
-class _DataStateBox:
-  """Holds a Grain iterator state where grain's Orbax handler expects an iterator.
-
-  Grain's handler writes `get_state()` (JSON bytes) to `process_<i>-of-<n>.json`, one file per
-  process, and hands the text back through `set_state`. The wrapper records whether the
-  original was a dict (`DatasetIterator.get_state`) or bytes (`DataLoaderIterator.get_state`),
-  so `restore` returns the same type.
-  """
-
-  def __init__(self, state: Any = None):
-    self.state = state
-
-  def get_state(self) -> bytes:
-    if self.state is None:
-      envelope = {"format": "none", "state": None}
-    elif isinstance(self.state, (bytes, bytearray)):
-      envelope = {"format": "bytes", "state": bytes(self.state).decode("utf-8")}
-    elif isinstance(self.state, dict):
-      envelope = {"format": "dict", "state": to_json_tree(self.state)}
-    else:
-      raise TypeError(f"data_state must be a dict, bytes or None, got {type(self.state)}")
-    return json.dumps(envelope).encode("utf-8")
-
-  def set_state(self, raw: bytes) -> None:
-    envelope = json.loads(raw.decode("utf-8"))
-    state = envelope["state"]
-    self.state = state.encode("utf-8") if envelope["format"] == "bytes" else state
-
-  def start_prefetch(self) -> None:
-    """Called by grain's handler after restoring; nothing to prefetch."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -149,7 +126,7 @@ def check_config_change(old: dict, new: dict, allow_config_change: bool,
     The differing fields (see `diff_configs`).
 
   Raises:
-    ValueError: the configs differ and `allow_config_change` is False; the message lists the
+    CheckpointError: the configs differ and `allow_config_change` is False; the message lists the
       fields and names `checkpoint.allow_config_change` as the switch.
   """
   differences = diff_configs(old, new, ignore)
@@ -157,7 +134,7 @@ def check_config_change(old: dict, new: dict, allow_config_change: bool,
     return differences
   listing = "\n  ".join(differences)
   if not allow_config_change:
-    raise ValueError(
+    raise CheckpointError(
         f"the config differs from {source}'s:\n  {listing}\nrun with the checkpoint's values, "
         "or set --config.checkpoint.allow_config_change=True to resume anyway")
   logging.warning("resuming with a config that differs from %s's:\n  %s", source, listing)
@@ -194,7 +171,7 @@ def find_resume_checkpoint(workdir_ckpt_dir: str | os.PathLike,
     or None when nothing is to be resumed (start from the initial weights).
 
   Raises:
-    FileNotFoundError: `explicit_path` is named but does not exist or holds no complete
+    CheckpointNotFoundError: `explicit_path` is named but does not exist or holds no complete
       checkpoint.
   """
   own_steps = complete_steps(workdir_ckpt_dir)
@@ -204,27 +181,46 @@ def find_resume_checkpoint(workdir_ckpt_dir: str | os.PathLike,
     return None
   path = epath.Path(explicit_path)
   if not path.exists():
-    raise FileNotFoundError(
+    raise CheckpointNotFoundError(
         f"checkpoint.resume={os.fspath(explicit_path)!r} does not exist; fix the path or set "
         "--config.checkpoint.resume='' to start from the initial weights")
   if _is_step_directory(path) and int(path.name) in complete_steps(path.parent):
     return os.fspath(path.parent), int(path.name)
   steps = complete_steps(path)
   if not steps:
-    raise FileNotFoundError(
+    raise CheckpointNotFoundError(
         f"checkpoint.resume={os.fspath(explicit_path)!r} holds no complete checkpoint (expected "
         "step directories <dir>/<step>/ with state/, data/, metadata/); point it at a "
         "checkpoint directory or one of its step directories")
   return os.fspath(path), steps[-1]
 
 
-class CheckpointManager:
-  """Saves and restores (state, data iterator state, metadata) under one directory.
+@dataclasses.dataclass
+class BestByEvaluation:
+  """Orbax preservation policy: keep the `n` steps with the highest score in `scores`.
 
-  All processes call every method (Orbax synchronises them); each process writes its own data
-  iterator state. Saves are asynchronous: `save` returns once the arrays are copied off the
-  devices (so the caller may donate the state to the next step) and the files are written in
-  the background; call `wait()` before reading a checkpoint back and `close()` before exiting.
+  `scores` (step -> metric) is owned by the CheckpointManager, which fills it from the steps'
+  metadata when it opens and at every evaluated save; steps without a score are not kept by
+  this policy (LatestN keeps the newest ones).
+  """
+  n: int
+  scores: dict
+
+  def should_preserve(self, checkpoints, *, context):
+    del context  # Nothing of the save context matters here.
+    ranked = sorted((step for step in (c.step for c in checkpoints) if step in self.scores),
+                    key=lambda step: (-self.scores[step], step))
+    best = set(ranked[:self.n])
+    return [c.step in best for c in checkpoints]
+
+
+class CheckpointManager:
+  """Saves and restores (state, metadata) under one directory.
+
+  All processes call every method (Orbax synchronises them). Saves are asynchronous: `save`
+  returns once the arrays are copied off the devices (so the caller may donate the state to the
+  next step) and the files are written in the background; call `wait()` before reading a
+  checkpoint back and `close()` before exiting.
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: int = 1,
@@ -249,17 +245,13 @@ class CheckpointManager:
     # Orbax (tensorstore OCDBT) needs absolute paths; relative ones come from the command line.
     self.directory = os.path.abspath(os.fspath(directory))
     self.best_metric = best_metric
+    self._scores = {}
     preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep_last),
-        # Steps saved without metrics are covered by LatestN only; otherwise every
-        # step between evaluations would be kept forever.
-        ocp.checkpoint_managers.BestN(get_metric_fn=self._metric_value, reverse=False,
-                                      n=keep_best, keep_checkpoints_without_metrics=False),
+        BestByEvaluation(n=keep_best, scores=self._scores),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation,
-        best_fn=self._metric_value,  # only for best_step(); preservation decides deletion
-        best_mode="max",
         read_only=read_only,
         create=not read_only,
         cleanup_tmp_directories=not read_only,
@@ -268,21 +260,18 @@ class CheckpointManager:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA: grain_checkpoint.CheckpointHandler(),
                        METADATA: ocp.JsonCheckpointHandler()})
+    for step in self._manager.all_steps():
+      metrics = self.step_metrics(step)
+      if metrics and best_metric in metrics:
+        self._scores[step] = float(metrics[best_metric])
 
-  def _metric_value(self, metrics: dict) -> float:
-    return float(metrics[self.best_metric])
-
-  def save(self, step: int, state: Any, data_state: Any, metadata: dict,
-           metrics: dict | None = None) -> bool:
+  def save(self, step: int, state: Any, metadata: dict, metrics: dict | None = None) -> bool:
     """Starts writing checkpoint `step` (asynchronously unless use_async=False).
 
     Args:
-      step: the global training step (the step directory's name).
+      step: the global training step (the step directory's name; also the data position).
       state: pytree of arrays (jax.Array, NumPy or Python scalars).
-      data_state: this process's Grain iterator `get_state()`: a dict (dataset iterators) or
-        JSON bytes (DataLoader iterators); None when there is no iterator. Restored as given.
       metadata: JSON-able dict (config, epoch, metrics, ...); "step" is added if absent.
       metrics: validation metrics of this step, e.g. {"mAP": 0.61}; makes the step a candidate
         for the keep-best policy. None for steps without an evaluation.
@@ -295,7 +284,7 @@ class CheckpointManager:
       ValueError: `metrics` lacks `best_metric`, or `metrics` are given for a step that is not
         newer than the latest checkpoint (the step could never become the best one; save once
         per step, with the metrics when the step was evaluated).
-      TypeError: metadata or data_state holds a value JSON cannot store.
+      TypeError: metadata holds a value JSON cannot store.
     """
     if metrics is not None and self.best_metric not in metrics:
       raise ValueError(f"metrics {sorted(metrics)} lack {self.best_metric!r}, which ranks "
@@ -310,13 +299,12 @@ class CheckpointManager:
       return False
     metadata = to_json_tree(dict(metadata))
     metadata.setdefault("step", int(step))
-    args = ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        DATA: grain_checkpoint.CheckpointSave(_DataStateBox(data_state)),
-        METADATA: ocp.args.JsonSave(metadata),
-    })
-    return self._manager.save(
-        int(step), args=args, metrics=None if metrics is None else to_json_tree(metrics))
+    if metrics is not None:
+      metadata["evaluation"] = to_json_tree(metrics)
+      self._scores[int(step)] = float(metrics[self.best_metric])
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                 METADATA: ocp.args.JsonSave(metadata)})
+    return self._manager.save(int(step), args=args)
 
   def wait(self) -> None:
     """Blocks until pending saves are written and old steps deleted; raises their errors."""
@@ -334,9 +322,20 @@ class CheckpointManager:
     """Returns the newest step, or None when there is none."""
     return self._manager.latest_step()
 
+  def step_metrics(self, step: int) -> dict | None:
+    """The evaluation metrics a step was saved with (its metadata's "evaluation", or the Orbax
+    metrics file of checkpoints from earlier versions), or None."""
+    metadata = self.read_metadata(step)
+    metrics = metadata.get("evaluation") or self._manager.metrics(step)
+    return dict(metrics) if metrics else None
+
   def best_step(self) -> int | None:
-    """Returns the step with the highest `best_metric`, or None when no step has metrics."""
-    return self._manager.best_step()
+    """Returns the step with the highest `best_metric` (the earliest on ties), or None when no
+    step was saved with metrics."""
+    self.wait()
+    present = set(self.all_steps())
+    scored = [(score, -step) for step, score in self._scores.items() if step in present]
+    return -max(scored)[1] if scored else None
 
   def read_metadata(self, step: int) -> dict:
     """Returns the metadata dict of `step` without touching the state (waits for saves)."""
@@ -347,8 +346,7 @@ class CheckpointManager:
 
   def restore(self, step: int, abstract_state: Any, *, config: dict | None = None,
               allow_config_change: bool = False,
-              ignore_fields: tuple[str, ...] = RESUME_IGNORED_FIELDS,
-              restore_data: bool = True) -> tuple[Any, Any, dict]:
+              ignore_fields: tuple[str, ...] = RESUME_IGNORED_FIELDS) -> tuple[Any, dict]:
     """Restores checkpoint `step` onto the current devices.
 
     Args:
@@ -360,27 +358,93 @@ class CheckpointManager:
         metadata["config"] before anything heavy is read.
       allow_config_change: resume even if the configs differ (the differences are logged).
       ignore_fields: config fields left out of the comparison (fnmatch patterns).
-      restore_data: False skips the data iterator state (returned as None), e.g. when only
-        weights are wanted.
 
     Returns:
-      (state, data_state, metadata): data_state has the type given to `save`.
+      (state, metadata).
 
     Raises:
-      ValueError: the configs differ and allow_config_change is False.
-      FileNotFoundError: `step` is not in this directory.
+      CheckpointError: the configs differ and allow_config_change is False, or the saved state
+        does not have the target's structure or shapes.
+      CheckpointNotFoundError: `step` is not in this directory.
     """
     self.wait()
     if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}; "
-                              f"steps present: {self.all_steps()}")
+      raise CheckpointNotFoundError(f"no complete checkpoint for step {step} in "
+                                    f"{self.directory}; steps present: {self.all_steps()}")
     metadata = self.read_metadata(step)
     if config is not None:
       check_config_change(metadata.get("config", {}), config, allow_config_change,
                           ignore_fields, source=f"checkpoint {self.directory}/{step}")
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if restore_data:
-      items[DATA] = grain_checkpoint.CheckpointRestore(_DataStateBox())
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    data_state = restored[DATA].state if restore_data else None
-    return restored[STATE], data_state, metadata
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state)}))
+    except ValueError as error:
+      raise CheckpointError(
+          f"cannot restore {self.directory}/{step}: its state does not fit this run "
+          f"({_first_line(error)}); was it written by another stage or model?") from error
+    return restored[STATE], metadata
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def find_stage_checkpoint(source: str, *, hint: str) -> tuple[str, int]:
+  """(checkpoint directory, step) of a stage run: its best-mAP step, else its newest.
+
+  `source` is a stage workdir (holding checkpoints/) or a checkpoint directory; `hint` says how
+  to fix a missing one. Raises CheckpointNotFoundError when it holds no complete checkpoint.
+  """
+  directory = source
+  if os.path.isdir(os.path.join(source, "checkpoints")):
+    directory = os.path.join(source, "checkpoints")
+  steps = complete_steps(directory) if os.path.isdir(directory) else []
+  if not steps:
+    raise CheckpointNotFoundError(f"no checkpoint in {source!r}: {hint}")
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    step = manager.best_step() or manager.latest_step()
+  finally:
+    manager.close()
+  return os.path.abspath(directory), step
+
+
+def read_step_metadata(directory: str, step: int) -> dict:
+  """The metadata dict saved with `directory`/`step`."""
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    return manager.read_metadata(step)
+  finally:
+    manager.close()
+
+
+def restore_variables(directory: str, step: int, abstract_variables: Any) -> dict:
+  """The model variables {"params", "batch_stats"} of a stage checkpoint, nothing else.
+
+  Args:
+    directory, step: a checkpoint (see `find_stage_checkpoint`).
+    abstract_variables: {"params", "batch_stats"} of `jax.ShapeDtypeStruct` with shardings for
+      the current mesh (e.g. `jax.eval_shape` of the model's init, then a sharding).
+  Returns:
+    The restored variables, placed as the target says.
+  Raises:
+    CheckpointError: the saved model does not have these variables or shapes (another depth,
+      width or stem mode than the config's).
+  """
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+  target = {name: abstract_variables[name] for name in VARIABLE_COLLECTIONS}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)}))
+  except (ValueError, KeyError, TypeError) as error:
+    raise CheckpointError(
+        f"cannot restore the model of {directory}/{step}: {_first_line(error)}. Its variables do "
+        "not fit this config's model (model.depth, model.width, model.modality_specific_stem, "
+        "model.non_local)") from error
+  finally:
+    manager.close()
+  return restored[STATE]

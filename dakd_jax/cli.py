@@ -1,39 +1,41 @@
-"""Stage dispatch for `run.py` and notebooks: pretrain (optional), teacher, student, eval, all
-in sequence, or extract.
+"""Stage dispatch for `run.py` and notebooks, and the one place user mistakes become messages.
 
-Validation happens here, once, before any data is touched or anything compiles. Each stage
-writes under the workdir:
-  <workdir>/config.json              the resolved config
+`run_stages` runs pretrain (optional), teacher, student, eval (`all` in sequence), or extract.
+Validation happens before any data is touched or anything compiles. Each stage writes under the
+workdir:
+  <workdir>/config.json              the resolved config of the training stages
   <workdir>/pretrain/                only with pretrain.enabled: its run and backbone.npz
   <workdir>/teacher/                 teacher checkpoints, metrics.jsonl, TensorBoard events
   <workdir>/student/                 the same for the DAKD student
-  <workdir>/eval/                    results.json, features.npz, pictures (and <workdir>/report.md)
+  <workdir>/eval/                    config.json, results.json, features.npz, pictures
   <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking
+
+A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a non-zero
+exit; with `--verbosity` given, the traceback is shown too. Anything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import traceback
+from typing import Iterable
 
 import ml_collections
 
 from dakd_jax import config as config_lib
+from dakd_jax import errors
+
+TRAINING_STAGES = ("pretrain", "teacher", "student", "all")
+EXIT_CONFIG, EXIT_RUN = 2, 1
 
 
-def default_workdir(config_path: str | None) -> str:
-  """workdirs/<config file name> (e.g. workdirs/demo), or workdirs/run without a path."""
-  name = os.path.splitext(os.path.basename((config_path or "run").split(":")[0]))[0]
+def default_workdir(config_args: Iterable[str]) -> str:
+  """workdirs/<config file name> (e.g. workdirs/demo), or workdirs/run without a file."""
+  files = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
+  name = os.path.splitext(os.path.basename((files[0] if files else "run").split(":")[0]))[0]
   return os.path.join("workdirs", name)
-
-
-def write_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes <workdir>/config.json and returns its path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
-  return path
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int | None,
@@ -45,70 +47,101 @@ def initialize_distributed(coordinator_address: str, num_processes: int | None,
   """
   import jax  # Deferred like the other heavy imports.
   if num_processes is None or process_id is None:
-    raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    raise errors.ConfigError("--coordinator_address needs --num_processes and --process_id")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id)
 
 
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, before anything is written, a run whose stage checkpoints hold another config."""
+  from dakd_jax import checkpoint as checkpoint_lib  # Deferred: pulls in Orbax.
+  stages = {"all": ("pretrain", "teacher", "student")}.get(config.stage, (config.stage,))
+  for stage in stages:
+    if stage == "pretrain":
+      continue  # Its config is derived from this one; the teacher's check covers the rest.
+    directory = os.path.join(workdir, stage, "checkpoints")
+    steps = checkpoint_lib.complete_steps(directory)
+    if steps and not config.checkpoint.allow_config_change:
+      stored = checkpoint_lib.read_step_metadata(directory, steps[-1]).get("config", {})
+      checkpoint_lib.check_config_change(stored, config.to_dict(), False,
+                                         source=f"checkpoint {directory}/{steps[-1]}")
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages `config.stage` names; returns {stage: result}."""
-  if config.stage == "extract":  # New images only: no dataset needed (for a student).
-    from dakd_jax.evaluation import folders
-    return {"extract": folders.extract_stage(config, workdir)}
-  from dakd_jax.data import prepare  # Deferred: heavy imports only once the config is valid.
-  from dakd_jax.evaluation import evaluate
+  from dakd_jax import builders  # Deferred: heavy imports only once the config is valid.
+  from dakd_jax import stages
   from dakd_jax.train import loop
   from dakd_jax.train import pretrain
-
+  if config.stage == "extract":  # New images only: no dataset needed.
+    return {"extract": stages.extract_stage(config, workdir)}
   results = {}
   pretrain_dir = os.path.join(workdir, "pretrain")
   if config.pretrain.enabled and config.stage in ("pretrain", "all"):
     results["pretrain"] = pretrain.train_pretrain(config, pretrain_dir)
   if config.stage == "pretrain":
     return results
-  data = prepare.prepare_data(config)
-  teacher_dir = os.path.join(workdir, "teacher")
-  student_dir = os.path.join(workdir, "student")
+  data = builders.prepare_data(config)
   if config.stage in ("teacher", "student", "all"):
     # Both start from the pretrain stage's weights when it is enabled (method.md 2.4: ImageNet).
     initial = pretrain.with_pretrained_init(config, pretrain_dir)
   if config.stage in ("teacher", "all"):
-    results["teacher"] = loop.train_teacher(initial, teacher_dir, data)
+    results["teacher"] = loop.train_teacher(initial, os.path.join(workdir, "teacher"), data)
   if config.stage in ("student", "all"):
-    teacher_source = config.distill.teacher_checkpoint or teacher_dir
-    results["student"] = loop.train_student(initial, student_dir, data, teacher_source)
+    teacher_source = config.distill.teacher_checkpoint or os.path.join(workdir, "teacher")
+    results["student"] = loop.train_student(initial, os.path.join(workdir, "student"), data,
+                                            teacher_source)
   if config.stage in ("eval", "all"):
-    results["eval"] = evaluate.evaluate_stage(config, workdir, data)
+    results["eval"] = stages.evaluate_stage(config, workdir, data)
   return results
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | None = None, *,
-         config_path: str | None = None, print_only: bool = False) -> int:
-  """Validates the config, then runs its stages (or prints it). Returns a process exit code."""
-  try:
-    config_lib.validate(config)
-  except config_lib.ConfigError as error:
-    print(f"dakd_jax: invalid config: {error}", file=sys.stderr)
-    return 2
-  if print_only:
-    print(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
-    return 0
-  import jax  # Validation above already initialised the backend.
-  # Absolute: Orbax refuses relative checkpoint paths, and a notebook may change directory.
-  workdir = os.path.abspath(workdir or default_workdir(config_path))
+def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validated config -> checks, the resolved config in the workdir, then `run_stages`."""
+  import jax  # Validation already initialised the backend.
+  workdir = os.path.abspath(workdir)  # Orbax refuses relative paths; notebooks change directory.
+  if config.stage in TRAINING_STAGES:
+    check_resumable(config, workdir)
+    if jax.process_index() == 0:
+      from dakd_jax import stages  # Deferred like run_stages' imports.
+      stages.write_config(config, workdir)
   if jax.process_index() == 0:
-    path = write_resolved_config(config, workdir)
-    print(f"dakd_jax: stage={config.stage} workdir={workdir} (resolved config: {path}, "
-          f"{jax.device_count()} device(s), {jax.process_count()} process(es))")
-  from dakd_jax.data.records import DatasetError
-  from dakd_jax.models.weights import WeightsError
-  from dakd_jax.train.loop import NonFiniteLossError
-  # Bad input and diverged runs end with their message; anything else keeps its traceback.
+    print(f"dakd_jax: stage={config.stage} workdir={workdir} ({jax.device_count()} device(s), "
+          f"{jax.process_count()} process(es))", flush=True)
+  return run_stages(config, workdir)
+
+
+def report_error(error: BaseException, verbose: bool) -> int:
+  """Prints a user mistake as one line (plus the traceback when verbose); returns the exit code,
+  or re-raises anything that is not a user mistake."""
+  user_error = error if isinstance(error, errors.UserError) else errors.storage_error(
+      error, "output files")
+  if user_error is None:
+    raise error
+  if verbose:
+    traceback.print_exception(error)
+  kind = "invalid config" if isinstance(user_error, errors.ConfigError) else "error"
+  print(f"dakd_jax: {kind}: {user_error}", file=sys.stderr)
+  return EXIT_CONFIG if isinstance(user_error, errors.ConfigError) else EXIT_RUN
+
+
+def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
+                   print_only: bool = False, distributed=(None, None, None),
+                   verbose: bool = False) -> int:
+  """The command line's path: `--config` arguments -> validated config -> stages. Returns a
+  process exit code."""
+  config_args = list(config_args)
   try:
-    run_stages(config, workdir)
-  except (DatasetError, config_lib.ConfigError, FileNotFoundError, WeightsError,
-          NonFiniteLossError) as error:
-    print(f"dakd_jax: error: {error}", file=sys.stderr)
-    return 1
+    coordinator, num_processes, process_id = distributed
+    if coordinator:
+      initialize_distributed(coordinator, num_processes, process_id)
+    config = config_lib.config_from_args(config_args)
+    config_lib.validate(config)
+    if print_only:
+      print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+      return 0
+    start(config, workdir or default_workdir(config_args))
+  except Exception as error:  # pylint: disable=broad-except  # report_error re-raises bugs.
+    return report_error(error, verbose)
   return 0

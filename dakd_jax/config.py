@@ -1,36 +1,25 @@
 """Loading and validating configs: the first thing a run does, before anything compiles.
 
-`run.py` loads configs through absl's `config_flags`; notebooks call `load_config(path,
-overrides)`, which gives the same ConfigDict without flag parsing. Either way `validate(config)`
-runs once at start-up and names the field, the value seen and what would be accepted.
+One path for everyone: `run.py` hands its `--config` arguments to `config_from_args`, notebooks
+call `load_config(path, overrides)`, which builds the same arguments; both parse them with
+ml_collections' `config_flags` on a private `FlagValues`, so a notebook gets exactly what the
+command line gets (same parser, same types, same errors). `validate(config)` then runs once at
+start-up and names the field, the value seen and what would be accepted. The lists of allowed
+values come from the modules that define them.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import os
+import re
 import sys
 from typing import Any, Iterable, Mapping
 
 import ml_collections
 
+from dakd_jax.errors import ConfigError
 
-class ConfigError(ValueError):
-  """A config field has a bad value; the message names the field and the fix."""
-
-
-ENUMS = {
-    "stage": ("pretrain", "teacher", "student", "eval", "all", "extract"),
-    "data.dataset": ("sysu_mm01", "regdb"),
-    "model.depth": (18, 34, 50),
-    "model.compute_dtype": ("float32", "bfloat16"),
-    "augment.cutswap_mode": ("region", "whole_image"),
-    "distill.mask_keep": ("low", "high"),
-    "distill.mask_mode": ("scale", "select"),
-    "distill.ablation": ("only_kd", "mlkd_no_instance", "mlkd_no_class", "full_mlkd"),
-    "extract.query_modality": ("visible", "infrared"),
-    "extract.gallery_modality": ("visible", "infrared"),
-}
+STAGES = ("pretrain", "teacher", "student", "eval", "all", "extract", "export")
+CONFIG_FLAG = "config"
 # (field, low, high, low inclusive, high inclusive); None = unbounded.
 RANGES = (
     ("mask_threshold", 0.0, 1.0, True, True),
@@ -40,6 +29,7 @@ RANGES = (
     ("augment.erasing_prob", 0.0, 1.0, True, True),
     ("augment.flip_prob", 0.0, 1.0, True, True),
     ("augment.pad", 0, None, True, None),
+    ("seed", 0, None, True, None),
     ("data.trial", 1, 10, True, True),
     ("data.image_height", 1, None, True, None),
     ("data.image_width", 1, None, True, None),
@@ -84,12 +74,35 @@ RANGES = (
     ("pretrain.steps_per_epoch", 0, None, True, None),
     ("pretrain.lr", 0.0, None, False, None),
 )
-TUPLE_CHOICES = {
-    "eval.modes": ("all", "indoor"),
-    "eval.training_modes": ("all", "indoor"),
-    "eval.shots": ("single", "multi"),
-    "eval.directions": ("visible_to_thermal", "thermal_to_visible"),
-}
+
+
+def _choices() -> dict[str, tuple]:
+  """Allowed values of the enumerated fields, from the modules that define them."""
+  from dakd_jax import augment  # Deferred: these pull in JAX.
+  from dakd_jax import modalities
+  from dakd_jax.data import llcm
+  from dakd_jax.data import specs
+  from dakd_jax.losses import distill
+  from dakd_jax.models import resnet
+  return {
+      "stage": STAGES,
+      "data.dataset": specs.DATASET_NAMES,
+      "model.depth": tuple(resnet.STAGE_SIZES),
+      "model.compute_dtype": tuple(resnet.COMPUTE_DTYPES),
+      "augment.cutswap_mode": augment.CUTSWAP_MODES,
+      "distill.mask_keep": distill.MASK_KEEP,
+      "distill.mask_mode": distill.MASK_MODES,
+      "distill.ablation": distill.ABLATIONS,
+      "extract.query_modality": modalities.MODALITIES,
+      "extract.gallery_modality": modalities.MODALITIES,
+      "eval.llcm_vis_to_ir": llcm.VIS_TO_IR_VARIANTS,
+  }
+
+
+def _tuple_choices() -> dict[str, tuple]:
+  from dakd_jax.data import sysu  # Deferred like _choices.
+  return {"eval.modes": tuple(sysu.MODES), "eval.training_modes": tuple(sysu.MODES),
+          "eval.shots": tuple(sysu.SHOTS)}
 
 
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -122,85 +135,120 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, A
   return out
 
 
-def parse_value(field: str, text: str, current: Any) -> Any:
-  """Parses a command-line string into the type of the field's current value."""
-  try:
-    if isinstance(current, bool):
-      lowered = text.strip().lower()
-      if lowered in ("true", "1", "yes"):
-        return True
-      if lowered in ("false", "0", "no"):
-        return False
-      raise ValueError(text)
-    if isinstance(current, int):
-      return int(text)
-    if isinstance(current, float):
-      return float(text)
-    if isinstance(current, str):
-      return text
-    if isinstance(current, (tuple, list)):
-      value = ast.literal_eval(text)
-      value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-      if current and isinstance(current[0], float):
-        value = tuple(float(v) for v in value)
-      return value
-  except (ValueError, SyntaxError) as error:
-    raise ConfigError(
-        f"--config.{field}={text!r}: cannot parse as {type(current).__name__} "
-        f"(current value {current!r})") from error
-  raise ConfigError(f"--config.{field}: fields of type {type(current).__name__} cannot be set")
+def split_argv(argv: Iterable[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config...` arguments (the config file and its overrides) from the others.
 
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any] | Iterable[str]) -> ml_collections.ConfigDict:
-  """Applies overrides given as {'a.b': value} or ['a.b=value', ...] (strings are parsed)."""
-  if not isinstance(overrides, Mapping):
-    pairs = {}
-    for item in overrides:
-      item = item[len("--config."):] if item.startswith("--config.") else item
-      if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form field=value")
-      key, text = item.split("=", 1)
-      pairs[key] = text
-    overrides = pairs
-  for dotted, value in overrides.items():
-    current = get_field(config, dotted)
-    if isinstance(value, str) and not isinstance(current, str):
-      value = parse_value(dotted, value, current)
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    try:
-      node[leaf] = value
-    except TypeError as error:
-      raise ConfigError(f"--config.{dotted}={value!r}: {error}") from error
-  return config
-
-
-def load_config(path: str, overrides: Mapping[str, Any] | Iterable[str] = (),
-                *, validate_config: bool = True) -> ml_collections.ConfigDict:
-  """Loads `configs/<x>.py[:arg]` like `--config=...` does, applies overrides, validates.
-
-  Args:
-    path: a config file, optionally with ':arg' (e.g. 'configs/regdb.py:trial=3').
-    overrides: {'mask_threshold': 0.8} or ['mask_threshold=0.8', ...].
-  Returns:
-    A locked ConfigDict (a misspelt field is an error, never a new field).
+  Accepts `--config=FILE`, `--config FILE`, `--config.field=value` and `--config.field value`.
+  Returns (config arguments, the rest, program name first when given).
   """
-  file_path, _, arg = path.partition(":")
+  config_args, rest = [], []
+  argv = list(argv)
+  index = 0
+  while index < len(argv):
+    arg = argv[index]
+    name = arg.split("=", 1)[0]
+    if name == f"--{CONFIG_FLAG}" or name.startswith(f"--{CONFIG_FLAG}."):
+      if "=" not in arg and index + 1 < len(argv):
+        arg = f"{arg}={argv[index + 1]}"
+        index += 1
+      config_args.append(arg)
+    else:
+      rest.append(arg)
+    index += 1
+  return config_args, rest
+
+
+def describe_override_error(error: BaseException) -> str:
+  """One readable line for a config-override error raised by absl/ml_collections."""
+  text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
+  if isinstance(error, (AttributeError, KeyError)):  # ml_collections quotes its whole message.
+    match = re.search(r"'?([\w.]+)'?\s*Did you mean \"?([\w.]+)\"?", text.strip("'\""))
+    if match:
+      return (f"unknown config field '{match.group(1)}': did you mean '{match.group(2)}'? "
+              "(see configs/base.py for every field)")
+    return f"unknown config field {text} (see configs/base.py for every field)"
+  text = re.sub(r"^flag --config\.", "--config.", text)
+  return f"{text} (see configs/base.py for every field)"
+
+
+def config_from_args(config_args: Iterable[str]) -> ml_collections.ConfigDict:
+  """Parses `--config=FILE[:arg]` and `--config.field=value` arguments into a locked config.
+
+  The parser is ml_collections' `config_flags` on a private `FlagValues`: values are parsed to
+  the field's type (bools as true/false, tuples as '(4,3,5,2,6)' or 'a,b'). Raises ConfigError
+  with one readable line for a missing file, an unknown preset, an unknown field or a value of
+  the wrong type.
+  """
+  from absl import flags  # Deferred: only when a config is loaded.
+  from ml_collections import config_flags
+  config_args = list(config_args)
+  files = [a.split("=", 1)[1] for a in config_args if a.startswith(f"--{CONFIG_FLAG}=")]
+  if len(files) != 1:
+    raise ConfigError("give exactly one config file, e.g. --config=configs/demo.py "
+                      f"(got {len(files)})")
+  file_path = files[0].partition(":")[0]
   if not os.path.isfile(file_path):
-    raise ConfigError(f"config file not found: {file_path} (expected e.g. configs/demo.py)")
+    raise ConfigError(f"config file not found: {file_path} (expected e.g. configs/demo.py; "
+                      "the files are in the repository's configs/ folder)")
   # Config files import their siblings as `configs.base`: make the folder above importable.
   project_root = os.path.dirname(os.path.dirname(os.path.abspath(file_path)))
   if project_root not in sys.path:
     sys.path.insert(0, project_root)
-  spec = importlib.util.spec_from_file_location("_dakd_config", file_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None) if arg else module.get_config()
-  config.lock()
-  apply_overrides(config, overrides)
+  argv = ["dakd_jax"] + config_args
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(CONFIG_FLAG, None, "config file", flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    flag_values(argv)
+    config = flag_values[CONFIG_FLAG].value
+  except flags.IllegalFlagValueError as error:
+    preset = re.search(r"(ValueError|KeyError): (.*)$", str(error).strip())
+    if "Error whilst parsing config file" in str(error) and preset:
+      raise ConfigError(f"{files[0]}: {preset.group(2)}") from None
+    raise ConfigError(describe_override_error(error)) from None
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+    raise ConfigError(describe_override_error(error)) from None
+  return config
+
+
+def override_args(overrides: Mapping[str, Any] | Iterable[str]) -> list[str]:
+  """`--config.field=value` arguments from {'a.b': value} or ['a.b=value', ...].
+
+  Python values are written as the command line would spell them (bools lower-case, tuples
+  as their repr), so they go through the same parser.
+  """
+  if isinstance(overrides, Mapping):
+    items = []
+    for field, value in overrides.items():
+      text = str(value).lower() if isinstance(value, bool) else (
+          repr(tuple(value)) if isinstance(value, (tuple, list)) else str(value))
+      items.append(f"{field}={text}")
+  else:
+    items = list(overrides)
+  args = []
+  for item in items:
+    item = item[len(f"--{CONFIG_FLAG}."):] if item.startswith(f"--{CONFIG_FLAG}.") else item
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form field=value")
+    args.append(f"--{CONFIG_FLAG}.{item}")
+  return args
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | Iterable[str] = (),
+                *, validate_config: bool = True) -> ml_collections.ConfigDict:
+  """Loads `configs/<x>.py[:arg]` exactly as `run.py --config=...` does, applies overrides,
+  validates.
+
+  Args:
+    path: a config file, optionally with ':arg' (e.g. 'configs/regdb.py:trial=3').
+    overrides: {'mask_threshold': 0.8} or ['mask_threshold=0.8', ...].
+    validate_config: run `validate` (needs the JAX backend for the device count).
+  Returns:
+    A locked ConfigDict (a misspelt field is an error, never a new field).
+  Raises:
+    ConfigError: see `config_from_args` and `validate`.
+  """
+  config = config_from_args([f"--{CONFIG_FLAG}={path}"] + override_args(overrides))
   if validate_config:
     validate(config)
   return config
@@ -224,13 +272,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   `num_devices` (default: all JAX devices) is what the batches must divide over. Querying it
   initialises the backend but compiles nothing.
   """
-  for field, choices in ENUMS.items():
+  for field, choices in _choices().items():
     value = get_field(config, field)
     if value not in choices:
       raise ConfigError(f"config.{field} = {value!r} is not allowed: choose one of {choices}")
   for spec in RANGES:
     _check_range(config, *spec)
-  for field, choices in TUPLE_CHOICES.items():
+  from dakd_jax.data import specs  # Deferred like _choices.
+  dataset = specs.get_spec(config.data.dataset)
+  tuple_choices = {**_tuple_choices(), "eval.directions": dataset.directions}
+  for field, choices in tuple_choices.items():
+    if field == "eval.directions" and not get_field(config, field):
+      continue  # () = every direction of the dataset.
     values = get_field(config, field)
     bad = [v for v in values if v not in choices]
     if bad or not values:
@@ -252,7 +305,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if d1 is None or not 0 <= d1 < d2:
     raise ConfigError(f"config.teacher.decay_epochs = {config.teacher.decay_epochs!r}: need two "
                       "epochs D1 < D2, e.g. --config.teacher.decay_epochs='(20,40)'")
+  _check_stage_lengths(config)
   _check_pretrain(config)
+  if config.stage == "extract" and not config.extract.query_dir:
+    raise ConfigError("stage=extract needs config.extract.query_dir (a folder of images), e.g. "
+                      "--config.extract.query_dir=my_images/")
   for field in ("model.init_weights", "distill.teacher_checkpoint", "checkpoint.resume",
                 "eval.checkpoint", "eval.features", "extract.query_dir", "extract.gallery_dir"):
     path = get_field(config, field)
@@ -260,6 +317,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory. Fix the path "
                         f"or leave it empty (--config.{field}='')")
   _check_divisibility(config, num_devices)
+
+
+def _check_stage_lengths(config):
+  """A stage that runs must train for at least one step."""
+  stages = {"teacher": ("teacher",), "student": ("distill",), "all": ("teacher", "distill"),
+            "pretrain": ("pretrain",)}.get(config.stage, ())
+  if config.stage == "all" and config.pretrain.enabled:
+    stages += ("pretrain",)
+  for section in stages:
+    if config[section].epochs == 0:
+      raise ConfigError(f"config.{section}.epochs = 0: stage={config.stage} would train "
+                        f"nothing. Give at least one epoch (--config.{section}.epochs=1) or "
+                        "run another stage")
 
 
 def _check_pretrain(config):

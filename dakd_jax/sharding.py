@@ -116,3 +116,24 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
 
   return jax.tree.map(put, tree)
+
+
+def gather_rows(x: jax.Array) -> jax.Array:
+  """Returns `x` replicated when it is sharded over a mesh axis of type Explicit.
+
+  Losses that compare every row with every other row (quantiles, triplet negatives) need the
+  whole batch on each device. Under Auto sharding (or none) XLA inserts the gather itself and
+  this is the identity; under Explicit sharding JAX refuses such operations unless asked.
+  """
+  sharding = jax.typeof(x).sharding
+  if isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec):
+    x = jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
+  return x
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole value of a (possibly sharded, possibly multi-process) array as NumPy."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(array))
+  from jax.experimental import multihost_utils  # Multi-host only.
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

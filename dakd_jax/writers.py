@@ -23,6 +23,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 RESERVED_KEYS = ("step", "stage", "wall_time")
+JSONL_NAME = "metrics.jsonl"
 
 
 def _host_scalars(scalars: Mapping[str, Any]) -> dict[str, float | int]:
@@ -61,7 +62,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, stage: str = "",
-               enabled: bool | None = None, jsonl_name: str = "metrics.jsonl",
+               enabled: bool | None = None, jsonl_name: str = JSONL_NAME,
                flush_secs: int = 30):
     """Opens the files (creating `workdir`) when enabled.
 
@@ -147,6 +148,30 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+  """Removes the records of steps after `step` from a JSON-lines log (a run resumed at `step`
+  logs them again), keeping the file's order; returns how many were dropped. A missing file or
+  a line that is not JSON (a write cut short by a kill) is handled: the latter is dropped."""
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if int(record.get("step", 0)) <= step:
+      kept.append(line)
+  if len(kept) != len(lines):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+  return len(lines) - len(kept)
 
 
 def format_duration(seconds: float) -> str:

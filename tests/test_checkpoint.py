@@ -1,5 +1,5 @@
-"""Tests for dakd_jax.checkpoint: round trips, keep-last-and-best, re-sharding on restore,
-a writer killed mid-save, the resume order and config comparison."""
+"""Tests for dakd_jax.checkpoint: round trips, weights-only restores, keep-last-and-best,
+re-sharding on restore, a writer killed mid-save, the resume order and config comparison."""
 import json
 import os
 import signal
@@ -48,49 +48,75 @@ def _step_dirs(directory) -> set[int]:
 def _save_tiny(directory, steps, metrics=None):
   manager = checkpoint.CheckpointManager(directory, keep_last=10, use_async=False)
   for step in steps:
-    manager.save(step, {"x": jnp.full((2,), step, jnp.float32)}, None, {"epoch": step},
+    manager.save(step, {"x": jnp.full((2,), step, jnp.float32)}, {"epoch": step},
                  metrics=None if metrics is None else metrics[step])
   manager.close()
 
 
-def test_round_trip_dict_data_state(tmp_path):
+def test_round_trip_state_and_metadata(tmp_path, caplog):
   state = _make_state()
-  data_state = {"next_index": np.int64(96), "seed": 3, "order": [4, 1, 2]}
   metadata = {"config": {"model": {"depth": 50, "temps": (4.0, 3.0)}}, "epoch": 2,
               "metrics": {"mAP": np.float32(0.25)}}
   manager = checkpoint.CheckpointManager(tmp_path / "ckpt")
   target = _abstract(state, sharding.replicated(sharding.make_mesh(1)))
   expected = jax.device_get(state)
   with jax.transfer_guard("disallow"):  # the loop runs with hidden copies forbidden
-    assert manager.save(40, state, data_state, metadata, metrics={"mAP": 0.25})
+    assert manager.save(40, state, metadata, metrics={"mAP": 0.25})
     # The loop donates the state to the next step as soon as save returns.
     jax.tree.map(lambda leaf: leaf.delete(), state)
     manager.wait()
-    restored, restored_data, restored_meta = manager.restore(40, target)
+    restored, restored_meta = manager.restore(40, target)
   _assert_trees_equal(restored, expected)
-  assert restored_data == {"next_index": 96, "seed": 3, "order": [4, 1, 2]}
   assert restored_meta == {"config": {"model": {"depth": 50, "temps": [4.0, 3.0]}}, "epoch": 2,
-                           "metrics": {"mAP": 0.25}, "step": 40}
+                           "metrics": {"mAP": 0.25}, "step": 40,
+                           "evaluation": {"mAP": 0.25}}
   assert manager.read_metadata(40) == restored_meta
   assert (manager.latest_step(), manager.best_step()) == (40, 40)
+  # Steps without metrics (most saves) are ordinary: no Orbax "tracked_metric" warning.
+  manager.save(41, _make_state(1), {"epoch": 2})
   manager.close()
+  assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
 
 
-def test_round_trip_bytes_data_state_and_no_data(tmp_path):
-  raw = json.dumps({"last_seen_indices": {"0": 11}}, indent=4).encode()
-  state = {"w": jnp.arange(6, dtype=jnp.float32)}
+def test_restore_of_missing_step_and_weights_only_restore(tmp_path):
+  params = {"layer": {"kernel": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}}
+  stats = {"layer": {"mean": jnp.full((3,), 0.5, jnp.float32)}}
+  state = {"params": params, "batch_stats": stats, "opt_state": {"mu": jnp.ones((7, 7))},
+           "memories": jnp.zeros((100, 3)), "step": jnp.asarray(5, jnp.int32)}
   manager = checkpoint.CheckpointManager(tmp_path, use_async=False)
-  manager.save(1, state, raw, {"epoch": 0})
-  manager.save(2, state, None, {"epoch": 1})
+  manager.save(5, state, {"stage": "teacher"})
   target = _abstract(state, sharding.replicated(sharding.make_mesh(1)))
-  assert manager.restore(1, target)[1] == raw  # DataLoader iterators want the exact bytes
-  assert manager.restore(2, target)[1] is None
-  restored, data_state, _ = manager.restore(1, target, restore_data=False)
-  _assert_trees_equal(restored, state)
-  assert data_state is None
   with pytest.raises(FileNotFoundError, match="step 3"):
     manager.restore(3, target)
   manager.close()
+  # Only the model variables are read, onto a target that knows nothing of the rest.
+  variables = checkpoint.restore_variables(
+      str(tmp_path), 5, _abstract({"params": params, "batch_stats": stats},
+                                  sharding.replicated(sharding.make_mesh(1))))
+  _assert_trees_equal(variables, {"params": params, "batch_stats": stats})
+  wrong = {"params": {"layer": {"kernel": jnp.zeros((4, 3))}}, "batch_stats": stats}
+  with pytest.raises(checkpoint.CheckpointError, match="does not fit|model.width"):
+    checkpoint.restore_variables(str(tmp_path), 5,
+                                 _abstract(wrong, sharding.replicated(sharding.make_mesh(1))))
+
+
+def test_checkpoints_with_an_old_data_item_still_restore(tmp_path):
+  """Checkpoints of earlier versions also hold a Grain 'data' item; it is ignored now."""
+  import orbax.checkpoint as ocp
+  state = {"w": jnp.arange(3, dtype=jnp.float32)}
+  old = ocp.CheckpointManager(str(tmp_path), item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler()})
+  old.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      metadata=ocp.args.JsonSave({"epoch": 1, "step": 7}),
+                                      data=ocp.args.JsonSave({"next_index": 3})))
+  old.close()
+  manager = checkpoint.CheckpointManager(tmp_path, read_only=True)
+  restored, metadata = manager.restore(7, _abstract(state, sharding.replicated(
+      sharding.make_mesh(1))))
+  manager.close()
+  np.testing.assert_array_equal(np.asarray(restored["w"]), [0.0, 1.0, 2.0])
+  assert metadata == {"epoch": 1, "step": 7}
 
 
 def test_bad_arguments(tmp_path):
@@ -98,13 +124,13 @@ def test_bad_arguments(tmp_path):
     checkpoint.CheckpointManager(tmp_path, keep_last=0)
   manager = checkpoint.CheckpointManager(tmp_path, use_async=False)
   with pytest.raises(ValueError, match="lack 'mAP'"):
-    manager.save(1, {"w": jnp.zeros(2)}, None, {}, metrics={"rank1": 0.5})
+    manager.save(1, {"w": jnp.zeros(2)}, {}, metrics={"rank1": 0.5})
   with pytest.raises(TypeError, match="checkpoint JSON"):
-    manager.save(1, {"w": jnp.zeros(2)}, None, {"bad": object()})
-  assert manager.save(2, {"w": jnp.zeros(2)}, None, {})
-  assert not manager.save(2, {"w": jnp.ones(2)}, None, {})  # skipped, with a warning
+    manager.save(1, {"w": jnp.zeros(2)}, {"bad": object()})
+  assert manager.save(2, {"w": jnp.zeros(2)}, {})
+  assert not manager.save(2, {"w": jnp.ones(2)}, {})  # skipped, with a warning
   with pytest.raises(ValueError, match="already has step 2"):
-    manager.save(1, {"w": jnp.zeros(2)}, None, {}, metrics={"mAP": 0.5})
+    manager.save(1, {"w": jnp.zeros(2)}, {}, metrics={"mAP": 0.5})
   assert manager.all_steps() == [2]
   manager.close()
 
@@ -114,7 +140,7 @@ def test_keep_last_and_best_survives_reopen(tmp_path):
   maps = {1: 0.30, 2: 0.90, 3: None, 4: 0.40, 5: None, 6: 0.50}
   manager = checkpoint.CheckpointManager(directory, keep_last=2, keep_best=1)
   for step, value in maps.items():
-    manager.save(step, {"w": jnp.full((3,), step, jnp.float32)}, {"i": step}, {"epoch": step},
+    manager.save(step, {"w": jnp.full((3,), step, jnp.float32)}, {"epoch": step},
                  metrics=None if value is None else {"mAP": value})
   manager.wait()
   # Newest two (5, 6) plus the best (2, old); 1, 3, 4 deleted from disk.
@@ -125,13 +151,13 @@ def test_keep_last_and_best_survives_reopen(tmp_path):
 
   reopened = checkpoint.CheckpointManager(directory, keep_last=2, keep_best=1)
   assert reopened.best_step() == 2  # metrics are read back from disk
-  reopened.save(7, {"w": jnp.full((3,), 7.0)}, {"i": 7}, {"epoch": 7}, metrics={"mAP": 0.1})
+  reopened.save(7, {"w": jnp.full((3,), 7.0)}, {"epoch": 7}, metrics={"mAP": 0.1})
   reopened.wait()
   assert _step_dirs(directory) == {2, 6, 7}
   target = _abstract({"w": jnp.zeros(3)}, sharding.replicated(sharding.make_mesh(1)))
-  restored, data_state, metadata = reopened.restore(2, target)
+  restored, metadata = reopened.restore(2, target)
   np.testing.assert_array_equal(np.asarray(restored["w"]), [2.0, 2.0, 2.0])
-  assert data_state == {"i": 2} and metadata == {"epoch": 2, "step": 2}
+  assert metadata == {"epoch": 2, "step": 2, "evaluation": {"mAP": 0.9}}
   reopened.close()
 
 
@@ -141,7 +167,7 @@ def test_restore_onto_a_different_device_layout(tmp_path):
   rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
   manager = checkpoint.CheckpointManager(tmp_path / "from_one", use_async=False)
   manager.save(5, {"rows": jax.device_put(rows, one_device), "scale": jnp.float32(2.5)},
-               {"pos": 5}, {"epoch": 1})
+               {"epoch": 1})
   manager.close()
   script = """
     import sys
@@ -155,17 +181,17 @@ def test_restore_onto_a_different_device_layout(tmp_path):
     target = {"rows": jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=split),
               "scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=whole)}
     manager = checkpoint.CheckpointManager(sys.argv[1], read_only=True)
-    state, data_state, _ = manager.restore(5, target)
+    state, _ = manager.restore(5, target)
     assert state["rows"].sharding == sharding.data_sharding(mesh)
     devices = list(mesh.devices.flat)
     for shard in state["rows"].addressable_shards:
       i = devices.index(shard.device)
       np.testing.assert_array_equal(np.asarray(shard.data), rows[2 * i:2 * i + 2])
-    assert float(state["scale"]) == 2.5 and data_state == {"pos": 5}
+    assert float(state["scale"]) == 2.5
     writer = checkpoint.CheckpointManager(sys.argv[2], use_async=False)
     writer.save(9, {"rows": jax.device_put(rows * 2, sharding.data_sharding(mesh)),
                     "scale": jax.device_put(np.float32(-1.0), sharding.replicated(mesh))},
-                {"pos": 9}, {"epoch": 3})
+                {"epoch": 3})
     writer.close()
     print("OK")
   """
@@ -173,9 +199,9 @@ def test_restore_onto_a_different_device_layout(tmp_path):
   target = {"rows": jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=one_device),
             "scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=one_device)}
   reader = checkpoint.CheckpointManager(tmp_path / "from_four", read_only=True)
-  state, data_state, metadata = reader.restore(9, target)
+  state, metadata = reader.restore(9, target)
   np.testing.assert_array_equal(np.asarray(state["rows"]), rows * 2)
-  assert float(state["scale"]) == -1.0 and data_state == {"pos": 9}
+  assert float(state["scale"]) == -1.0
   assert metadata == {"epoch": 3, "step": 9}
   assert state["rows"].sharding == one_device
 
@@ -187,19 +213,19 @@ _KILL_SCRIPT = """
   from dakd_jax import checkpoint
   directory, marker = sys.argv[1], sys.argv[2]
   manager = checkpoint.CheckpointManager(directory, keep_last=3)
-  manager.save(1, {"w": jnp.arange(4, dtype=jnp.float32)}, {"pos": 1}, {"epoch": 1})
+  manager.save(1, {"w": jnp.arange(4, dtype=jnp.float32)}, {"epoch": 1})
   manager.wait()
-  original = checkpoint._DataStateBox.get_state
-  def stall(self):
+  import orbax.checkpoint as ocp
+  original = ocp.JsonCheckpointHandler.async_save
+  async def stall(self, directory, *args, **kwargs):
     # Runs inside step 2's write, after its temporary directory exists: signal the parent,
     # then stall so the SIGKILL lands before the checkpoint is committed.
-    text = original(self)
     open(marker, "w").close()
     time.sleep(120)
-    return text
-  checkpoint._DataStateBox.get_state = stall
+    return await original(self, directory, *args, **kwargs)
+  ocp.JsonCheckpointHandler.async_save = stall
   big = np.random.default_rng(0).normal(size=(2_000_000,)).astype(np.float32)
-  manager.save(2, {"w": jnp.asarray(big)}, {"pos": 2}, {"epoch": 2})
+  manager.save(2, {"w": jnp.asarray(big)}, {"epoch": 2})
   time.sleep(120)
 """
 
@@ -229,11 +255,11 @@ def test_sigkill_during_save_keeps_previous_step(tmp_path):
   manager = checkpoint.CheckpointManager(directory, keep_last=3)
   assert manager.latest_step() == 1 and manager.all_steps() == [1]
   target = _abstract({"w": jnp.zeros(4)}, sharding.replicated(sharding.make_mesh(1)))
-  state, data_state, metadata = manager.restore(1, target)
+  state, metadata = manager.restore(1, target)
   np.testing.assert_array_equal(np.asarray(state["w"]), [0.0, 1.0, 2.0, 3.0])
-  assert data_state == {"pos": 1} and metadata == {"epoch": 1, "step": 1}
+  assert metadata == {"epoch": 1, "step": 1}
   # A writable manager removes the partial directory, and step 2 can be written again.
-  manager.save(2, {"w": jnp.ones(4)}, {"pos": 2}, {"epoch": 2})
+  manager.save(2, {"w": jnp.ones(4)}, {"epoch": 2})
   manager.close()
   assert sorted(os.listdir(directory)) == ["1", "2"]
 
@@ -283,15 +309,15 @@ def test_diff_configs_lists_changes_and_skips_ignored():
 def test_restore_refuses_a_changed_config(tmp_path):
   config = {"model": {"depth": 50}, "checkpoint": {"resume": ""}}
   manager = checkpoint.CheckpointManager(tmp_path, use_async=False)
-  manager.save(3, {"w": jnp.ones(2)}, None, {"config": config})
+  manager.save(3, {"w": jnp.ones(2)}, {"config": config})
   target = _abstract({"w": jnp.zeros(2)}, sharding.replicated(sharding.make_mesh(1)))
   changed = {"model": {"depth": 18}, "checkpoint": {"resume": "/elsewhere"}}
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(checkpoint.CheckpointError) as error:
     manager.restore(3, target, config=changed)
   message = str(error.value)
   assert "model.depth: 50 -> 18" in message and "allow_config_change" in message
   assert "checkpoint.resume" not in message  # a path that may change on resume
-  state, _, metadata = manager.restore(3, target, config=changed, allow_config_change=True)
+  state, metadata = manager.restore(3, target, config=changed, allow_config_change=True)
   np.testing.assert_array_equal(np.asarray(state["w"]), [1.0, 1.0])
   assert metadata["config"] == config
   same_but_paths = {"model": {"depth": 50}, "checkpoint": {"resume": "/elsewhere"}}
@@ -306,11 +332,11 @@ def test_relative_directory_round_trip(tmp_path, monkeypatch):
   state = {"w": jnp.arange(6.0).reshape(2, 3)}
   manager = checkpoint.CheckpointManager(os.path.join("workdirs", "run", "checkpoints"),
                                          use_async=False)
-  manager.save(1, state, {"position": 1}, {"note": "relative"})
+  manager.save(1, state, {"note": "relative"})
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                        sharding=sharding.replicated(mesh)), state)
-  restored, data_state, metadata = manager.restore(1, target)
+  restored, metadata = manager.restore(1, target)
   manager.close()
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0).reshape(2, 3))
-  assert data_state == {"position": 1} and metadata["note"] == "relative"
+  assert metadata["note"] == "relative"
   assert os.path.isdir(tmp_path / "workdirs" / "run" / "checkpoints" / "1")

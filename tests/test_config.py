@@ -104,16 +104,55 @@ def test_eval_batch_must_divide_devices():
 def test_unknown_fields_and_unparsable_values_are_errors():
   with pytest.raises(config_lib.ConfigError, match="did you mean 'mask_threshold'"):
     config_lib.load_config("configs/sysu.py", ["mask_treshold=0.5"])
-  with pytest.raises(config_lib.ConfigError, match="cannot parse as int"):
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.depth=fifty.*'fifty'"):
     config_lib.load_config("configs/sysu.py", ["model.depth=fifty"])
   with pytest.raises(config_lib.ConfigError, match="config file not found"):
     config_lib.load_config("configs/nope.py")
-  with pytest.raises(ValueError, match="trial must be 1..10"):
+  with pytest.raises(config_lib.ConfigError, match="trial must be 1..10"):
     config_lib.load_config("configs/regdb.py:trial=12")
+  with pytest.raises(config_lib.ConfigError, match="unknown preset 'bogus'"):
+    config_lib.load_config("configs/sysu.py:bogus")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["eval.rerank=yes"], ["model.depth=fifty"], ["mask_treshold=0.5"], ["teacher.epochs=1.5"],
+])
+def test_notebook_and_command_line_reject_the_same_override_the_same_way(overrides):
+  """One parser by construction: the error a notebook gets is the line the command prints."""
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.load_config("configs/demo.py", overrides, validate_config=False)
+  result = run_cli("--config=configs/demo.py", "--print_config",
+                   *[f"--config.{o}" for o in overrides])
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.strip() == f"dakd_jax: invalid config: {error.value}"
+
+
+def test_notebook_and_command_line_resolve_the_same_config():
+  overrides = {"distill.temperatures": (4, 3), "eval.rerank": True, "eval.modes": ("indoor",),
+               "data.root": "some/where", "mask_threshold": 1}
+  config = config_lib.load_config("configs/llcm.py", overrides)
+  result = run_cli("--config=configs/llcm.py", "--print_config",
+                   "--config.distill.temperatures=(4,3)", "--config.eval.rerank=true",
+                   "--config.eval.modes=indoor", "--config.data.root=some/where",
+                   "--config.mask_threshold=1")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout) == json.loads(json.dumps(config.to_dict()))
+  assert config.mask_threshold == 1.0 and isinstance(config.mask_threshold, float)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run.py", "--config=a.py", "--workdir=w", "--config.x=1"],
+     (["--config=a.py", "--config.x=1"], ["run.py", "--workdir=w"])),
+    (["run.py", "--config", "a.py:p", "--config.x", "1", "--print_config"],
+     (["--config=a.py:p", "--config.x=1"], ["run.py", "--print_config"])),
+    (["run.py", "--configuration=z"], ([], ["run.py", "--configuration=z"])),
+])
+def test_split_argv_separates_config_arguments(argv, expected):
+  assert config_lib.split_argv(argv) == expected
 
 
 def test_every_shipped_config_validates():
-  for name in ("sysu", "regdb", "demo", "base"):
+  for name in ("sysu", "regdb", "llcm", "demo", "base"):
     for arg in ("", ":released_code"):
       config_lib.validate(config_lib.load_config(f"configs/{name}.py{arg}",
                                                  validate_config=False), num_devices=1)

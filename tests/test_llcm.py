@@ -13,8 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from dakd_jax.data import llcm, synthetic
-from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, records_of
+from dakd_jax.data import llcm, protocols, synthetic
+from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, Protocol, ProtocolOptions
+from dakd_jax.data.records import describe, records_of
 from dakd_jax.evaluation import rank_metrics
 
 TREE = dict(num_train_ids=5, num_test_ids=6, images_per_camera=3, height=32, width=16, seed=1)
@@ -332,20 +333,49 @@ def test_argument_errors(tree, call, message):
     call(tree)
 
 
-def test_describe_counts(tree):
-  train = llcm.read_llcm_split(tree, "train")
-  query, gallery = llcm.llcm_query_gallery(tree, 0, "infrared_to_visible")
-  text = llcm.describe({"train visible": records_of(train, VISIBLE), "query": query,
-                        "gallery": gallery}, title="llcm demo")
-  table = {}
-  for line in text.splitlines()[4:-1]:
+def test_describe_counts_per_camera(tree):
+  rows, modality = {}, None
+  for line in describe(llcm.read_llcm_split(tree, "test"), "llcm test").splitlines()[4:]:
     name, *numbers = [field.strip() for field in line.split("|")]
-    table[name] = tuple(int(n) for n in numbers)
-  assert text.splitlines()[0].strip() == "llcm demo"
-  visible_list = read_list(tree, "train_vis.txt")
-  folders = reference_folders(tree, VISIBLE)
-  assert table == {
-      "train visible": (5, len(visible_list), len({c for _, _, c in visible_list})),
-      "query": (6, len(reference_full(tree, INFRARED)),
-                len({c for _, c, _ in reference_folders(tree, INFRARED)})),
-      "gallery": (6, len(folders), len({c for _, c, _ in folders}))}
+    if not numbers:
+      continue
+    if name in (VISIBLE, INFRARED, "total"):
+      modality = name
+    rows[(modality, name)] = tuple(int(n) for n in numbers)
+  for code, folder_modality in ((VISIBLE, VISIBLE), (INFRARED, INFRARED)):
+    folders = reference_folders(tree, folder_modality)
+    assert rows[(code, code)] == (6, len(reference_full(tree, folder_modality)))
+    for camera in sorted({c for _, c, _ in folders}):
+      in_camera = [f for f in folders if f[1] == camera]
+      assert rows[(code, f"camera {camera}")][0] == len({i for i, _, _ in in_camera})
+  assert (INFRARED, "camera 3") not in rows
+
+
+def test_protocol_entry_point_and_settings(tree):
+  """protocols.query_gallery(Protocol("llcm", t, direction=...)) is llcm_query_gallery; the
+  variant is part of the setting name, so every result says which reading it is."""
+  options = ProtocolOptions(num_trials=2, variant="deen_test_script")
+  made = llcm.make_protocols(options)
+  assert [p.name for p in made] == [
+      "llcm/infrared_to_visible/trial-0", "llcm/infrared_to_visible/trial-1",
+      "llcm/visible_to_infrared/deen_test_script/trial-0",
+      "llcm/visible_to_infrared/deen_test_script/trial-1"]
+  assert [p.name for p in llcm.make_protocols(options, during_training=True)] == [
+      "llcm/infrared_to_visible/trial-0", "llcm/infrared_to_visible/trial-1"]
+  paths = lambda records: [r.path for r in records]
+  for trial in (0, 3):
+    for direction in llcm.DIRECTIONS:
+      query, gallery = protocols.query_gallery(Protocol("llcm", trial, direction=direction),
+                                               tree)
+      expected = llcm.llcm_query_gallery(tree, trial, direction, "plain")
+      assert (paths(query), paths(gallery)) == tuple(map(paths, expected))
+    query, gallery = protocols.query_gallery(
+        Protocol("llcm", trial, direction="visible_to_infrared", variant="deen_test_script"),
+        tree)
+    expected = llcm.llcm_query_gallery(tree, trial, "visible_to_infrared", "deen_test_script")
+    assert (paths(query), paths(gallery)) == tuple(map(paths, expected))
+  for bad in (Protocol("llcm", 0, direction="visible_to_thermal"),
+              Protocol("llcm", 0, mode="all", shots=1, direction="infrared_to_visible"),
+              Protocol("llcm", -1, direction="infrared_to_visible")):
+    with pytest.raises(ValueError):
+      protocols.check_protocol(bad)

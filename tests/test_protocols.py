@@ -12,6 +12,9 @@ import pytest
 from PIL import Image
 
 from dakd_jax.data import protocols
+from dakd_jax.data import regdb
+from dakd_jax.data import sysu
+from dakd_jax.data.records import Protocol, ProtocolOptions
 from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError
 
 # (identity, camera) -> number of images. Test ids 3, 7, 12, 105, 233; train ids 1, 2, 5.
@@ -113,7 +116,7 @@ def test_private_generator_matches_seeded_module():
 
 
 def test_query_matches_reference(sysu_root):
-  query = protocols.sysu_query(sysu_root)
+  query = sysu.query(sysu_root)
   assert _triples(query) == reference_query(sysu_root)
   assert len(query) == QUERY_SIZE
   assert {r.modality for r in query} == {INFRARED}
@@ -125,7 +128,7 @@ def test_query_matches_reference(sysu_root):
 def test_gallery_matches_reference_for_trials_0_to_9(sysu_root, mode, shots):
   draws = []
   for trial in range(10):
-    gallery = protocols.sysu_gallery(sysu_root, trial, mode=mode, shots=shots)
+    gallery = sysu.gallery(sysu_root, trial, mode=mode, shots=shots)
     assert _triples(gallery) == reference_gallery(sysu_root, mode, trial, shots)
     assert len(gallery) == GALLERY_FOLDERS[mode] * shots
     assert {r.modality for r in gallery} == {VISIBLE}
@@ -138,12 +141,12 @@ def test_gallery_matches_reference_for_trials_0_to_9(sysu_root, mode, shots):
 def test_gallery_leaves_global_random_state_alone(sysu_root):
   random.seed(1234)
   before = random.getstate()
-  protocols.sysu_gallery(sysu_root, 3, mode="all", shots=10)
+  sysu.gallery(sysu_root, 3, mode="all", shots=10)
   assert random.getstate() == before
 
 
 def test_query_does_not_depend_on_trial_or_mode(sysu_root):
-  settings = protocols.sysu_protocols(trials=(0, 5, 9))
+  settings = [p for p in sysu.make_protocols(ProtocolOptions()) if p.trial in (0, 5, 9)]
   queries = {tuple(map(tuple, _triples(protocols.query_gallery(p, sysu_root)[0])))
              for p in settings}
   assert len(queries) == 1
@@ -157,10 +160,10 @@ def test_multi_shot_needs_ten_images_per_gallery_folder(tmp_path):
   counts[(7, 4)] = 9
   root = str(write_tree(tmp_path / "sysu", counts, SPLITS))
   with pytest.raises(DatasetError, match=r"cam4.0007 holds 9 images; multi-shot draws 10"):
-    protocols.sysu_gallery(root, 0, mode="all", shots=10)
+    sysu.gallery(root, 0, mode="all", shots=10)
   # Camera 4 is not an indoor gallery camera, and single-shot needs one image.
-  assert len(protocols.sysu_gallery(root, 0, mode="indoor", shots=10)) == 80
-  assert _triples(protocols.sysu_gallery(root, 4, mode="all", shots=1)) == reference_gallery(
+  assert len(sysu.gallery(root, 0, mode="indoor", shots=10)) == 80
+  assert _triples(sysu.gallery(root, 4, mode="all", shots=1)) == reference_gallery(
       root, "all", 4, 1)
 
 
@@ -169,8 +172,8 @@ def test_empty_gallery_folder_is_an_error(tmp_path):
   counts[(105, 2)] = 0
   root = str(write_tree(tmp_path / "sysu", counts, SPLITS))
   with pytest.raises(DatasetError, match=r"cam2.0105 holds 0 images; single-shot draws 1"):
-    protocols.sysu_gallery(root, 0, mode="indoor", shots=1)
-  assert len(protocols.sysu_query(root)) == QUERY_SIZE
+    sysu.gallery(root, 0, mode="indoor", shots=1)
+  assert len(sysu.query(root)) == QUERY_SIZE
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -182,15 +185,15 @@ def test_empty_gallery_folder_is_an_error(tmp_path):
 ])
 def test_gallery_argument_errors(sysu_root, kwargs, message):
   with pytest.raises(DatasetError, match=message):
-    protocols.sysu_gallery(sysu_root, **kwargs)
+    sysu.gallery(sysu_root, **kwargs)
 
 
 def test_gallery_reports_reader_errors(tmp_path):
   with pytest.raises(DatasetError, match=r"SYSU-MM01 root not found"):
-    protocols.sysu_gallery(str(tmp_path / "none"), 0, mode="all", shots=1)
+    sysu.gallery(str(tmp_path / "none"), 0, mode="all", shots=1)
   root = str(write_tree(tmp_path / "sysu", COUNTS, dict(SPLITS, **{"test_id.txt": "3,8"})))
   with pytest.raises(DatasetError, match=r"identity 8 of the 'test' split has no folder"):
-    protocols.sysu_query(root)
+    sysu.query(root)
 
 
 def _write_regdb(root, trial):
@@ -213,22 +216,22 @@ def _write_regdb(root, trial):
 def test_regdb_directions(tmp_path):
   root, expected = _write_regdb(tmp_path / "RegDB", 4)
   rows = lambda records: [(r.path, r.identity) for r in records]
-  query, gallery = protocols.regdb_query_gallery(root, 4, "visible_to_thermal")
+  query, gallery = regdb.query_gallery_of(root, 4, "visible_to_thermal")
   assert (rows(query), rows(gallery)) == (expected["visible"], expected["thermal"])
   assert {r.camera for r in query} == {1} and {r.modality for r in gallery} == {INFRARED}
-  query, gallery = protocols.regdb_query_gallery(root, 4, "thermal_to_visible")
+  query, gallery = regdb.query_gallery_of(root, 4, "thermal_to_visible")
   assert (rows(query), rows(gallery)) == (expected["thermal"], expected["visible"])
-  for protocol in protocols.regdb_protocols(4):
+  for protocol in regdb.make_protocols(ProtocolOptions(trial=4)):
     assert rows(protocols.query_gallery(protocol, root)[0]) == expected[
         protocol.direction.split("_to_")[0]]
   with pytest.raises(DatasetError, match=r"direction must be one of"):
-    protocols.regdb_query_gallery(root, 4, "rgb_to_ir")
+    regdb.query_gallery_of(root, 4, "rgb_to_ir")
   with pytest.raises(DatasetError, match=r"index file not found: .*test_visible_5\.txt"):
-    protocols.regdb_query_gallery(root, 5, "visible_to_thermal")
+    regdb.query_gallery_of(root, 5, "visible_to_thermal")
 
 
 def test_protocol_names_and_lists():
-  settings = protocols.sysu_protocols()
+  settings = sysu.make_protocols(ProtocolOptions())
   assert len(settings) == 40
   assert settings[0].name == "sysu_mm01/all/single-shot/trial-0"
   assert settings[9].name == "sysu_mm01/all/single-shot/trial-9"
@@ -236,10 +239,19 @@ def test_protocol_names_and_lists():
   assert settings[-1].name == "sysu_mm01/indoor/multi-shot/trial-9"
   assert len({p.name for p in settings}) == 40
   assert len({p.setting for p in settings}) == 4
-  assert [p.name for p in protocols.regdb_protocols(7)] == [
+  assert [p.name for p in regdb.make_protocols(ProtocolOptions(trial=7))] == [
       "regdb/visible_to_thermal/trial-7", "regdb/thermal_to_visible/trial-7"]
-  assert [p.name for p in protocols.sysu_protocols(["indoor"], [10], [2])] == [
+  assert [p.name for p in regdb.make_protocols(ProtocolOptions(trial=7),
+                                               during_training=True)] == [
+      "regdb/visible_to_thermal/trial-7"]
+  assert [p.name for p in sysu.make_protocols(ProtocolOptions(modes=("indoor",),
+                                                              shots=("multi",),
+                                                              num_trials=3))][2:] == [
       "sysu_mm01/indoor/multi-shot/trial-2"]
+  training = sysu.make_protocols(ProtocolOptions(num_trials=2), during_training=True)
+  assert [p.name for p in training] == [
+      "sysu_mm01/all/single-shot/trial-0", "sysu_mm01/all/single-shot/trial-1",
+      "sysu_mm01/indoor/single-shot/trial-0", "sysu_mm01/indoor/single-shot/trial-1"]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -253,4 +265,4 @@ def test_protocol_names_and_lists():
 ])
 def test_protocol_rejects_inconsistent_settings(kwargs):
   with pytest.raises(ValueError):
-    protocols.Protocol(**kwargs)
+    protocols.check_protocol(Protocol(**kwargs))

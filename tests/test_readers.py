@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dakd_jax.data import regdb, sysu
-from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, records_of
+from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, describe, records_of
 
 
 def _image_bytes(fmt):
@@ -87,7 +87,7 @@ def test_sysu_relative_root_gives_absolute_paths(sysu_root, monkeypatch):
 
 
 def test_sysu_describe_counts(sysu_root):
-  text = sysu.describe(sysu.read_sysu(str(sysu_root), "train"), title="sysu train")
+  text = describe(sysu.read_sysu(str(sysu_root), "train"), title="sysu train")
   rows = {}
   for line in text.splitlines():
     match = re.match(r"\s+(\S.*?)\s+\|\s+(\d+)\s+\|\s+(\d+)$", line)

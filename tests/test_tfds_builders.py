@@ -31,28 +31,14 @@ def write_dataset(root):
   return split_records
 
 
-class CountingRecords:
-  """records_fn that counts how often the builder asks for records."""
-
-  def __init__(self, split_records):
-    self.split_records = split_records
-    self.calls = 0
-
-  def __call__(self, split):
-    self.calls += 1
-    return self.split_records[split]
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("raw"))
   data_dir = str(tmp_path_factory.mktemp("prepared"))
   split_records = write_dataset(root)
-  records_fn = CountingRecords(split_records)
   builder = tfds_builders.prepare("sysu_mm01", root, data_dir, HEIGHT, WIDTH,
-                                  progress=False, records_fn=records_fn)
-  return dict(root=root, data_dir=data_dir, records=split_records, records_fn=records_fn,
-              builder=builder)
+                                  progress=False, split_records=split_records)
+  return dict(root=root, data_dir=data_dir, records=split_records, builder=builder)
 
 
 def test_images_equal_load_image_in_reader_order(prepared):
@@ -91,10 +77,8 @@ def test_metadata_matches_records_and_examples(prepared):
 def test_prepare_twice_reuses_files(prepared):
   files = sorted(os.listdir(prepared["builder"].data_dir))
   mtimes = [os.path.getmtime(os.path.join(prepared["builder"].data_dir, f)) for f in files]
-  calls = prepared["records_fn"].calls
   again = tfds_builders.prepare("sysu_mm01", prepared["root"], prepared["data_dir"], HEIGHT,
-                                WIDTH, progress=False, records_fn=prepared["records_fn"])
-  assert prepared["records_fn"].calls == calls  # no records read, so nothing rebuilt
+                                WIDTH, progress=False, split_records=prepared["records"])
   assert os.fspath(again.data_dir) == os.fspath(prepared["builder"].data_dir)
   assert sorted(os.listdir(again.data_dir)) == files
   assert [os.path.getmtime(os.path.join(again.data_dir, f)) for f in files] == mtimes
@@ -102,7 +86,7 @@ def test_prepare_twice_reuses_files(prepared):
 
 def test_changed_size_prepares_new_directory(prepared):
   smaller = tfds_builders.prepare("sysu_mm01", prepared["root"], prepared["data_dir"], 40, 20,
-                                  progress=False, records_fn=prepared["records_fn"])
+                                  progress=False, split_records=prepared["records"])
   assert os.fspath(smaller.data_dir) != os.fspath(prepared["builder"].data_dir)
   assert os.path.isdir(prepared["builder"].data_dir)
   record = prepared["records"]["test"][3]
@@ -110,44 +94,94 @@ def test_changed_size_prepares_new_directory(prepared):
                                 load_image(record.path, 40, 20))
 
 
+def test_repaired_source_file_is_prepared_again(tmp_path):
+  """The prepared copy is keyed by content: a file replaced under the same name (new bytes,
+  size or time) gives a new variant holding the new pixels; the old one stays untouched."""
+  root = str(tmp_path / "raw")
+  records = write_dataset(root)
+  first = tfds_builders.prepare("sysu_mm01", root, str(tmp_path / "prepared"), HEIGHT, WIDTH,
+                                progress=False, split_records=records)
+  target = records["test"][1].path
+  Image.fromarray(np.full((60, 30, 3), 77, np.uint8)).save(target)
+  os.utime(target, ns=(1, 10**18))  # a time no earlier write could have
+  second = tfds_builders.prepare("sysu_mm01", root, str(tmp_path / "prepared"), HEIGHT, WIDTH,
+                                 progress=False, split_records=records)
+  assert os.fspath(second.data_dir) != os.fspath(first.data_dir)
+  np.testing.assert_array_equal(tfds_builders.load_sources(second)["test"][1]["image"],
+                                np.full((HEIGHT, WIDTH, 3), 77, np.uint8))
+  assert tfds_builders.load_sources(first)["test"][1]["image"].mean() != 77
+
+
+def test_content_digest_follows_files_and_labels_not_root_spelling(tmp_path):
+  root = str(tmp_path / "raw")
+  records = write_dataset(root)
+  digest = tfds_builders.content_digest(records, root)
+  spelt_otherwise = str(tmp_path / "x" / ".." / "raw")
+  assert tfds_builders.content_digest(records, spelt_otherwise) == digest
+  moved = {"train": records["train"][:-1], "test": records["test"] + records["train"][-1:]}
+  assert tfds_builders.content_digest(moved, root) != digest
+  with open(records["train"][0].path, "ab") as f:
+    f.write(b"\0")  # one byte longer
+  assert tfds_builders.content_digest(records, root) != digest
+
+
 def test_regdb_builder_names_trial_and_prepares(prepared):
   builder = tfds_builders.prepare("regdb", prepared["root"], prepared["data_dir"], HEIGHT, WIDTH,
-                                  trial=3, progress=False, records_fn=prepared["records_fn"])
+                                  trial=3, progress=False, split_records=prepared["records"])
   relative = os.path.relpath(builder.data_dir, prepared["data_dir"]).split(os.sep)
-  digest = tfds_builders.root_digest(prepared["root"])
-  assert relative == ["regdb", f"h{HEIGHT}_w{WIDTH}_trial3_root{digest}", "1.0.0"]
+  digest = tfds_builders.content_digest(prepared["records"], prepared["root"])
+  assert relative == ["regdb", f"h{HEIGHT}_w{WIDTH}_trial3_{digest}", "1.0.0"]
   source = tfds_builders.load_sources(builder)["train"]
   assert len(source) == len(prepared["records"]["train"])
 
 
-def test_config_names_separate_roots_and_reject_bad_arguments(tmp_path):
-  first = tfds_builders.make_config("sysu_mm01", str(tmp_path / "a"), 384, 128)
-  second = tfds_builders.make_config("sysu_mm01", str(tmp_path / "b"), 384, 128)
-  assert first.name.startswith("h384_w128_root") and first.name != second.name
-  # The same root spelt differently resolves to the same name.
-  again = tfds_builders.make_config("sysu_mm01", str(tmp_path / "x" / ".." / "a"), 384, 128)
-  assert again.name == first.name
+def test_config_rejects_bad_arguments(tmp_path):
+  config = tfds_builders.make_config("sysu_mm01", str(tmp_path / "a"), 384, 128, None, "abc")
+  assert config.name == "h384_w128_abc"
   with pytest.raises(ValueError, match="trial"):
-    tfds_builders.make_config("regdb", str(tmp_path), 288, 144)
+    tfds_builders.make_config("regdb", str(tmp_path), 288, 144, None, "abc")
   with pytest.raises(ValueError, match="trial"):
-    tfds_builders.make_config("sysu_mm01", str(tmp_path), 288, 144, trial=1)
+    tfds_builders.make_config("sysu_mm01", str(tmp_path), 288, 144, 1, "abc")
   with pytest.raises(ValueError, match="dataset"):
-    tfds_builders.make_config("market1501", str(tmp_path), 288, 144)
+    tfds_builders.make_config("market1501", str(tmp_path), 288, 144, None, "abc")
 
 
 def test_empty_split_fails_and_leaves_nothing_prepared(prepared, tmp_path):
   records = {"train": prepared["records"]["train"], "test": []}
   with pytest.raises(DatasetError, match="'test' has no images"):
     tfds_builders.prepare("sysu_mm01", prepared["root"], str(tmp_path), 32, 16,
-                          progress=False, records_fn=records.__getitem__)
-  builder = tfds_builders.create_builder("sysu_mm01", prepared["root"], str(tmp_path), 32, 16)
-  assert not builder.is_prepared()
+                          progress=False, split_records=records)
+  assert not [folder for _, folders, _ in os.walk(tmp_path) for folder in folders
+              if folder == "1.0.0" or folder.startswith("incomplete.")]
+
+
+def test_interrupted_preparation_is_cleaned_up_by_the_next_run(prepared, tmp_path):
+  """A killed preparation leaves TFDS's incomplete.* folder; the next run removes it."""
+  config = tfds_builders.make_config(
+      "sysu_mm01", prepared["root"], 24, 12, None,
+      tfds_builders.content_digest(prepared["records"], prepared["root"]))
+  stale = tmp_path / "sysu_mm01" / config.name / "incomplete.ABC123_1.0.0"
+  stale.mkdir(parents=True)
+  (stale / "half_written.array_record").write_bytes(b"x")
+  builder = tfds_builders.prepare("sysu_mm01", prepared["root"], str(tmp_path), 24, 12,
+                                  progress=False, split_records=prepared["records"])
+  assert builder.is_prepared() and not stale.exists()
+  assert os.listdir(tmp_path / "sysu_mm01" / config.name) == ["1.0.0"]
+
+
+def test_preparation_prints_one_line_of_its_own(prepared, tmp_path, capfd):
+  tfds_builders.prepare("sysu_mm01", prepared["root"], str(tmp_path), 24, 12, progress=True,
+                        split_records=prepared["records"])
+  out, err = capfd.readouterr()
+  assert "Downloading and preparing" not in out + err and "Unknown size" not in out + err
+  # 3 training and 2 test identities with 3 visible + 2 infrared images each: 25 images.
+  assert f"dakd_jax: preparing sysu_mm01 (25 images at 24x12) into {tmp_path}" in err
 
 
 def test_missing_root_is_reported(tmp_path):
   with pytest.raises(DatasetError, match="not a directory"):
     tfds_builders.prepare("sysu_mm01", str(tmp_path / "missing"), str(tmp_path), 32, 16,
-                          progress=False, records_fn=lambda split: [])
+                          progress=False)
 
 
 def test_split_metadata_rejects_sliced_split(prepared):

@@ -30,7 +30,7 @@ TINY = {
     "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
     "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
     "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
-    "eval.shots": ("single",), "log.every_steps": 1, "log.progress": False,
+    "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
     "pretrain.enabled": False,  # mechanics tests start from random weights
 }
 
@@ -73,7 +73,7 @@ def restore_params(checkpoint_dir, step):
 
 def test_teacher_schedule_matches_method_by_hand():
   config = config_lib.load_config("configs/sysu.py", validate_config=False)
-  schedule = state_lib.teacher_learning_rate(config, steps_per_epoch=10)
+  schedule = builders.teacher_learning_rate(config, steps_per_epoch=10)
   base = 3.5e-4
   # epoch 0 -> base/10, epoch 4 -> base/2, 10..20 base (strict > at D1 = 20), 21..39 0.1 base.
   expected = {0: base / 10, 9: base / 10, 45: base / 2, 100: base, 209: base, 200: base,
@@ -97,7 +97,7 @@ def _tiny_model_and_batch(n=4, height=48, width=48, classes=5):
 def test_teacher_step_compiles_once_and_moves_memories():
   config, model, batch = _tiny_model_and_batch()
   variables = builders.init_model_variables(config, model, jax.random.key(0))
-  tx = state_lib.make_teacher_optimizer(config, steps_per_epoch=5)
+  tx = builders.make_teacher_optimizer(config, steps_per_epoch=5)
   dim = variables["params"]["bnneck"]["scale"].shape[0]
   rng = np.random.default_rng(1)
   centres = [memory_lib.unit_rows(jnp.asarray(rng.normal(size=(5, dim)), jnp.float32))
@@ -137,7 +137,7 @@ def test_student_step_trains_only_student_and_compiles_once():
   centres = [memory_lib.unit_rows(jnp.asarray(rng.normal(size=(5, dim)), jnp.float32))
              for _ in range(2)]
   teacher = steps_lib.FrozenTeacher(teacher_vars, *centres)
-  tx = state_lib.make_student_optimizer(config)
+  tx = builders.make_student_optimizer(config)
   state = state_lib.create_state(student_vars, tx, jax.random.key(5))
   traces = []
   step = steps_lib.make_student_step(model, tx, builders.distill_settings(config),
@@ -187,14 +187,16 @@ def test_non_finite_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  """Killed mid-run with two loader worker processes, resumed with none: the step is the data
+  position, so the resumed run sees the uninterrupted run's batches and reaches its weights."""
   overrides = tiny_overrides(str(tmp_path), **{
       "stage": "teacher", "teacher.epochs": 3, "teacher.steps_per_epoch": 4,
       "teacher.eval_every_epochs": 100, "checkpoint.every_steps": 1,
-      "checkpoint.keep_last": 10})
+      "checkpoint.keep_last": 10, "data.num_workers": 0})
   straight = str(tmp_path / "straight")
   finish(run_py(overrides, straight))
   killed = str(tmp_path / "killed")
-  process = run_py(overrides, killed)
+  process = run_py(overrides + ["--config.data.num_workers=2"], killed)
   checkpoints = os.path.join(killed, "teacher", "checkpoints")
   deadline = time.time() + 600
   while time.time() < deadline and not any(
@@ -213,6 +215,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   for step in range(interrupted_at + 1, 13):
     assert resumed_losses[step] == straight_losses[step], (step, straight_losses,
                                                            resumed_losses)
+  # metrics.jsonl holds each step once, in order: the rows logged after the restored step by
+  # the killed process are dropped on resume.
+  logged = [r["step"] for r in read_jsonl(os.path.join(killed, "teacher", "metrics.jsonl"))
+            if "loss" in r]
+  assert logged == list(range(1, 13))
   expected = restore_params(os.path.join(straight, "teacher", "checkpoints"), 12)
   resumed = restore_params(checkpoints, 12)
   jax.tree.map(np.testing.assert_array_equal, expected, resumed)

@@ -22,9 +22,8 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import Mapping, Sequence
-
 from dakd_jax.data.records import INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
+from dakd_jax.data.records import Protocol, ProtocolOptions
 
 DATASET_NAME = "llcm"
 SPLITS = ("train", "test")
@@ -387,24 +386,33 @@ def llcm_query_gallery(root: str, trial: int, direction: str, vis_to_ir: str = "
   return _records(root, INFRARED, folders, trial), _records(root, VISIBLE, folders, None)
 
 
-def describe(sets: Mapping[str, Sequence[ImageRecord]], title: str = DATASET_NAME) -> str:
-  """A torchreid-style summary: identities, images and cameras per named set.
+def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRecord]:
+  """The dataset spec's reader: `read_llcm_split` (LLCM has no training trials)."""
+  del trial
+  return read_llcm_split(root, split)
 
-  Args:
-    sets: {set name: records}, e.g. {"train visible": ..., "query (infrared, full)": ...}; rows
-      keep the mapping's order.
-    title: first line of the table.
 
-  Returns: a multi-line string (no trailing newline), one row per set; columns '# ids',
-    '# images' and '# cameras' (distinct camera numbers; UNKNOWN_CAMERA counts as one).
-  """
-  width = max([len(name) for name in sets] + [6])
-  rule = "  " + "-" * (width + 31)
-  lines = [f"  {title}", rule,
-           f"  {'subset':<{width}} | {'# ids':>5} | {'# images':>8} | {'# cameras':>9}", rule]
-  for name, records in sets.items():
-    identities = len({r.identity for r in records})
-    cameras = len({r.camera for r in records})
-    lines.append(f"  {name:<{width}} | {identities:5d} | {len(records):8d} | {cameras:9d}")
-  lines.append(rule)
-  return "\n".join(lines)
+def check_protocol(protocol: Protocol) -> None:
+  """Raises ValueError unless `protocol` is an LLCM setting: a direction, a variant for
+  visible->infrared (None means "plain"), a trial >= 0, no mode or shots."""
+  if protocol.direction not in DIRECTIONS or protocol.mode or protocol.shots or (
+      protocol.variant is not None and protocol.variant not in VIS_TO_IR_VARIANTS):
+    raise ValueError(f"an {DATASET_NAME} protocol needs direction in {DIRECTIONS}, variant in "
+                     f"{VIS_TO_IR_VARIANTS} (or None) and no mode or shots; got {protocol}")
+  _check_trial(protocol.trial)
+
+
+def make_protocols(options: ProtocolOptions, *, during_training: bool = False) -> list[Protocol]:
+  """LLCM protocols: per direction, trials 0..num_trials-1; visible->infrared carries the
+  configured variant. During training: infrared->visible only (the reference's training-time
+  direction), all trials."""
+  directions = DIRECTIONS[:1] if during_training else (options.directions or DIRECTIONS)
+  return [Protocol(DATASET_NAME, trial, direction=direction,
+                   variant=options.variant if direction == "visible_to_infrared" else None)
+          for direction in directions for trial in range(options.num_trials)]
+
+
+def query_gallery(protocol: Protocol, root: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+  """(query, gallery) records of an LLCM protocol (`llcm_query_gallery`)."""
+  return llcm_query_gallery(root, protocol.trial, protocol.direction,
+                            protocol.variant or "plain")

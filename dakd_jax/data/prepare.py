@@ -1,75 +1,62 @@
-"""From a config to ready-to-use data: generate (synthetic only), prepare (TFDS), index.
+"""From a dataset's location to ready-to-use data: generate (synthetic only), prepare (TFDS), index.
 
-The result, a `DataBundle`, is what the training loop and evaluation read: random-access sources
+The result, a frozen `DataBundle`, is what training and evaluation read: random-access sources
 of the prepared train and test splits, their metadata arrays (no image decoded), the number of
-training identities, and where protocols find their file lists.
+training identities, the dataset's spec and where protocols find their file lists.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import types
+from typing import Mapping
 
 import jax
-import ml_collections
 import numpy as np
 
-from dakd_jax.data import records
+from dakd_jax.data import records as records_lib
+from dakd_jax.data import specs
 from dakd_jax.data import synthetic
 from dakd_jax.data import tfds_builders
+from dakd_jax.errors import DatasetError
 
-SYNTHETIC_KIND = {"sysu_mm01": "sysu", "regdb": "regdb"}
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataBundle:
-  """Prepared splits and what is known about them.
+  """Prepared splits and what is known about them (immutable).
 
+  spec: the dataset's spec.
+  root: the dataset root the protocols read their file lists from (absolute).
+  trial: the training trial of a dataset with trials (RegDB), else None.
   train_source / test_source: random-access sources; `source[i]['image']` is uint8 [H, W, 3].
   train_meta / test_meta: label, identity, camera, modality (0 visible, 1 infrared), path arrays.
   num_classes: training identities C (labels 0..C-1).
-  root: the dataset root the protocols read their file lists from.
+  test_rows: the test split's relative path -> row.
   """
-  dataset: str
+  spec: specs.DatasetSpec
   root: str
-  trial: int
+  trial: int | None
   train_source: object
   test_source: object
-  train_meta: dict
-  test_meta: dict
+  train_meta: Mapping[str, np.ndarray]
+  test_meta: Mapping[str, np.ndarray]
   num_classes: int
-  # Caches of derived lookups: the test split's path -> row, and protocol -> (query, gallery)
-  # rows (listing the protocol's folders once, not at every training-time evaluation).
-  _test_positions: dict = dataclasses.field(default_factory=dict, repr=False)
-  protocol_rows_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+  test_rows: Mapping[str, int]
 
-  def test_index_of(self, record: records.ImageRecord) -> int:
-    """Index in the prepared test split of a protocol record (by path relative to the root)."""
-    if not self._test_positions:
-      self._test_positions.update(
-          (p, i) for i, p in enumerate(self.test_meta["path"].tolist()))
+  @property
+  def dataset(self) -> str:
+    """The dataset's name."""
+    return self.spec.name
+
+  def test_index_of(self, record: records_lib.ImageRecord) -> int:
+    """Row in the prepared test split of a protocol record (by path relative to the root)."""
     relative = os.path.relpath(record.path, self.root).replace(os.sep, "/")
-    if relative not in self._test_positions:
-      raise records.DatasetError(
-          f"{record.path} is in the evaluation protocol but not in the prepared test split; "
-          f"the prepared data is stale: delete the prepared folder and run again")
-    return self._test_positions[relative]
-
-
-def ensure_synthetic_data(config: ml_collections.ConfigDict) -> str:
-  """Generates the synthetic tree at data.root when config.synthetic.enabled (else no-op)."""
-  if not config.synthetic.enabled:
-    return config.data.root
-  s = config.synthetic
-  kind = SYNTHETIC_KIND[config.data.dataset]
-  if kind == "sysu":
-    params = dict(num_train_ids=s.num_train_ids, num_val_ids=s.num_val_ids,
-                  num_test_ids=s.num_test_ids, images_per_camera=s.images_per_camera,
-                  height=s.image_height, width=s.image_width, seed=s.seed)
-  else:
-    params = dict(num_ids=2 * s.num_train_ids, images_per_modality=s.images_per_camera,
-                  height=s.image_height, width=s.image_width, seed=s.seed)
-  process_zero_first(lambda: synthetic.ensure_synthetic(config.data.root, kind, **params))
-  return config.data.root
+    if relative not in self.test_rows:
+      raise DatasetError(
+          f"{record.path} is in the evaluation protocol but not in the prepared test split of "
+          f"{self.root}; the prepared data is stale: delete the prepared folder and run again")
+    return self.test_rows[relative]
 
 
 def process_zero_first(fn):
@@ -82,23 +69,60 @@ def process_zero_first(fn):
   return result if jax.process_index() == 0 else fn()
 
 
-def prepare_data(config: ml_collections.ConfigDict, *, progress: bool = True) -> DataBundle:
-  """Generates (synthetic), prepares (once per size/trial/root) and opens the dataset."""
-  root = os.path.abspath(ensure_synthetic_data(config))
-  dataset = config.data.dataset
-  trial = config.data.trial if dataset == "regdb" else None
+def ensure_synthetic_data(spec: specs.DatasetSpec, root: str,
+                          sizes: specs.SyntheticSizes) -> str:
+  """Generates the synthetic stand-in tree of `spec` at `root` (reused when already there)."""
+  return process_zero_first(lambda: synthetic.ensure_synthetic(
+      root, spec.synthetic_kind, **spec.synthetic_params(sizes)))
+
+
+def _summarise(spec, split_records, stream) -> None:
+  """The dataset table (both splits) and one warning line for unusable training identities."""
+  for split in tfds_builders.SPLITS:
+    print(records_lib.describe(split_records[split], f"{spec.title} {split}"), file=stream)
+  lonely = records_lib.identities_missing_a_modality(split_records["train"])
+  if lonely:
+    print(f"dakd_jax: warning: {len(lonely)} training identities have images in one modality "
+          f"only and are never sampled: {lonely}", file=stream, flush=True)
+
+
+def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[int, int], *,
+                 trial: int | None = None, synthetic_sizes: specs.SyntheticSizes | None = None,
+                 progress: bool = True) -> DataBundle:
+  """Generates (synthetic), prepares (once per size/trial/content) and opens a dataset.
+
+  Args:
+    dataset: a dataset name. root: its extracted folder. prepared_dir: the TFDS data_dir.
+    image_size: (height, width) the images are stored at.
+    trial: the training trial where the splits depend on one (ignored otherwise).
+    synthetic_sizes: generate a synthetic tree at `root` first (reused when present).
+    progress: print the dataset summary, the preparation notice and progress bars (process 0).
+  Raises:
+    DatasetError: missing or malformed dataset files (the message names them).
+  """
+  spec = specs.get_spec(dataset)
+  root = os.path.abspath(root)
+  if synthetic_sizes is not None:
+    ensure_synthetic_data(spec, root, synthetic_sizes)
+  trial = spec.split_trial(trial)
+  split_records = tfds_builders.read_split_records(dataset, root, trial)
+  show = progress and jax.process_index() == 0
+  if show:
+    _summarise(spec, split_records, sys.stderr)
   builder = process_zero_first(lambda: tfds_builders.prepare(
-      dataset, root, config.data.prepared_dir, config.data.image_height,
-      config.data.image_width, trial, progress=progress and jax.process_index() == 0))
+      dataset, root, prepared_dir, image_size[0], image_size[1], trial, progress=show,
+      split_records=split_records))
   sources = tfds_builders.load_sources(builder)
   train_meta = tfds_builders.split_metadata(sources["train"])
   test_meta = tfds_builders.split_metadata(sources["test"])
-  num_classes = int(train_meta["label"].max()) + 1
-  return DataBundle(dataset=dataset, root=root, trial=config.data.trial,
-                    train_source=sources["train"], test_source=sources["test"],
-                    train_meta=train_meta, test_meta=test_meta, num_classes=num_classes)
+  test_rows = types.MappingProxyType(
+      {path: row for row, path in enumerate(test_meta["path"].tolist())})
+  return DataBundle(spec=spec, root=root, trial=trial, train_source=sources["train"],
+                    test_source=sources["test"], train_meta=types.MappingProxyType(train_meta),
+                    test_meta=types.MappingProxyType(test_meta),
+                    num_classes=int(train_meta["label"].max()) + 1, test_rows=test_rows)
 
 
-def modality_rows(meta: dict, modality_code: int) -> np.ndarray:
+def modality_rows(meta: Mapping[str, np.ndarray], modality_code: int) -> np.ndarray:
   """Indices of the split's images of one modality, in split order."""
   return np.flatnonzero(meta["modality"] == modality_code)

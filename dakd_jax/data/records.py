@@ -1,11 +1,13 @@
-"""The common currency of the dataset readers: one `ImageRecord` per image file.
+"""The common currency of the dataset readers: `ImageRecord` per image file, `Protocol` per setting.
 
-Readers (`sysu.py`, `regdb.py`) turn an on-disk layout into lists of records; protocols pick query
-and gallery records from them; the TFDS builders store the records' images pre-resized. Nothing
-here knows about a particular dataset.
+Readers (`sysu.py`, `regdb.py`) turn an on-disk layout into lists of records and draw query and
+gallery records for a `Protocol`; the TFDS builders store the records' images pre-resized;
+`describe` prints the torchreid-style summary of a set of records. Nothing here knows about a
+particular dataset.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from typing import Iterable, Sequence
@@ -13,15 +15,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-VISIBLE = "visible"
-INFRARED = "infrared"
-MODALITIES = (VISIBLE, INFRARED)
-# Integer codes used inside arrays (model routing, prepared datasets).
-MODALITY_CODE = {VISIBLE: 0, INFRARED: 1}
+from dakd_jax.errors import DatasetError  # pylint: disable=unused-import  (re-exported)
+from dakd_jax.modalities import INFRARED, MODALITIES, VISIBLE  # pylint: disable=unused-import
+from dakd_jax.modalities import CODES as MODALITY_CODE
 
-
-class DatasetError(ValueError):
-  """Bad or missing dataset files; the message names the path and what was expected."""
+# Gallery images drawn per (identity, camera) folder -> the name of the setting.
+SHOT_NAMES = {1: "single-shot", 10: "multi-shot"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +47,19 @@ def make_label_map(records: Iterable[ImageRecord]) -> dict[int, int]:
   return {identity: label for label, identity in enumerate(sorted({r.identity for r in records}))}
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """3-channel 8-bit RGB; 16/32-bit grey images (PNG modes I;16*, I) scaled to 0..255 first.
+
+  PIL's own `convert("RGB")` clips those modes at 255, which turns a 16-bit grey image white.
+  Mode I is read as 16-bit data (what a 16-bit PNG decodes to), so 65535 maps to 255.
+  """
+  if image.mode.startswith("I;16") or image.mode == "I":
+    values = np.asarray(image, dtype=np.float64)
+    grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+  return image.convert("RGB")
+
+
 def load_image(path: str, height: int, width: int) -> np.ndarray:
   """Decodes an image file as 3-channel RGB and resizes it with a Lanczos filter.
 
@@ -58,7 +70,7 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
     raise DatasetError(f"image file not found: {path}")
   try:
     with Image.open(path) as image:
-      image = image.convert("RGB")
+      image = _to_rgb(image)
       if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
       return np.asarray(image, dtype=np.uint8)
@@ -71,3 +83,106 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
 def records_of(records: Sequence[ImageRecord], modality: str) -> list[ImageRecord]:
   """The records of one modality, order preserved."""
   return [r for r in records if r.modality == modality]
+
+
+def describe(records: Sequence[ImageRecord], title: str) -> str:
+  """A torchreid-style summary table: identities and images per modality and per camera.
+
+  Args:
+    records: any records (of one split or several).
+    title: first line of the table.
+
+  Returns: a multi-line string (no trailing newline), one row per modality, one per camera
+    within it, and a total row; columns '# ids' and '# images'.
+  """
+  by_modality = collections.defaultdict(list)
+  by_camera = collections.defaultdict(list)
+  for record in records:
+    by_modality[record.modality].append(record)
+    by_camera[(record.modality, record.camera)].append(record)
+  rule = "  " + "-" * 37
+  lines = [f"  {title}", rule, f"  {'subset':<18} | {'# ids':>5} | {'# images':>8}", rule]
+
+  def row(label, group):
+    identities = len({r.identity for r in group})
+    lines.append(f"  {label:<18} | {identities:5d} | {len(group):8d}")
+
+  for modality in MODALITIES:
+    if modality not in by_modality:
+      continue
+    row(modality, by_modality[modality])
+    for camera in sorted(c for m, c in by_camera if m == modality):
+      row(f"  camera {camera}", by_camera[(modality, camera)])
+  lines.append(rule)
+  row("total", records)
+  lines.append(rule)
+  return "\n".join(lines)
+
+
+def identities_missing_a_modality(records: Sequence[ImageRecord]) -> list[int]:
+  """Identities of a training split with images in only one modality, ascending.
+
+  The cross-modal sampler cannot use them (it pairs a visible and an infrared image of one
+  identity at every batch position), so they are reported to the user.
+  """
+  seen = collections.defaultdict(set)
+  for record in records:
+    seen[record.identity].add(record.modality)
+  return sorted(identity for identity, modalities in seen.items() if len(modalities) < 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """One evaluation setting; which fields apply depends on the dataset (its module checks them).
+
+  dataset: a dataset name (`specs.DATASET_NAMES`).
+  trial: the trial: a gallery seed (SYSU-MM01 0..9, LLCM 0..9) or a RegDB trial (1..10).
+  mode: SYSU-MM01 search mode, "all" or "indoor".
+  shots: SYSU-MM01 gallery images per identity folder, 1 or 10.
+  direction: which modality queries, e.g. "visible_to_thermal" (RegDB) or
+    "infrared_to_visible" (LLCM).
+  variant: a reading of the direction where sources disagree (LLCM visible->infrared: "plain" or
+    "deen_test_script"); None where there is only one.
+  """
+  dataset: str
+  trial: int
+  mode: str | None = None
+  shots: int | None = None
+  direction: str | None = None
+  variant: str | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.dataset, str) or isinstance(self.trial, bool) \
+        or not isinstance(self.trial, int):
+      raise ValueError(f"a protocol needs a dataset name and an integer trial; got {self}")
+
+  @property
+  def setting(self) -> str:
+    """The setting without the trial, e.g. 'sysu_mm01/all/single-shot' (trials average here)."""
+    parts = [self.dataset, self.mode, SHOT_NAMES.get(self.shots, self.shots), self.direction,
+             self.variant]
+    return "/".join(str(part) for part in parts if part is not None)
+
+  @property
+  def name(self) -> str:
+    """The setting and the trial, e.g. 'sysu_mm01/all/single-shot/trial-0', for reports."""
+    return f"{self.setting}/trial-{self.trial}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolOptions:
+  """Which protocols an evaluation runs (config `eval.*`); each dataset uses the fields it has.
+
+  modes: SYSU-MM01 search modes ("all", "indoor").
+  shots: SYSU-MM01 gallery shots ("single", "multi").
+  num_trials: gallery draws (trials 0..num_trials-1) where the gallery is drawn.
+  directions: query directions; () = every direction of the dataset.
+  trial: the training trial of a dataset whose splits depend on it (RegDB 1..10).
+  variant: LLCM visible->infrared reading, "plain" or "deen_test_script".
+  """
+  modes: tuple[str, ...] = ("all", "indoor")
+  shots: tuple[str, ...] = ("single", "multi")
+  num_trials: int = 10
+  directions: tuple[str, ...] = ()
+  trial: int = 1
+  variant: str = "plain"

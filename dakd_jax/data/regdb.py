@@ -1,8 +1,8 @@
-"""RegDB on disk: the per-trial index files turned into `ImageRecord` lists.
+"""RegDB on disk and its evaluation protocol: the per-trial index files as `ImageRecord` lists.
 
 First step of the data flow for RegDB (method.md 6.2): `read_regdb_split` gives a trial's
-training images (for the TFDS builder) or test images; `protocols.py` turns the test images into
-query and gallery sets. Layout:
+training images (for the TFDS builder) or test images; `query_gallery` turns the test images of
+a trial into query and gallery sets for one direction (method.md 7.3). Layout:
 
   <root>/Visible/<id>/*.bmp, <root>/Thermal/<id>/*.bmp
   <root>/idx/{train,test}_{visible,thermal}_{trial}.txt, trial 1..10,
@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 
-from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, ImageRecord
+from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, ImageRecord, Protocol
+from dakd_jax.data.records import ProtocolOptions
 
 DATASET_NAME = "regdb"
 TRIALS = tuple(range(1, 11))
 SPLITS = ("train", "test")
+# Query direction; the first is the released training-time evaluation.
+DIRECTIONS = ("visible_to_thermal", "thermal_to_visible")
 # Index-file spelling of each modality -> (record modality, camera number).
 MODALITY_FILES = {"visible": (VISIBLE, 1), "thermal": (INFRARED, 2)}
 # Accept the record spelling too, so callers can pass `records.INFRARED`.
@@ -144,3 +147,54 @@ def read_regdb_split(root: str, trial: int, split: str) -> list[ImageRecord]:
           f"{index_path(os.path.abspath(root), trial, split, 'thermal')}. Every training "
           "identity needs images in both modalities.")
   return visible + thermal
+
+
+def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRecord]:
+  """The dataset spec's reader: `read_regdb_split` of one trial (required)."""
+  if trial is None:
+    raise DatasetError("RegDB splits depend on the trial: pass a trial in 1..10 "
+                       "(config data.trial)")
+  return read_regdb_split(root, trial, split)
+
+
+def query_gallery_of(root: str, trial: int,
+                     direction: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+  """The RegDB query and gallery sets of one trial (method.md 7.3).
+
+  Args:
+    root: the RegDB folder.
+    trial: 1..10; evaluate the model trained on the same trial.
+    direction: "visible_to_thermal" (visible queries) or "thermal_to_visible".
+
+  Returns: (query, gallery) records in index-file order (2,060 each on the real data).
+  Raises DatasetError: unknown direction; see `read_regdb`.
+  """
+  if direction not in DIRECTIONS:
+    raise DatasetError(f"RegDB direction must be one of {DIRECTIONS}, got {direction!r}.")
+  visible = read_regdb(root, trial, "test", "visible")
+  thermal = read_regdb(root, trial, "test", "thermal")
+  return (visible, thermal) if direction == "visible_to_thermal" else (thermal, visible)
+
+
+def check_protocol(protocol: Protocol) -> None:
+  """Raises ValueError unless `protocol` is a RegDB setting: a direction and a trial 1..10."""
+  if protocol.direction not in DIRECTIONS or protocol.mode or protocol.shots \
+      or protocol.variant:
+    raise ValueError(f"a {DATASET_NAME} protocol needs direction in {DIRECTIONS} and no mode, "
+                     f"shots or variant; got {protocol}")
+  if protocol.trial not in TRIALS:
+    raise ValueError(f"a RegDB protocol needs trial in 1..10, got {protocol.trial!r}")
+
+
+def make_protocols(options: ProtocolOptions, *, during_training: bool = False) -> list[Protocol]:
+  """RegDB protocols of the training trial (one model per trial), one per direction.
+
+  During training: visible->thermal only, as the released training-time evaluation.
+  """
+  directions = DIRECTIONS[:1] if during_training else (options.directions or DIRECTIONS)
+  return [Protocol(DATASET_NAME, options.trial, direction=direction) for direction in directions]
+
+
+def query_gallery(protocol: Protocol, root: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+  """(query, gallery) records of a RegDB protocol."""
+  return query_gallery_of(root, protocol.trial, protocol.direction)

@@ -1,8 +1,8 @@
-"""SYSU-MM01 on disk: split files and camera folders turned into `ImageRecord` lists.
+"""SYSU-MM01 on disk and its evaluation protocol.
 
 First step of the data flow for SYSU-MM01 (method.md 6.1): `read_sysu` lists the training or
-test images; `protocols.py` draws query and gallery sets from the same folder scan; the TFDS
-builder stores the training records' images. Layout:
+test images (the TFDS builder stores them); `query` and `gallery` draw the evaluation sets from
+the same folder scan (method.md 7.2). Layout:
 
   <root>/cam1 .. cam6/<identity as 4 digits>/<image file>
   <root>/exp/train_id.txt, val_id.txt, test_id.txt   (first line: comma-separated integer ids)
@@ -12,11 +12,11 @@ anything is returned: a problem is a `DatasetError` naming the path, what was fo
 """
 from __future__ import annotations
 
-import collections
 import os
-from typing import Sequence
+import random
 
-from dakd_jax.data.records import INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
+from dakd_jax.data.records import INFRARED, SHOT_NAMES, VISIBLE, DatasetError, ImageRecord
+from dakd_jax.data.records import Protocol, ProtocolOptions, records_of
 
 DATASET_NAME = "sysu_mm01"
 CAMERAS = (1, 2, 3, 4, 5, 6)
@@ -177,35 +177,102 @@ def read_sysu(root: str, split: str) -> list[ImageRecord]:
           for (identity, camera), names in folders.items() for name in names]
 
 
-def describe(records: Sequence[ImageRecord], title: str = DATASET_NAME) -> str:
-  """A torchreid-style summary table: identities and images per modality and per camera.
+def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRecord]:
+  """The dataset spec's reader: `read_sysu` (SYSU-MM01 has no trials; `trial` is ignored)."""
+  del trial
+  return read_sysu(root, split)
+
+
+# Search modes -> gallery cameras; config shot names -> images drawn per folder.
+MODES = {"all": VISIBLE_CAMERAS, "indoor": INDOOR_CAMERAS}
+SHOTS = {"single": 1, "multi": 10}
+TRIALS = tuple(range(10))
+
+
+def query(root: str) -> list[ImageRecord]:
+  """The SYSU-MM01 query set: every infrared test image (3,803 on the real data).
+
+  Returns: records ordered by test identity ascending, camera 3 then 6, file name ascending.
+    The same for every trial and both search modes.
+  Raises DatasetError: see `scan_folders`.
+  """
+  return records_of(read_sysu(root, "test"), INFRARED)
+
+
+def _check_trial(trial: int) -> None:
+  if isinstance(trial, bool) or not isinstance(trial, int) or trial < 0:
+    raise DatasetError(
+        f"SYSU-MM01 trial must be a non-negative integer (the gallery seed; the protocol uses "
+        f"0..9), got {trial!r}.")
+
+
+def gallery(root: str, trial: int, *, mode: str, shots: int) -> list[ImageRecord]:
+  """The SYSU-MM01 gallery drawn for one trial (method.md 7.2).
+
+  A generator seeded with `trial` visits the test identities ascending and the mode's cameras in
+  order, and draws from each existing folder's sorted file list: one file (`choice`) for
+  single-shot, ten distinct files (`sample(files, 10)`) for multi-shot. `random.Random(trial)`
+  makes the same calls as the reference's `random.seed(trial)` followed by module-level calls,
+  without touching the global random state.
 
   Args:
-    records: any records (SYSU-MM01 or RegDB).
-    title: first line of the table.
+    root: the SYSU-MM01 folder.
+    trial: the seed of the draw; the protocol uses 0..9.
+    mode: "all" (cameras 1, 2, 4, 5) or "indoor" (cameras 1, 2).
+    shots: 1 (single-shot, one image per identity folder) or 10 (multi-shot).
 
-  Returns: a multi-line string (no trailing newline), one row per modality, one per camera
-    within it, and a total row; columns '# ids' and '# images'.
+  Returns: records in draw order (identity ascending, camera in mode order, then draw order for
+    multi-shot). Real data: all 301 / 3,010, indoor 112 / 1,120 expected.
+  Raises DatasetError: bad mode, shots or trial; an existing gallery folder that is empty, or that
+    holds fewer than 10 images for multi-shot (the reference's draw would fail there too); see
+    `scan_folders`.
   """
-  by_modality = collections.defaultdict(list)
-  by_camera = collections.defaultdict(list)
-  for record in records:
-    by_modality[record.modality].append(record)
-    by_camera[(record.modality, record.camera)].append(record)
-  rule = "  " + "-" * 37
-  lines = [f"  {title}", rule, f"  {'subset':<18} | {'# ids':>5} | {'# images':>8}", rule]
+  if mode not in MODES:
+    raise DatasetError(f"SYSU-MM01 search mode must be one of {sorted(MODES)}, got {mode!r}.")
+  if isinstance(shots, bool) or shots not in SHOT_NAMES:
+    raise DatasetError(
+        f"SYSU-MM01 shots must be 1 (single-shot) or 10 (multi-shot), got {shots!r}.")
+  _check_trial(trial)
+  folders = scan_folders(root, "test")
+  root = os.path.abspath(root)
+  generator = random.Random(trial)
+  drawn_records = []
+  for identity in sorted({identity for identity, _ in folders}):
+    for camera in MODES[mode]:
+      names = folders.get((identity, camera))
+      if names is None:
+        continue
+      if len(names) < shots:
+        folder = os.path.join(root, f"cam{camera}", f"{identity:04d}")
+        raise DatasetError(
+            f"SYSU-MM01 gallery folder {folder} holds {len(names)} images; "
+            f"{SHOT_NAMES[shots]} draws {shots} from every existing gallery folder (the "
+            "reference draw fails there too). Restore the folder's images from the dataset "
+            "archive.")
+      drawn = [generator.choice(names)] if shots == 1 else generator.sample(names, shots)
+      drawn_records.extend(make_record(root, identity, camera, name) for name in drawn)
+  return drawn_records
 
-  def row(label, group):
-    identities = len({r.identity for r in group})
-    lines.append(f"  {label:<18} | {identities:5d} | {len(group):8d}")
 
-  for modality in MODALITIES:
-    if modality not in by_modality:
-      continue
-    row(modality, by_modality[modality])
-    for camera in sorted(c for m, c in by_camera if m == modality):
-      row(f"  camera {camera}", by_camera[(modality, camera)])
-  lines.append(rule)
-  row("total", records)
-  lines.append(rule)
-  return "\n".join(lines)
+def check_protocol(protocol: Protocol) -> None:
+  """Raises ValueError unless `protocol` is a SYSU-MM01 setting: mode, shots, a trial >= 0."""
+  if (protocol.mode not in MODES or isinstance(protocol.shots, bool)
+      or protocol.shots not in SHOT_NAMES or protocol.direction or protocol.variant):
+    raise ValueError(f"a {DATASET_NAME} protocol needs mode in {sorted(MODES)}, shots in "
+                     f"{sorted(SHOT_NAMES)} and no direction or variant; got {protocol}")
+  _check_trial(protocol.trial)
+
+
+def make_protocols(options: ProtocolOptions, *, during_training: bool = False) -> list[Protocol]:
+  """SYSU-MM01 protocols ordered mode, then shots, then trial (the headline setting first).
+
+  During training: single-shot only (the released training-time evaluation), same modes.
+  """
+  shots = ("single",) if during_training else options.shots
+  return [Protocol(DATASET_NAME, trial, mode=mode, shots=SHOTS[shot])
+          for mode in options.modes for shot in shots for trial in range(options.num_trials)]
+
+
+def query_gallery(protocol: Protocol, root: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+  """(query, gallery) records of a SYSU-MM01 protocol (infrared queries, visible gallery)."""
+  return query(root), gallery(root, protocol.trial, mode=protocol.mode, shots=protocol.shots)

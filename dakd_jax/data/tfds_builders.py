@@ -16,31 +16,36 @@ Choices worth knowing:
 - Each split also gets a sidecar `<split>_metadata.npz` (label, identity, camera, modality,
   path) written inside TFDS's temporary directory, so it appears atomically with the data and
   `split_metadata` needs no image reads.
-- A config per (size, RegDB trial, dataset root): `h288_w144_trial1_root1a2b3c4d`. A new size
-  prepares a new directory; the same one is reused. The root hash keeps a synthetic tree and the
-  real one apart in one data_dir. A changed dataset under the same root is NOT detected: delete
-  `<data_dir>/<dataset>/<config>` to rebuild.
+- A config per (size, RegDB trial, content): `h288_w144_trial1_<12 hex digits>`, the digits a
+  hash of every record's split, path, identity, camera, modality, file size and modification
+  time. A new size prepares a new directory; a repaired or replaced source file, or another
+  root with other files, prepares again; the same files are reused.
+- One builder class per dataset, named by its spec; the records come from the spec's reader.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import glob
 import hashlib
 import os
 import pathlib
-from typing import Any, Callable, Iterator
+import shutil
+import sys
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
 from dakd_jax.data import records as records_lib
+from dakd_jax.data import specs
 from dakd_jax.data.records import DatasetError, ImageRecord
 
-# split name -> the records of that split (both modalities), in a fixed order.
-RecordsFn = Callable[[str], list[ImageRecord]]
+# split name -> the records of that split (both modalities), in the reader's order.
+SplitRecords = Mapping[str, list[ImageRecord]]
 SPLITS = ("train", "test")
-DATASETS = ("sysu_mm01", "regdb")
 DATASET_VERSION = "1.0.0"
 # Examples per ArrayRecord shard; ShardWriter keeps one shard's examples in memory while writing
 # (1024 x 384x128x3 bytes ~ 150 MB).
@@ -50,38 +55,52 @@ _METADATA_FIELDS = ("label", "identity", "camera", "modality", "path")
 
 @dataclasses.dataclass(eq=False)
 class ReidConfig(tfds.core.BuilderConfig):
-  """One prepared variant: image size, RegDB trial (0 for SYSU-MM01), resolved dataset root."""
+  """One prepared variant: image size, RegDB trial (0 without trials), root, content digest."""
   height: int = 0
   width: int = 0
   trial: int = 0
   root: str = ""
+  digest: str = ""
 
 
-def root_digest(root: str) -> str:
-  """8 hex digits of sha256 of the resolved (realpath) dataset root."""
-  return hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:8]
+def content_digest(split_records: SplitRecords, root: str) -> str:
+  """12 hex digits of sha256 over each record's split, relative path, identity, camera,
+  modality, file size and modification time (ns): a changed source file changes it.
+
+  Raises DatasetError naming a listed image that has disappeared.
+  """
+  digest = hashlib.sha256()
+  for split in sorted(split_records):
+    for record in split_records[split]:
+      try:
+        stat = os.stat(record.path)
+      except OSError as error:
+        raise DatasetError(f"image file not found: {record.path} ({error.strerror})") from error
+      relative = os.path.relpath(record.path, root).replace(os.sep, "/")
+      digest.update(f"{split}|{relative}|{record.identity}|{record.camera}|{record.modality}|"
+                    f"{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()[:12]
 
 
-def make_config(dataset: str, root: str, height: int, width: int,
-                trial: int | None = None) -> ReidConfig:
+def make_config(dataset: str, root: str, height: int, width: int, trial: int | None,
+                digest: str) -> ReidConfig:
   """The BuilderConfig naming one prepared variant.
 
-  Raises ValueError for an unknown dataset, a non-positive size, a RegDB trial outside 1..10 or
-  a trial given for SYSU-MM01.
+  Raises ConfigError for an unknown dataset; ValueError for a non-positive size, a trial given
+  to a dataset without trials, or a missing or unknown trial of a dataset with trials.
   """
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+  spec = specs.get_spec(dataset)
   if height <= 0 or width <= 0:
     raise ValueError(f"image size must be positive, got height={height} width={width}")
-  if dataset == "regdb" and (trial is None or not 1 <= trial <= 10):
-    raise ValueError(f"regdb needs trial in 1..10, got {trial!r}")
-  if dataset == "sysu_mm01" and trial is not None:
-    raise ValueError(f"sysu_mm01 has no trials, got trial={trial!r}; pass trial=None")
+  if spec.trials and trial not in spec.trials:
+    raise ValueError(f"{dataset} needs a trial in {spec.trials}, got {trial!r}")
+  if not spec.trials and trial is not None:
+    raise ValueError(f"{dataset} has no trials, got trial={trial!r}; pass trial=None")
   trial_part = f"_trial{trial}" if trial is not None else ""
   return ReidConfig(
-      name=f"h{height}_w{width}{trial_part}_root{root_digest(root)}", version=DATASET_VERSION,
+      name=f"h{height}_w{width}{trial_part}_{digest}", version=DATASET_VERSION,
       description=f"{dataset} at {height}x{width} from {os.path.realpath(root)}",
-      height=height, width=width, trial=trial or 0, root=os.path.realpath(root))
+      height=height, width=width, trial=trial or 0, root=os.path.realpath(root), digest=digest)
 
 
 def _features(height: int, width: int) -> tfds.features.FeaturesDict:
@@ -130,8 +149,9 @@ class _Progress:
 class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   """Shared builder: splits "train" and "test", both modalities, images pre-resized.
 
-  Not registered in the TFDS registry (configs are made per root by `make_config`); open a
-  prepared directory elsewhere with `tfds.builder_from_directory`.
+  One subclass per dataset (`builder_class`) gives the TFDS name. Not registered in the TFDS
+  registry (configs are made per content by `make_config`); open a prepared directory elsewhere
+  with `tfds.builder_from_directory`.
   """
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {DATASET_VERSION: "Pre-resized uint8 images, raw bytes, reader order."}
@@ -139,13 +159,21 @@ class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   # Python >= 3.9 (only needed for checksums, which manual datasets do not have).
   code_path = pathlib.Path(__file__)
 
-  def __init__(self, *, config: ReidConfig, records_fn: RecordsFn | None = None,
+  def __init__(self, *, config: ReidConfig, split_records: SplitRecords | None = None,
                progress: bool = True, **kwargs):
-    """config: from `make_config`; records_fn: split -> records (default: the dataset's reader
-    over config.root, imported lazily); kwargs go to tfds (data_dir, file_format)."""
-    self._records_fn = records_fn
+    """config: from `make_config`; split_records: what to write (needed only to prepare);
+    kwargs go to tfds (data_dir, file_format)."""
+    self._split_records = split_records
     self._progress = progress
     super().__init__(config=config, **kwargs)
+
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+  # prepared" around a preparation; nothing is downloaded here and `prepare` says it in one line.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
@@ -153,23 +181,19 @@ class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
         builder=self, description=self.__doc__, disable_shuffling=True,
         features=_features(config.height, config.width))
 
-  def _read_records(self, split: str) -> list[ImageRecord]:
-    # Abstract: SysuMm01 and Regdb read their own on-disk layouts.
-    raise NotImplementedError(f"{type(self).__name__} does not know how to read {split!r}")
-
   def _shard_iterators_per_split(self, dl_manager):
-    del dl_manager  # Nothing is downloaded; records come from config.root.
+    del dl_manager  # Nothing is downloaded; the records were read by the dataset's reader.
     config = self.builder_config
-    split_records = {}
+    split_records = self._split_records or {}
     for split in SPLITS:
-      split_records[split] = (self._records_fn or self._read_records)(split)
-      if not split_records[split]:
+      if not split_records.get(split):
         raise DatasetError(f"{self.name}: split {split!r} has no images under {config.root}")
     label_map = records_lib.make_label_map(split_records["train"])
-    progress = _Progress(sum(map(len, split_records.values())),
-                         f"Preparing {self.name} {config.name}", self._progress)
+    progress = _Progress(sum(len(split_records[s]) for s in SPLITS),
+                         f"preparing {self.name}", self._progress)
     generators = {}
-    for split, records in split_records.items():
+    for split in SPLITS:
+      records = split_records[split]
       table = _split_table(records, config.root, label_map if split == "train" else None)
       # self.data_dir is TFDS's temporary directory here, renamed only on success.
       np.savez(os.path.join(self.data_dir, f"{split}_metadata.npz"), **table)
@@ -198,61 +222,69 @@ class _ShardGenerator:
         yield index, example
 
 
-class SysuMm01(ReidBuilder, skip_registration=True):
-  """SYSU-MM01 (method.md 6.1): train = train+val ids (both modalities), test = test ids."""
-  name = "sysu_mm01"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Extract SYSU-MM01 so that <root>/cam1..cam6 and <root>/exp/{train,val,test}_id.txt exist.")
-
-  def _read_records(self, split):
-    from dakd_jax.data import sysu  # pylint: disable=g-import-not-at-top
-    return sysu.read_sysu(self.builder_config.root, split)
-
-
-class Regdb(ReidBuilder, skip_registration=True):
-  """RegDB (method.md 6.2), one trial's train and test split, both modalities."""
-  name = "regdb"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Extract RegDB so that <root>/Visible, <root>/Thermal and <root>/idx/*.txt exist.")
-
-  def _read_records(self, split):
-    from dakd_jax.data import regdb  # pylint: disable=g-import-not-at-top
-    config = self.builder_config
-    return regdb.read_regdb_split(config.root, config.trial, split)
+@functools.lru_cache(maxsize=None)
+def builder_class(dataset: str) -> type[ReidBuilder]:
+  """The builder class of a dataset: `ReidBuilder` named after its spec (one class per name)."""
+  spec = specs.get_spec(dataset)
+  return type(f"{spec.title.replace('-', '')}Builder", (ReidBuilder,),
+              {"name": spec.name, "__module__": __name__,
+               "MANUAL_DOWNLOAD_INSTRUCTIONS": f"Extract {spec.title} so that <root> holds "
+               f"{spec.layout}."}, skip_registration=True)
 
 
-def create_builder(dataset: str, root: str, data_dir: str, height: int, width: int,
-                   trial: int | None = None, *, records_fn: RecordsFn | None = None,
-                   progress: bool = True) -> ReidBuilder:
-  """The builder for one variant, without preparing it (see `make_config` for the errors)."""
-  config = make_config(dataset, root, height, width, trial)
-  builder_cls = SysuMm01 if dataset == "sysu_mm01" else Regdb
-  return builder_cls(config=config, records_fn=records_fn, progress=progress,
-                     data_dir=data_dir, file_format="array_record")
+def read_split_records(dataset: str, root: str, trial: int | None) -> dict[str, list]:
+  """{"train": records, "test": records} from the dataset's reader (a folder scan, no decode)."""
+  spec = specs.get_spec(dataset)
+  if not os.path.isdir(root):
+    raise DatasetError(f"dataset root {root!r} is not a directory; point data.root at the "
+                       f"extracted {spec.title} folder ({spec.layout})")
+  return {split: spec.read_split(root, split, trial) for split in SPLITS}
+
+
+def remove_interrupted_preparations(builder: ReidBuilder) -> list[str]:
+  """Deletes the temporary folders a killed preparation of this variant left behind.
+
+  TFDS writes into `<config>/incomplete.<random>_<version>/` beside the final
+  `<config>/<version>/` and renames on success; a run stopped half-way leaves it. Returns the
+  removed paths.
+  """
+  parent = os.path.dirname(os.fspath(builder.data_dir))
+  stale = glob.glob(os.path.join(parent, "incomplete.*"))
+  for path in stale:
+    shutil.rmtree(path, ignore_errors=True)
+  return stale
 
 
 def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
             trial: int | None = None, progress: bool = True, *,
-            records_fn: RecordsFn | None = None) -> ReidBuilder:
-  """Prepares `dataset` (if not yet prepared for this size/trial/root) and returns its builder.
+            split_records: SplitRecords | None = None) -> ReidBuilder:
+  """Prepares `dataset` (unless this size/trial/content is prepared) and returns its builder.
 
   Args:
-    dataset: "sysu_mm01" or "regdb". root: the extracted dataset (TFDS manual_dir).
+    dataset: a dataset name (`specs.DATASET_NAMES`). root: the extracted dataset (TFDS
+      manual_dir).
     data_dir: where prepared datasets live (`<data_dir>/<dataset>/<config>/1.0.0`).
-    height, width: stored image size. trial: RegDB trial 1..10, None for SYSU-MM01.
-    progress: show a progress bar over the images while preparing.
-    records_fn: split -> records; default is the dataset's reader over `root`. Tests and the
-      synthetic dataset pass their own.
+    height, width: stored image size. trial: the training trial of a dataset with trials
+      (RegDB 1..10), None otherwise.
+    progress: print the one-line notice and a progress bar over the images while preparing.
+    split_records: the records of "train" and "test"; default: the dataset's reader over
+      `root`. Tests pass their own.
   Raises:
-    DatasetError: root missing when preparing is needed, a split without images, an image that
-      cannot be decoded. ValueError: see `make_config`.
+    DatasetError: root missing, a split without images, an image that cannot be decoded.
+    ValueError: see `make_config`.
   """
-  builder = create_builder(dataset, root, data_dir, height, width, trial,
-                           records_fn=records_fn, progress=progress)
+  if split_records is None:
+    split_records = read_split_records(dataset, root, trial)
+  config = make_config(dataset, root, height, width, trial,
+                       content_digest(split_records, root))
+  builder = builder_class(dataset)(config=config, split_records=split_records,
+                                   progress=progress, data_dir=data_dir,
+                                   file_format="array_record")
   if not builder.is_prepared():
-    if not os.path.isdir(root):
-      raise DatasetError(f"dataset root {root!r} is not a directory; point data.root at the "
-                         f"extracted {dataset} folder")
+    remove_interrupted_preparations(builder)
+    if progress:
+      print(f"dakd_jax: preparing {dataset} ({sum(len(r) for r in split_records.values())} "
+            f"images at {height}x{width}) into {builder.data_dir}", file=sys.stderr, flush=True)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=root))
   return builder

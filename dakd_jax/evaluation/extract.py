@@ -1,6 +1,8 @@
-"""Feature extraction: embed a list of prepared images with a jitted model over all devices.
+"""Feature extraction: the embedding function, and a list of images embedded over all devices.
 
-Used by evaluation (query and gallery embeddings), by the teacher's memory rebuild and by the
+`make_embed_fn` is what an embedding is (method.md 5.3, 7.1): inference mode, ImageNet
+normalisation, unit BNNeck features. `extract_embeddings` runs it over prepared images; it is used
+by evaluation (query and gallery embeddings), by the teacher's memory rebuild and by the
 student's teacher centres. Batches come padded to a fixed size from the Grain eval pipeline, so
 the embedding function compiles once; the padding rows are dropped on the host.
 """
@@ -10,11 +12,43 @@ import functools
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dakd_jax import augment
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import pipeline
+from dakd_jax.losses.memory import unit_rows
+
+
+def make_embed_fn(model, *, use_flip: bool = False,
+                  channel_exchange: bool = False) -> Callable:
+  """Returns embed(variables, images_uint8 [n,H,W,3], modality [n], key) -> [n, D] float32.
+
+  Inference mode (BN running statistics), ImageNet normalisation, unit embeddings (method.md
+  5.3 and 7.1). `use_flip` averages the embeddings of the image and its mirror (then
+  re-normalises); `channel_exchange` replicates a random colour channel per image first, as the
+  teacher's channel memory is built (method.md 3.2).
+  """
+
+  def embed(variables, images, modality, key):
+    x = augment.normalize(images)
+    if channel_exchange:
+      x = augment.channel_exchange_batch(key, x)
+    features = model.apply(variables, x, modality, train=False)["embedding"]
+    if use_flip:
+      flipped = model.apply(variables, x[:, :, ::-1, :], modality, train=False)["embedding"]
+      features = unit_rows(features + flipped)
+    return features.astype(jnp.float32)
+
+  return embed
+
+
+@functools.lru_cache(maxsize=None)
+def embed_function(model, *, use_flip: bool = False, channel_exchange: bool = False):
+  """One embed function per (model, options), so its jit compiles once per run."""
+  return make_embed_fn(model, use_flip=use_flip, channel_exchange=channel_exchange)
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,13 +58,6 @@ def jit_embed(embed_fn: Callable, mesh) -> Callable:
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(embed_fn, in_shardings=(replicated, data, data, replicated),
                  out_shardings=replicated)
-
-
-def _gather(array: jax.Array) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(array))
-  from jax.experimental import multihost_utils  # Multi-host only.
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def extract_embeddings(embed_fn: Callable, variables, source, indices: Sequence[int],
@@ -72,5 +99,5 @@ def extract_embeddings(embed_fn: Callable, variables, source, indices: Sequence[
                          jax.random.fold_in(key, number))
     # Padding sits at the end of the global batch, so the first `valid` rows are real.
     valid = min(batch_size, len(indices) - number * batch_size)
-    rows.append(_gather(embeddings)[:valid])
+    rows.append(sharding_lib.to_host(embeddings)[:valid])
   return np.concatenate(rows).astype(np.float32)

@@ -341,3 +341,25 @@ def _check_vector(name, values, size, axis, integer=False):
   if integer and values.dtype.kind not in "iu":
     raise ValueError(f"rank_metrics: {name} must hold integer camera numbers, got dtype "
                      f"{values.dtype}.")
+
+
+def removed_pairs(protocol, query_ids, query_cams, gallery_ids, gallery_cams):
+  """bool [Q, G]: the gallery images each query ignores under `protocol`'s camera rule.
+
+  The plain statement of the filters `rank_metrics` applies (for pictures and small checks):
+  SYSU drops gallery camera 2 for camera-3 queries, LLCM drops gallery images with the query's
+  identity and camera, RegDB drops nothing.
+  """
+  protocol = PROTOCOLS.get(protocol, protocol)
+  query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
+  shape = (query_ids.size, gallery_ids.size)
+  if protocol == "regdb":
+    return np.zeros(shape, bool)
+  query_cams, gallery_cams = np.asarray(query_cams), np.asarray(gallery_cams)
+  if protocol == "sysu":
+    return ((query_cams == SYSU_FILTERED_QUERY_CAMERA)[:, None]
+            & (gallery_cams == SYSU_FILTERED_GALLERY_CAMERA)[None, :])
+  if protocol == "llcm":
+    return ((query_ids[:, None] == gallery_ids[None, :])
+            & (query_cams[:, None] == gallery_cams[None, :]))
+  raise ValueError(f"removed_pairs: protocol={protocol!r}; expected one of {sorted(PROTOCOLS)}.")

@@ -8,12 +8,12 @@ from dakd_jax.losses.alignment import (TeacherSettings, centre_triplet, memory_c
 from dakd_jax.losses.distill import (ABLATIONS, PAPER_DISTILL, RELEASED_DISTILL,
                                      DistillSettings, confidence_mask, dakd_loss,
                                      kd_divergence, standardize_logits)
-from dakd_jax.losses.memory import (CentreMemories, build_centres, gather_rows, init_memories,
-                                    unit_rows, update_memories)
+from dakd_jax.losses.memory import (CentreMemories, build_centres, init_memories, unit_rows,
+                                    update_memories)
 
 __all__ = [
     "ABLATIONS", "PAPER_DISTILL", "RELEASED_DISTILL", "CentreMemories", "DistillSettings",
     "TeacherSettings", "build_centres", "centre_triplet", "confidence_mask", "dakd_loss",
-    "gather_rows", "init_memories", "kd_divergence", "memory_cross_entropy", "modality_kl",
+    "init_memories", "kd_divergence", "memory_cross_entropy", "modality_kl",
     "standardize_logits", "teacher_loss", "unit_rows", "update_memories",
 ]

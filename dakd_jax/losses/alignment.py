@@ -17,7 +17,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from dakd_jax.losses.memory import CentreMemories, gather_rows, unit_rows
+from dakd_jax.losses.memory import CentreMemories, unit_rows
+from dakd_jax.sharding import gather_rows
 
 # Floor of squared distances before the square root (finite gradient at distance 0).
 _MIN_DIST_SQ = 1e-12

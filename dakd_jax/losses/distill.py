@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dakd_jax.losses.memory import gather_rows
+from dakd_jax.sharding import gather_rows
 
 ABLATIONS = ("only_kd", "mlkd_no_instance", "mlkd_no_class", "full_mlkd")
 MASK_KEEP = ("low", "high")

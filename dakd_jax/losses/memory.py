@@ -12,7 +12,8 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+
+from dakd_jax.sharding import gather_rows
 
 # torch.nn.functional.normalize's floor on the norm; keeps all-zero rows at zero.
 _NORM_EPS = 1e-12
@@ -23,19 +24,6 @@ def unit_rows(x: jax.Array) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
   return x / jnp.maximum(norm, _NORM_EPS)
-
-
-def gather_rows(x: jax.Array) -> jax.Array:
-  """Returns `x` replicated when it is sharded over a mesh axis of type Explicit.
-
-  Losses that compare every row with every other row (quantiles, triplet negatives) need the
-  whole batch on each device. Under Auto sharding (or none) XLA inserts the gather itself and
-  this is the identity; under Explicit sharding JAX refuses such operations unless asked.
-  """
-  sharding = jax.typeof(x).sharding
-  if isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec):
-    x = jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
-  return x
 
 
 @flax.struct.dataclass

@@ -2,7 +2,7 @@
 
 Sits between the on-device augmentation and the losses: a compiled step feeds it normalised
 images `[n, H, W, 3]` with an int32 modality code per image (0 visible, 1 infrared, see
-`dakd_jax.data.records.MODALITY_CODE`) and hands its outputs to the losses (method.md 2, 2.2).
+`dakd_jax.modalities`) and hands its outputs to the losses (method.md 2, 2.2).
 
 Layout (method.md 2.1): torchvision ResNet (stride of a downsampling bottleneck on its 3x3 conv),
 last stride 1, AGW non-local blocks after the last 2 blocks of layer2 and the last 3 of layer3
@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
+
 # Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 BOTTLENECK_DEPTHS = (50,)
@@ -43,8 +45,8 @@ BOTTLENECK_DEPTHS = (50,)
 NON_LOCAL_COUNTS = {1: 0, 2: 2, 3: 3, 4: 0}
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-VISIBLE_CODE = 0
-INFRARED_CODE = 1
+# config model.compute_dtype -> the dtype convolutions run in.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # torchvision's conv initialisation (kaiming normal, fan_out); ImageNet weights replace it.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -317,6 +319,33 @@ def create_model(depth: int = 50, width: int = 64, **kwargs) -> ReIDResNet:
   if width < 1:
     raise ValueError(f"model width must be a positive channel count, got {width}")
   return ReIDResNet(depth=depth, width=width, **kwargs)
+
+
+def model_from_settings(settings) -> ReIDResNet:
+  """The network described by a config's `model` section (a mapping or ConfigDict with depth,
+  width, modality_specific_stem, non_local, gem_p, compute_dtype), e.g. the one stored in a
+  checkpoint. Raises ValueError for an unsupported depth, width or dtype."""
+  if settings["compute_dtype"] not in COMPUTE_DTYPES:
+    raise ValueError(f"model compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+                     f"{settings['compute_dtype']!r}")
+  return create_model(
+      depth=settings["depth"], width=settings["width"],
+      modality_specific_stem=settings["modality_specific_stem"],
+      non_local=settings["non_local"], gem_p_init=settings["gem_p"],
+      dtype=COMPUTE_DTYPES[settings["compute_dtype"]])
+
+
+def tie_stems(variables: dict) -> dict:
+  """A copy of two-stream variables whose infrared stem equals the visible one (params and BN
+  statistics), as when both start from the same ImageNet stem; other trees are returned as is."""
+  if "stem_infrared" not in variables.get("params", {}):
+    return variables
+  tied = {collection: dict(tree) for collection, tree in variables.items()}
+  for collection, tree in tied.items():
+    if "stem_visible" in tree:
+      # Copies, not shared buffers: the state holding them is donated to the train step.
+      tree["stem_infrared"] = jax.tree.map(jnp.copy, tree["stem_visible"])
+  return tied
 
 
 def init_variables(model: ReIDResNet, key: jax.Array, image_shape) -> dict:

@@ -24,6 +24,9 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from dakd_jax.errors import MissingFileError
+from dakd_jax.errors import WeightsError  # pylint: disable=unused-import  (re-exported)
 import safetensors
 from numpy._core import multiarray
 
@@ -54,9 +57,6 @@ _NUMPY_GLOBALS = (
 )
 
 
-class WeightsError(ValueError):
-  """A weights file that cannot be imported; the message names the file/parameter and the fix."""
-
 
 @dataclasses.dataclass(frozen=True)
 class WeightsHeader:
@@ -81,7 +81,7 @@ def check_path(path: str) -> str:
   Raises FileNotFoundError if it does not exist, WeightsError for an unknown extension.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"weights file not found: {path!r} (check the path in the config; "
+    raise MissingFileError(f"weights file not found: {path!r} (check the path in the config; "
                             "nothing is downloaded at run time)")
   ext = os.path.splitext(path)[1].lower()
   if ext not in EXTENSIONS:

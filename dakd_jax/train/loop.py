@@ -3,7 +3,9 @@
 Data flows one way: Grain host batches -> global arrays on the mesh -> one compiled step ->
 metrics, fetched only at logging intervals -> writers. Both stages share `run_stage`, which owns
 resuming, logging, evaluation and checkpoints; the stages differ in their state, their step and
-what happens at an epoch's start (the teacher rebuilds its class-centre memories).
+what happens at an epoch's start (the teacher rebuilds its class-centre memories). The data
+position is the step: batches are a pure function of (seed, step), so a resumed run restarts
+the input pipeline at the restored step.
 """
 from __future__ import annotations
 
@@ -19,20 +21,18 @@ import numpy as np
 
 from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
-from dakd_jax import config as config_lib
 from dakd_jax import sharding as sharding_lib
 from dakd_jax import writers
 from dakd_jax.data import pipeline
 from dakd_jax.data import prepare
 from dakd_jax.data import sampler
-from dakd_jax.evaluation import evaluate
+from dakd_jax.errors import NonFiniteLossError
+from dakd_jax.evaluation import evaluator as evaluator_lib
+from dakd_jax.evaluation import report
+from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.train import centres as centres_lib
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN or infinite; the message names the step and the terms."""
 
 
 @dataclasses.dataclass
@@ -48,7 +48,8 @@ class Stage:
   eval_due: Callable[[int], bool]  # epoch (1-based, just finished) -> evaluate now?
   step_fn: Callable
   on_epoch_start: Callable
-  variables_of: Callable  # state -> {'params', 'batch_stats'} for evaluation
+  # state -> {'params', 'batch_stats'} of the evaluated network.
+  variables_of: Callable = lambda state: state.variables
   # state -> None, once the last step is done (also when a finished run is resumed).
   on_finish: Callable | None = None
 
@@ -59,8 +60,8 @@ def stage_steps_per_epoch(config_value: int, config: ml_collections.ConfigDict,
   if config_value:
     return config_value
   return sampler.steps_per_epoch(
-      len(prepare.modality_rows(data.train_meta, 0)),
-      len(prepare.modality_rows(data.train_meta, 1)),
+      len(prepare.modality_rows(data.train_meta, VISIBLE_CODE)),
+      len(prepare.modality_rows(data.train_meta, INFRARED_CODE)),
       config.data.ids_per_batch, config.data.images_per_id)
 
 
@@ -93,8 +94,26 @@ def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
   return {name: float(np.mean([m[name] for _, m in history])) for name in names}
 
 
+def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writer,
+                             step: int) -> dict:
+  """Runs the stage's evaluator, logs its headline metrics and prints its table (process 0).
+
+  The protocols are the training-time subset (SYSU: single-shot of eval.training_modes; RegDB:
+  visible->thermal; LLCM: infrared->visible); the best checkpoint is therefore chosen on the
+  test split, as the reference does (the README says so).
+  """
+  results = evaluator.run(variables)
+  summary = evaluator_lib.headline(results)
+  writer.write_scalars(step, {f"eval_{k}": v for k, v in summary.items()})
+  if jax.process_index() == 0:
+    print("\n" + report.format_table(results, title=f"[{writer.stage} step {step}] evaluation"),
+          flush=True)
+  return summary
+
+
 def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
-              data: prepare.DataBundle, state: Any, mesh) -> dict:
+              data: prepare.DataBundle, state: Any, mesh,
+              evaluator: evaluator_lib.Evaluator) -> dict:
   """Trains `stage` from `state` (fresh or resumed inside), evaluates and checkpoints.
 
   Returns {'best': metrics of the best evaluation, 'last': metrics of the last, 'steps'}.
@@ -103,15 +122,15 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint_lib.CheckpointManager(
       os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
       keep_best=config.checkpoint.keep_best)
-  state, data_state, metadata = _maybe_resume(config, workdir, manager, state, mesh)
+  state, metadata = _maybe_resume(config, workdir, manager, state, mesh)
   start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    writers.drop_rows_after(os.path.join(workdir, writers.JSONL_NAME), start_step)
   iterator = pipeline.make_train_iterator(
       data.train_source, data.train_meta, seed=config.seed,
       ids_per_batch=config.data.ids_per_batch, images_per_id=config.data.images_per_id,
-      start_step=0, num_steps=total_steps, process_index=jax.process_index(),
+      start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.data.num_workers)
-  if data_state is not None:
-    iterator.set_state(data_state)
   writer = writers.MetricWriter(workdir, stage=stage.name)
   progress = writers.ProgressLine(total_steps, stage=stage.name,
                                   steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
@@ -127,9 +146,6 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
       started = time.perf_counter()
       host_batch = next(iterator)
       data_time += time.perf_counter() - started
-      if int(host_batch["step"]) != step:
-        raise RuntimeError(f"data iterator is at step {int(host_batch['step'])}, training at "
-                           f"{step}: the checkpoint's data state does not match its train state")
       batch = sharding_lib.host_to_global(
           {k: host_batch[k] for k in ("visible", "infrared", "labels")}, mesh)
       state, metrics = stage.step_fn(state, batch)
@@ -146,8 +162,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         data_time = 0.0
       eval_metrics = None
       if epoch_end and (stage.eval_due(done // stage.steps_per_epoch) or done == total_steps):
-        last_eval = evaluate.evaluate_during_training(config, data, stage.variables_of(state),
-                                                      mesh, writer, done)
+        last_eval = evaluate_during_training(evaluator, stage.variables_of(state), writer, done)
         eval_metrics = {"mAP": last_eval["mAP"]}
         if not best or last_eval["mAP"] > best["mAP"]:
           best = dict(last_eval, step=done)
@@ -157,9 +172,8 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
           history = _fetch(pending)
           pending = []
           _check_finite(history, stage.name)
-        manager.save(done, state, iterator.get_state(),
-                     {"config": config_lib.to_dict(config), "epoch": epoch + 1,
-                      "stage": stage.name, "best": best}, metrics=eval_metrics)
+        manager.save(done, state, {"config": config.to_dict(), "epoch": epoch + 1,
+                                   "stage": stage.name, "best": best}, metrics=eval_metrics)
     if stage.on_finish is not None:
       stage.on_finish(state)
   finally:
@@ -172,21 +186,21 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
 
 
 def _maybe_resume(config, workdir, manager, state, mesh):
-  """Restores state, data iterator state and metadata in the resume order of checkpoint.py."""
+  """Restores state and metadata in the resume order of checkpoint.py."""
   found = checkpoint_lib.find_resume_checkpoint(os.path.join(workdir, "checkpoints"),
                                                 config.checkpoint.resume)
   if found is None:
-    return state, None, None
+    return state, None
   directory, step = found
   target = state_lib.abstract_state(state, sharding_lib.replicated(mesh))
   source = manager if os.path.abspath(directory) == os.path.abspath(manager.directory) else \
       checkpoint_lib.CheckpointManager(directory, read_only=True)
-  restored, data_state, metadata = source.restore(
-      step, target, config=config_lib.to_dict(config),
+  restored, metadata = source.restore(
+      step, target, config=config.to_dict(),
       allow_config_change=config.checkpoint.allow_config_change)
   if jax.process_index() == 0:
     print(f"dakd_jax: resumed from {directory} step {step}")
-  return restored, data_state, metadata
+  return restored, metadata
 
 
 def train_teacher(config: ml_collections.ConfigDict, workdir: str,
@@ -194,11 +208,14 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
   """Stage 1 (method.md 3): memory-based teacher. Returns run_stage's summary."""
   mesh = sharding_lib.make_mesh()
   model = builders.model_from_config(config)
+  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
   steps_per_epoch = stage_steps_per_epoch(config.teacher.steps_per_epoch, config, data)
-  tx = state_lib.make_teacher_optimizer(config, steps_per_epoch)
+  tx = builders.make_teacher_optimizer(config, steps_per_epoch)
   key_init, key_state, key_memory = jax.random.split(jax.random.key(config.seed), 3)
-  state = centres_lib.create_teacher_state(config, model, tx, data.num_classes, key_init,
-                                           key_state, mesh)
+  variables = builders.init_model_variables(config, model, key_init)
+  state = state_lib.create_replicated_state(
+      variables, tx, key_state, mesh,
+      centres_lib.zero_memories(data.num_classes, resnet_features(config)))
   step = steps_lib.make_teacher_step(
       model, tx, builders.teacher_settings(config), builders.augment_views(config, "teacher"),
       hard_momentum=config.teacher.hard_momentum, mean_momentum=config.teacher.mean_momentum)
@@ -206,17 +223,40 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
 
   def on_epoch_start(state, epoch):
     memories = centres_lib.build_teacher_memories(
-        config, model, {"params": state.params, "batch_stats": state.batch_stats}, data, mesh,
-        jax.random.fold_in(key_memory, epoch))
+        model, state.variables, data, mesh, jax.random.fold_in(key_memory, epoch),
+        batch_size=config.eval.batch_size, show_progress=config.log.progress)
     return state.replace(memories=memories)
 
   first_eval = config.teacher.eval_start_epoch
   stage = Stage(
       name="teacher", epochs=config.teacher.epochs, steps_per_epoch=steps_per_epoch,
       eval_due=lambda e: e > first_eval and e % config.teacher.eval_every_epochs == 0,
-      step_fn=compiled, on_epoch_start=on_epoch_start,
-      variables_of=lambda s: {"params": s.params, "batch_stats": s.batch_stats})
-  return run_stage(stage, config, workdir, data, state, mesh)
+      step_fn=compiled, on_epoch_start=on_epoch_start)
+  return run_stage(stage, config, workdir, data, state, mesh, evaluator)
+
+
+def resnet_features(config: ml_collections.ConfigDict) -> int:
+  """The embedding width of config's network."""
+  from dakd_jax.models import resnet  # The model module, for its arithmetic only.
+  return resnet.output_features(config.model.depth, config.model.width)
+
+
+def load_teacher(config: ml_collections.ConfigDict, model, data: prepare.DataBundle,
+                 teacher_source: str, mesh) -> steps_lib.FrozenTeacher:
+  """The frozen teacher of the student stage: a teacher checkpoint's (or weights file's)
+  variables and its centres computed on the training set (method.md 4.1)."""
+  variables, described = builders.restore_model_variables(
+      config, model, teacher_source, mesh, stages=("teacher",),
+      hint="train the teacher first (--config.stage=teacher or all) or point "
+           "--config.distill.teacher_checkpoint at a teacher workdir, its checkpoints/ folder "
+           "or a teacher weights file")
+  teacher = centres_lib.frozen_teacher(model, variables, data, mesh,
+                                       batch_size=config.eval.batch_size,
+                                       show_progress=config.log.progress)
+  if jax.process_index() == 0:
+    print(f"dakd_jax: teacher from {described['source']} ({data.num_classes} centres of dim "
+          f"{resnet_features(config)})")
+  return teacher
 
 
 def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare.DataBundle,
@@ -224,9 +264,10 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare
   """Stage 2 (method.md 4): DAKD self-distillation from a frozen teacher."""
   mesh = sharding_lib.make_mesh()
   model = builders.model_from_config(config)
-  teacher = centres_lib.load_frozen_teacher(config, model, data, teacher_source, mesh)
+  teacher = load_teacher(config, model, data, teacher_source, mesh)
+  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
   steps_per_epoch = stage_steps_per_epoch(config.distill.steps_per_epoch, config, data)
-  tx = state_lib.make_student_optimizer(config)
+  tx = builders.make_student_optimizer(config)
   # The student starts from ImageNet (or random) weights, not from the teacher (method.md 2.4).
   key_init, key_state = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
   variables = builders.init_model_variables(config, model, key_init)
@@ -238,6 +279,5 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare
   stage = Stage(
       name="student", epochs=config.distill.epochs, steps_per_epoch=steps_per_epoch,
       eval_due=lambda e: e % config.distill.eval_every_epochs == 0,
-      step_fn=lambda s, batch: compiled(s, teacher, batch), on_epoch_start=lambda s, e: s,
-      variables_of=lambda s: {"params": s.params, "batch_stats": s.batch_stats})
-  return run_stage(stage, config, workdir, data, state, mesh)
+      step_fn=lambda s, batch: compiled(s, teacher, batch), on_epoch_start=lambda s, e: s)
+  return run_stage(stage, config, workdir, data, state, mesh, evaluator)

@@ -23,13 +23,14 @@ import optax
 from dakd_jax import augment
 from dakd_jax import builders
 from dakd_jax import sharding as sharding_lib
-from dakd_jax.data import prepare
+from dakd_jax.data import specs
+from dakd_jax.errors import CheckpointNotFoundError
+from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.models import resnet
 from dakd_jax.models import weights
 from dakd_jax.train import loop
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
-from dakd_jax.train.steps import INFRARED_CODE, VISIBLE_CODE
 
 WEIGHTS_NAME = "backbone.npz"
 
@@ -47,7 +48,7 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """
   derived = copy.deepcopy(config)
   p = config.pretrain
-  derived.data.dataset = "sysu_mm01"
+  derived.data.dataset = specs.SYSU_MM01.name
   derived.data.root = p.data_root
   derived.synthetic.enabled = True
   derived.synthetic.num_train_ids = p.num_ids - 1
@@ -57,18 +58,20 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   derived.synthetic.seed = p.seed
   derived.eval.training_modes = ("all",)
   derived.eval.num_trials = 1
+  # Its few held-out persons cannot fill a longer CMC curve.
+  derived.eval.max_rank = min(config.eval.max_rank, p.num_test_ids)
   return derived
 
 
 def with_pretrained_init(config: ml_collections.ConfigDict,
                          stage_workdir: str) -> ml_collections.ConfigDict:
   """config unchanged without pretraining; else a copy whose model.init_weights is the file the
-  pretrain stage wrote in `stage_workdir`. Raises FileNotFoundError when it is missing."""
+  pretrain stage wrote in `stage_workdir`. Raises CheckpointNotFoundError when it is missing."""
   if not config.pretrain.enabled:
     return config
   path = weights_path(stage_workdir)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise CheckpointNotFoundError(
         f"config.pretrain.enabled is set but {path} does not exist: run the pretrain stage "
         "first (--config.stage=pretrain or all), or set --config.pretrain.enabled=False")
   derived = copy.deepcopy(config)
@@ -115,10 +118,7 @@ def make_pretrain_step(model, tx: optax.GradientTransformation, views: dict):
 
     (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = state.apply_gradients(tx, grads, batch_stats=batch_stats)
     return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
 
   return pretrain_step
@@ -143,7 +143,7 @@ def train_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config.model.init_weights when set (else random). Returns run_stage's summary.
   """
   derived = pretrain_config(config)
-  data = prepare.prepare_data(derived, progress=config.log.progress)
+  data = builders.prepare_data(derived)
   mesh = sharding_lib.make_mesh()
   model = builders.model_from_config(derived)
   key_init, key_classifier, key_state = jax.random.split(
@@ -164,4 +164,5 @@ def train_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step_fn=loop.jit_step(step, mesh), on_epoch_start=lambda s, epoch: s,
       variables_of=lambda s: {"params": s.params["backbone"], "batch_stats": s.batch_stats},
       on_finish=lambda s: _export(s, weights_path(workdir)))
-  return loop.run_stage(stage, derived, workdir, data, state, mesh)
+  evaluator = builders.make_evaluator(derived, model, data, mesh, during_training=True)
+  return loop.run_stage(stage, derived, workdir, data, state, mesh, evaluator)

@@ -18,9 +18,8 @@ from dakd_jax import augment
 from dakd_jax.losses import alignment
 from dakd_jax.losses import distill
 from dakd_jax.losses import memory as memory_lib
+from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.train.state import TrainState
-
-VISIBLE_CODE, INFRARED_CODE = 0, 1
 
 
 @flax.struct.dataclass
@@ -29,12 +28,6 @@ class FrozenTeacher:
   variables: Any  # {'params', 'batch_stats'}
   centres_visible: jax.Array  # [C, D] unit rows (method.md 4.1)
   centres_infrared: jax.Array  # [C, D]
-
-
-def unit(x: jax.Array) -> jax.Array:
-  """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def modality_codes(n: int, code: int) -> jax.Array:
@@ -76,15 +69,12 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
 
     (loss, (terms, batch_stats, g)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # Memories move with this step's embeddings, computed before the parameter update.
-    z = unit(jax.lax.stop_gradient(g))
+    z = memory_lib.unit_rows(jax.lax.stop_gradient(g))
     memories = memory_lib.update_memories(state.memories, z[:n], z[n:2 * n], z[2 * n:], labels,
                                           hard_momentum=hard_momentum,
                                           mean_momentum=mean_momentum)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, memories=memories)
+    new_state = state.apply_gradients(tx, grads, batch_stats=batch_stats, memories=memories)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
@@ -132,34 +122,8 @@ def make_student_step(model, tx: optax.GradientTransformation,
       return loss, (terms, stats)
 
     (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state)
+    new_state = state.apply_gradients(tx, grads, batch_stats=new_stats)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return student_step
-
-
-def make_embed_fn(model, *, use_flip: bool = False,
-                  channel_exchange: bool = False) -> Callable:
-  """Returns embed(variables, images_uint8 [n,H,W,3], modality [n], key) -> [n, D] float32.
-
-  Inference mode (BN running statistics), ImageNet normalisation, unit embeddings (method.md
-  5.3 and 7.1). `use_flip` averages the embeddings of the image and its mirror (then
-  re-normalises); `channel_exchange` replicates a random colour channel per image first, as the
-  teacher's channel memory is built (method.md 3.2).
-  """
-
-  def embed(variables, images, modality, key):
-    x = augment.normalize(images)
-    if channel_exchange:
-      x = augment.channel_exchange_batch(key, x)
-    features = model.apply(variables, x, modality, train=False)["embedding"]
-    if use_flip:
-      flipped = model.apply(variables, x[:, :, ::-1, :], modality, train=False)["embedding"]
-      features = unit(features + flipped)
-    return features.astype(jnp.float32)
-
-  return embed

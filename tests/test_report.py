@@ -1,5 +1,6 @@
-"""Pictures and reports (dakd_jax/viz.py): ranking, frame colours read back from the PNG, CMC and
-training-curve plots, report contents against the results they were written from."""
+"""Pictures, plots and reports (dakd_jax/evaluation/{pictures,plots,report}.py): ranking, frame
+colours read back from the PNG, CMC and training-curve plots, tables and report contents against
+the results they were written from."""
 import os
 import re
 
@@ -7,19 +8,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dakd_jax import viz
-from dakd_jax.evaluation import evaluate
+from dakd_jax.evaluation import metrics
+from dakd_jax.evaluation import pictures
+from dakd_jax.evaluation import plots
+from dakd_jax.evaluation import report
 
 H, W, SCALE = 24, 12, 2
 GREEN, RED, BLUE = (0, 170, 0), (220, 0, 0), (40, 90, 220)
 
 
-def brute_force_rank(query, gallery, query_cams, gallery_cams, top_k, sysu):
+def brute_force_rank(query, gallery, query_ids, gallery_ids, query_cams, gallery_cams, top_k,
+                     rule):
   """Per query: sort the kept gallery positions by (1 - cosine, position)."""
+  def removed(q, g):
+    if rule == "sysu":
+      return query_cams[q] == 3 and gallery_cams[g] == 2
+    if rule == "llcm":
+      return query_ids[q] == gallery_ids[g] and query_cams[q] == gallery_cams[g]
+    return False
+
   orders, dists = [], []
   for q in range(len(query)):
     kept = [(1.0 - float(np.dot(query[q], gallery[g])), g) for g in range(len(gallery))
-            if not (sysu and query_cams[q] == 3 and gallery_cams[g] == 2)]
+            if not removed(q, g)]
     kept.sort()
     kept = kept[:top_k] + [(np.inf, -1)] * (top_k - len(kept[:top_k]))
     orders.append([g for _, g in kept])
@@ -27,22 +38,28 @@ def brute_force_rank(query, gallery, query_cams, gallery_cams, top_k, sysu):
   return np.array(orders), np.array(dists)
 
 
-@pytest.mark.parametrize("sysu", [True, False])
-def test_rank_equals_brute_force_with_camera_filter(sysu):
+@pytest.mark.parametrize("rule", ["sysu", "regdb", "llcm"])
+def test_rank_equals_brute_force_with_camera_filter(rule):
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   query, gallery = unit(rng.normal(size=(7, 5))), unit(rng.normal(size=(9, 5)))
+  query_ids, gallery_ids = np.array([1, 2, 1, 3, 2, 1, 3]), np.array([1, 1, 2, 2, 3, 1, 2, 3, 1])
   query_cams = np.array([3, 6, 3, 6, 3, 3, 6])
-  gallery_cams = np.array([1, 2, 4, 5, 2, 2, 1, 2, 5])
+  gallery_cams = np.array([1, 2, 4, 5, 2, 2, 1, 2, 5]) if rule != "llcm" else np.array(
+      [3, 6, 3, 1, 6, 2, 6, 6, 3])
+  removed = metrics.removed_pairs(rule, query_ids, query_cams, gallery_ids, gallery_cams)
   for top_k in (3, 9, 12):  # 12 > gallery: padded (more so with the filter).
-    order, dist = viz.rank(query, gallery, top_k=top_k, query_cams=query_cams,
-                           gallery_cams=gallery_cams, sysu_filter=sysu)
-    expected_order, expected_dist = brute_force_rank(query, gallery, query_cams, gallery_cams,
-                                                     top_k, sysu)
+    order, dist = pictures.rank(query, gallery, top_k=top_k, removed=removed)
+    expected_order, expected_dist = brute_force_rank(query, gallery, query_ids, gallery_ids,
+                                                     query_cams, gallery_cams, top_k, rule)
     np.testing.assert_array_equal(order, expected_order)
     np.testing.assert_allclose(dist, expected_dist, rtol=1e-5, atol=1e-6)
-  if sysu:  # camera-3 queries never list camera-2 images.
+  if rule == "sysu":  # camera-3 queries never list camera-2 images.
     assert not np.isin(order[query_cams == 3], np.flatnonzero(gallery_cams == 2)).any()
+  if rule == "regdb":
+    assert not removed.any()
+  if rule == "llcm":  # hand-checked: query 0 (id 1, camera 3) loses gallery 0 and 8.
+    assert removed[0].tolist() == [True] + [False] * 7 + [True]
 
 
 def _fake_split():
@@ -66,45 +83,46 @@ def test_ranked_picture_panels_frames_and_images(tmp_path):
   source, meta, embeddings = _fake_split()
   path = str(tmp_path / "ranked.png")
   top_k = 5  # Gallery has 4 images: the 5th panel is empty.
-  out = viz.ranked_picture(source, meta, embeddings, np.array([0, 1]), np.array([2, 3, 4, 5]),
-                           path, sysu=False, top_k=top_k, queries=[0, 1], title="test")
+  out = pictures.ranked_picture(source, meta, embeddings, np.array([0, 1]),
+                                np.array([2, 3, 4, 5]), path, rule="regdb", top_k=top_k,
+                                queries=[0, 1], title="test")
   # Query 0 (id 1, angle 0): gallery by angle 3 (0.1, id 2), 2 (0.2, id 1), 5 (0.4, id 1),
   # 4 (0.6, id 3).
   np.testing.assert_array_equal(out["gallery"][0], [3, 2, 5, 4, -1])
   np.testing.assert_array_equal(out["matches"][0], [False, True, True, False, False])
   picture = np.asarray(Image.open(path).convert("RGB"))
-  panel_w, panel_h = W * SCALE + 2 * viz.BORDER, H * SCALE + 2 * viz.BORDER
+  panel_w, panel_h = W * SCALE + 2 * pictures.BORDER, H * SCALE + 2 * pictures.BORDER
   # Size: margins, title, 2 rows of panel + caption + gap; 1 + top_k panels and the query gap.
-  expected_width = 2 * viz.MARGIN + (top_k + 1) * panel_w + top_k * viz.GAP + viz.QUERY_GAP
-  expected_height = (2 * viz.MARGIN + viz.TITLE + 2 * (panel_h + viz.CAPTION) + viz.GAP)
+  expected_width = 2 * pictures.MARGIN + (top_k + 1) * panel_w + top_k * pictures.GAP + pictures.QUERY_GAP
+  expected_height = (2 * pictures.MARGIN + pictures.TITLE + 2 * (panel_h + pictures.CAPTION) + pictures.GAP)
   assert picture.shape[:2] == (expected_height, expected_width)
   expected_colours = {0: BLUE, 1: RED, 2: GREEN, 3: GREEN, 4: RED}
   for column, colour in expected_colours.items():
-    left = viz.MARGIN + column * (panel_w + viz.GAP) + (viz.QUERY_GAP if column else 0)
-    top = viz.MARGIN + viz.TITLE
+    left = pictures.MARGIN + column * (panel_w + pictures.GAP) + (pictures.QUERY_GAP if column else 0)
+    top = pictures.MARGIN + pictures.TITLE
     for x, y in ((left + 1, top + 1), (left + panel_w - 2, top + panel_h // 2),
                  (left + panel_w // 2, top + panel_h - 2)):
       assert _pixel(picture, x, y) == colour, (column, x, y)
     # Inside the frame: the ranked image itself (solid colour of its source row).
     row = 0 if column == 0 else out["gallery"][0][column - 1]
-    inner = picture[top + viz.BORDER:top + panel_h - viz.BORDER,
-                    left + viz.BORDER:left + panel_w - viz.BORDER]
+    inner = picture[top + pictures.BORDER:top + panel_h - pictures.BORDER,
+                    left + pictures.BORDER:left + panel_w - pictures.BORDER]
     assert (inner == source[row]["image"][0, 0]).all()
   # The padded 5th panel has no frame: white.
-  left = viz.MARGIN + 5 * (panel_w + viz.GAP) + viz.QUERY_GAP
-  assert _pixel(picture, left + 1, viz.MARGIN + viz.TITLE + 1) == (255, 255, 255)
+  left = pictures.MARGIN + 5 * (panel_w + pictures.GAP) + pictures.QUERY_GAP
+  assert _pixel(picture, left + 1, pictures.MARGIN + pictures.TITLE + 1) == (255, 255, 255)
   # Second row: query id 2 (angle 2.0): nearest gallery is row 4 (0.6, id 3) -> red first.
   assert out["gallery"][1][0] == 4 and not out["matches"][1][0]
-  top = viz.MARGIN + viz.TITLE + panel_h + viz.CAPTION + viz.GAP
-  assert _pixel(picture, viz.MARGIN + panel_w + viz.GAP + viz.QUERY_GAP + 1, top + 1) == RED
-  assert _pixel(picture, viz.MARGIN + 1, top + 1) == BLUE
+  top = pictures.MARGIN + pictures.TITLE + panel_h + pictures.CAPTION + pictures.GAP
+  assert _pixel(picture, pictures.MARGIN + panel_w + pictures.GAP + pictures.QUERY_GAP + 1, top + 1) == RED
+  assert _pixel(picture, pictures.MARGIN + 1, top + 1) == BLUE
 
 
 def test_random_queries_are_distinct_and_seeded():
-  a, b = viz.pick_queries(50, 8, seed=3), viz.pick_queries(50, 8, seed=3)
+  a, b = pictures.pick_queries(50, 8, seed=3), pictures.pick_queries(50, 8, seed=3)
   np.testing.assert_array_equal(a, b)
   assert len(set(a.tolist())) == 8 and a.max() < 50
-  np.testing.assert_array_equal(viz.pick_queries(3, 8, seed=0), [0, 1, 2])
+  np.testing.assert_array_equal(pictures.pick_queries(3, 8, seed=0), [0, 1, 2])
 
 
 def _results(cmc_trials):
@@ -123,7 +141,7 @@ def test_cmc_plot_file_and_size(tmp_path):
   ramp = np.minimum(1, np.arange(1, 21) / 10)
   results = _results({"sysu_mm01/all/single-shot": [ramp * 0.9, ramp],
                       "sysu_mm01/indoor/single-shot": [ramp ** 2, ramp ** 3]})
-  path = viz.cmc_plot(results, str(tmp_path / "cmc.png"))
+  path = plots.cmc_plot(results, str(tmp_path / "cmc.png"))
   picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
   assert picture.shape == (400, 600, 3)
   # Curves are drawn in colour (grey axes and text alone would have r == g == b).
@@ -134,23 +152,23 @@ def test_training_curves_plot(tmp_path):
   records = [{"step": s, "stage": "teacher", "wall_time": 0.0, "loss": 5.0 / s, "kl": 0.1}
              for s in range(1, 6)] + [{"step": 5, "stage": "teacher", "wall_time": 0.0,
                                        "eval_rank1": 0.3, "eval_mAP": 0.2}]
-  path = viz.training_curves_plot({"teacher": records, "student": records[:2]},
+  path = plots.training_curves_plot({"teacher": records, "student": records[:2]},
                                   str(tmp_path / "curves.png"))
   assert Image.open(path).size == (1100, 700)  # Two stages: two rows.
-  assert viz.training_curves_plot({"teacher": []}, str(tmp_path / "none.png")) is None
+  assert plots.training_curves_plot({"teacher": []}, str(tmp_path / "none.png")) is None
   assert not os.path.exists(tmp_path / "none.png")
 
 
 def test_report_table_equals_results(tmp_path):
   results = _results({"regdb/visible_to_thermal": [np.linspace(0.4213, 1, 20)],
                       "regdb/thermal_to_visible": [np.linspace(0.3377, 0.99, 20)]})
-  report = {"source": "/x/student/checkpoints step 8", "results": results,
-            "protocol": {"dataset": "regdb", "trial": 3}}
+  summary = {"source": "/x/student/checkpoints step 8", "results": results,
+             "protocol": {"dataset": "regdb", "trial": 3}}
   picture = tmp_path / "eval" / "cmc.png"
   picture.parent.mkdir()
   picture.write_bytes(b"")
   config = {"data": {"dataset": "regdb", "image_height": 288}, "model": {"depth": 50}}
-  text = open(viz.write_report(str(tmp_path), config, report, {"CMC": str(picture)})).read()
+  text = open(report.write_report(str(tmp_path), config, summary, {"CMC": str(picture)})).read()
   for section in ("## Config", "## Checkpoint", "## Protocol", "## Metrics", "## Pictures"):
     assert section in text
   assert "/x/student/checkpoints step 8" in text and "- trial: 3" in text
@@ -163,4 +181,15 @@ def test_report_table_equals_results(tmp_path):
     expected = [100 * cmc[r - 1] for r in (1, 5, 10, 20)] + [100 * setting["mean"]["mAP"],
                                                              100 * setting["mean"]["mINP"]]
     np.testing.assert_allclose(numbers, expected, atol=0.006)
-  assert evaluate.format_table(results) in text
+  assert report.format_table(results) in text
+
+
+def test_table_fits_80_columns_and_puts_long_settings_on_their_own_line():
+  results = _results({"sysu_mm01/all/single-shot": [np.linspace(0.5, 1, 20)],
+                      "llcm/visible_to_infrared/deen_test_script": [np.linspace(0.25, 1, 20)]})
+  lines = report.format_table(results, title="t").splitlines()
+  assert max(len(line) for line in lines) <= 80
+  long_name = lines.index("llcm/visible_to_infrared/deen_test_script")
+  numbers = [float(v) for v in lines[long_name + 1].split()]
+  assert numbers[0] == pytest.approx(25.0) and numbers[-1] == 1
+  assert lines[3].startswith("sysu_mm01/all/single-shot") and "50.00" in lines[3]

@@ -1,11 +1,12 @@
-"""Tests for dakd_jax.augment_grid: the PNG read back has the expected layout and pixels."""
+"""The augmentation grid (dakd_jax.evaluation.pictures): the PNG read back has the expected
+layout and pixels."""
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from dakd_jax import augment
-from dakd_jax import augment_grid
+from dakd_jax.evaluation import pictures
 
 H, W = 48, 24
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -14,11 +15,11 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 def test_grid_png_layout_raw_tiles_and_view_tiles(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (6, H, W, 3), dtype=np.uint8)
-  views = augment_grid.default_views("sysu_mm01")
+  views = pictures.default_views("sysu_mm01")
   assert list(views) == ["visible", "channel", "infrared"]
   key = jax.random.key(3)
   path = tmp_path / "sub" / "grid.png"
-  augment_grid.write_augmentation_grid(str(path), images, key, views)
+  pictures.write_augmentation_grid(str(path), images, key, views)
   with Image.open(path) as png:
     assert png.format == "PNG" and png.mode == "RGB"
     grid = np.asarray(png)
@@ -37,10 +38,10 @@ def test_grid_png_layout_raw_tiles_and_view_tiles(tmp_path):
 
 
 def test_grid_rejects_bad_inputs(tmp_path):
-  views = augment_grid.default_views("regdb")
+  views = pictures.default_views("regdb")
   with pytest.raises(ValueError, match="uint8"):
-    augment_grid.write_augmentation_grid(str(tmp_path / "g.png"), np.zeros((2, H, W, 3)),
+    pictures.write_augmentation_grid(str(tmp_path / "g.png"), np.zeros((2, H, W, 3)),
                                          jax.random.key(0), views)
   with pytest.raises(ValueError, match="AugmentSettings"):
-    augment_grid.write_augmentation_grid(str(tmp_path / "g.png"),
+    pictures.write_augmentation_grid(str(tmp_path / "g.png"),
                                          np.zeros((2, H, W, 3), np.uint8), jax.random.key(0), {})

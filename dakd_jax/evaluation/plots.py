@@ -1,0 +1,85 @@
+"""Plots of a run (matplotlib, Agg backend): CMC curves of the settings and training curves.
+
+After evaluation in the data flow: `report.write_run_pictures` draws them from results.json's
+numbers and the stages' metrics.jsonl logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def _figure(rows: int = 1, columns: int = 1, size=(6.0, 4.0)):
+  import matplotlib  # Deferred: only when a plot is drawn; Agg needs no display.
+  matplotlib.use("Agg")
+  from matplotlib import pyplot
+  figure, axes = pyplot.subplots(rows, columns, figsize=size, dpi=100, squeeze=False)
+  return pyplot, figure, axes
+
+
+def cmc_plot(results: dict, path: str, *, title: str = "CMC") -> str:
+  """CMC curves (rank 1..len) of every setting: mean over trials, min-max band shaded.
+
+  Args: results: results.json's 'results' ({setting: {'mean': {'cmc'}, 'trials': [...]}}).
+  Returns: `path`, a 600x400 PNG.
+  """
+  pyplot, figure, axes = _figure()
+  axis = axes[0, 0]
+  for name, setting in results.items():
+    trials = np.array([t["cmc"] for t in setting["trials"]]) * 100
+    ranks = np.arange(1, trials.shape[1] + 1)
+    line, = axis.plot(ranks, np.asarray(setting["mean"]["cmc"]) * 100, marker=".",
+                      label=f"{name} ({len(trials)} trial{'s' if len(trials) != 1 else ''})")
+    axis.fill_between(ranks, trials.min(0), trials.max(0), color=line.get_color(), alpha=0.2)
+  axis.set(xlabel="rank", ylabel="matching rate (%)", title=title, ylim=(0, 101))
+  axis.set_xticks(ranks[::max(1, len(ranks) // 10)])
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=7, loc="lower right")
+  figure.tight_layout()
+  figure.savefig(path)
+  pyplot.close(figure)
+  return path
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file ([] if it does not exist)."""
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def training_curves_plot(stage_logs: dict, path: str) -> str | None:
+  """Loss terms and eval rank-1/mAP against the step, one row of two plots per stage.
+
+  Args: stage_logs: {stage: records of its metrics.jsonl}; stages without records are skipped.
+  Returns: `path`, or None when there is nothing to plot.
+  """
+  stages = {name: records for name, records in stage_logs.items() if records}
+  if not stages:
+    return None
+  pyplot, figure, axes = _figure(len(stages), 2, size=(11.0, 3.5 * len(stages)))
+  skip = {"step", "stage", "wall_time", "grad_norm", "lr", "learning_rate"}
+  for (name, records), (loss_axis, eval_axis) in zip(stages.items(), axes):
+    terms = sorted({k for r in records for k in r if k not in skip and not k.startswith("eval_")
+                    and isinstance(r[k], (int, float))})
+    for term in terms:
+      points = [(r["step"], r[term]) for r in records if term in r]
+      loss_axis.plot(*zip(*points), label=term, linewidth=2 if term == "loss" else 1)
+    positive = all(r[t] > 0 for r in records for t in terms if t in r)
+    loss_axis.set(title=f"{name}: logged terms", xlabel="step",
+                  yscale="log" if positive else "linear")
+    loss_axis.legend(fontsize=6)
+    for metric in ("eval_rank1", "eval_mAP"):
+      points = [(r["step"], 100 * r[metric]) for r in records if metric in r]
+      if points:
+        eval_axis.plot(*zip(*points), marker="o", label=metric[5:])
+    eval_axis.set(title=f"{name}: evaluation (%)", xlabel="step")
+    if eval_axis.get_lines():
+      eval_axis.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path)
+  pyplot.close(figure)
+  return path

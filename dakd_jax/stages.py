@@ -1,0 +1,114 @@
+"""The stages that use a trained network: evaluation and feature extraction of new images.
+
+Like the training loops (`train/loop.py`), these read the config and hand plain objects to the
+modules below: the evaluator, the extractor, the report writers. Outputs:
+  <workdir>/eval/      config.json, results.json, features.npz, pictures; <workdir>/report.md
+  <workdir>/extract/   config.json, embeddings of image folders, a ranking and its picture
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from dakd_jax import builders
+from dakd_jax.data import prepare
+from dakd_jax.evaluation import evaluator as evaluator_lib
+from dakd_jax.evaluation import extractor as extractor_lib
+from dakd_jax.evaluation import folders
+from dakd_jax.evaluation import report
+
+CHECKPOINT_HINT = "train first (--config.stage=all) or set --config.eval.checkpoint"
+
+
+def write_config(config: ml_collections.ConfigDict, directory: str) -> str:
+  """Writes `directory`/config.json (the resolved config) and returns its path."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "config.json")
+  with open(path, "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  return path
+
+
+def describe_protocol(config: ml_collections.ConfigDict, data: prepare.DataBundle,
+                      evaluator: evaluator_lib.Evaluator) -> dict:
+  """What a report states next to its numbers (style.md: every report names its protocol)."""
+  settings = sorted({p.setting for p in evaluator.protocols}, key=[
+      p.setting for p in evaluator.protocols].index)
+  description = {"dataset": data.dataset, "settings": settings,
+                 "trials": sorted({p.trial for p in evaluator.protocols}),
+                 **evaluator.settings.describe(),
+                 "embedding": "unit BNNeck feature, inference mode", "similarity": "cosine"}
+  if data.spec.trials:
+    description["training_trial"] = data.trial
+  return description
+
+
+def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
+                   data: prepare.DataBundle) -> dict:
+  """stage=eval: every protocol of config.eval on a checkpoint (or saved features).
+
+  Reads config.eval.features if set, else config.eval.checkpoint (default <workdir>/student): a
+  stage checkpoint (its best evaluated step, else its newest) or a weights file. Prints the
+  table and writes <workdir>/eval/{config.json, results.json, features.npz} and, with
+  config.eval.pictures, the pictures and <workdir>/report.md.
+  """
+  out_dir = os.path.join(workdir, "eval")
+  mesh = builders.make_mesh()
+  model = builders.model_from_config(config)
+  evaluator = builders.make_evaluator(config, model, data, mesh)
+  is_main = jax.process_index() == 0
+  if config.eval.features:
+    embeddings = report.load_saved_features(config.eval.features, data)
+    source = config.eval.features
+  else:
+    variables, described = builders.restore_model_variables(
+        config, model, config.eval.checkpoint or os.path.join(workdir, "student"), mesh,
+        hint=CHECKPOINT_HINT)
+    source = described["source"]
+    embeddings = evaluator.embed(variables, rows=np.arange(len(data.test_meta["label"])))
+  results = evaluator.score(embeddings)
+  summary = {"source": source, "protocol": describe_protocol(config, data, evaluator),
+             "results": results}
+  if is_main:
+    write_config(config, out_dir)
+    if not config.eval.features:
+      report.save_features(os.path.join(out_dir, "features.npz"), embeddings, data)
+    report.write_results(os.path.join(out_dir, "results.json"), summary)
+    print("\n" + report.format_table(results, title=report.table_title(source,
+                                                                       summary["protocol"])))
+    if config.eval.pictures:
+      paths = report.write_run_pictures(
+          workdir, data, embeddings, evaluator.rows, summary, top_k=config.eval.visual_top_k,
+          num_queries=config.eval.num_visual_queries, seed=config.seed)
+      path = report.write_report(workdir, config.to_dict(), summary, paths)
+      print(f"dakd_jax: pictures in {out_dir}, report in {path}")
+  return summary
+
+
+def extract_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """stage=extract: embeds config.extract's folders with eval.checkpoint (default
+  <workdir>/student) and ranks the queries against the gallery; see `folders`."""
+  source = config.eval.checkpoint or os.path.join(workdir, "student")
+  model = builders.model_from_config(config)
+  mesh = builders.make_mesh()
+  variables, described = builders.restore_model_variables(config, model, source, mesh,
+                                                          hint=CHECKPOINT_HINT)
+  extractor = extractor_lib.Extractor(
+      model, variables, image_size=builders.image_size(config),
+      batch_size=config.eval.batch_size, use_flip=config.eval.flip,
+      source=described["source"], mesh=mesh)
+  out_dir = os.path.join(workdir, folders.OUT_DIR)
+  write_config(config, out_dir)
+  e = config.extract
+  result = folders.extract_folders(
+      extractor, out_dir, query_dir=e.query_dir, query_modality=e.query_modality,
+      gallery_dir=e.gallery_dir, gallery_modality=e.gallery_modality,
+      top_k=config.eval.visual_top_k, num_pictured=config.eval.num_visual_queries)
+  print(f"dakd_jax: embeddings of {len(result['query_files'])} query and "
+        f"{len(result.get('gallery_files', []))} gallery image(s) from {described['source']} "
+        f"in {out_dir}")
+  return result

@@ -43,7 +43,7 @@ def test_hand_worked_case_with_ties():
   np.testing.assert_allclose(out["threshold"], [0.2, np.float32(0.3), np.float32(0.3),
                                                 np.float32(0.3), np.inf])
   assert out["num_positive"] == 2 and out["num_negative"] == 4
-  assert out["summary"]["TPR@FPR=2e-01"] == 0.5  # 0.25 printed with one digit
+  assert out["summary"]["TPR@FPR=0.25"] == 0.5 and out["summary"]["TPR@FPR=1"] == 1.0
   # Removing the pair (1, 2) leaves negatives 0.2, 0.3, 0.5: f = 1/3 now admits 0.2 only
   # (tau = 0.3), f = 2/3 admits 0.2 and 0.3 (tau = 0.5) and with it the positive at 0.3.
   removed = np.array([[False, False, False], [False, False, True]])

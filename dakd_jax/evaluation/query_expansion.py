@@ -49,7 +49,7 @@ def average_query_expansion(query, gallery, *, k=5, alpha=3.0, expand_gallery=Fa
     removed: optional [num_query, num_gallery] bool, True where a query-gallery pair is removed
       by the protocol (see `verification.protocol_removed_pairs`); such pairs never expand
       each other.
-    chunk_rows: rows scored at a time (memory is about chunk_rows * pool size * 12 bytes).
+    chunk_rows: rows scored at a time (memory is about chunk_rows * pool size * 24 bytes).
 
   Returns:
     (query', gallery'): float32 [num_query, dim] and [num_gallery, dim] unit embeddings;

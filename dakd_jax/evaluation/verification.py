@@ -68,7 +68,7 @@ def tpr_at_fpr(distmat, query_ids, gallery_ids, fprs=DEFAULT_FPRS, removed=None)
   Returns:
     {"fpr_targets": float64 [t], "tpr": float64 [t], "fpr": float64 [t] achieved FPR (<= the
      target), "threshold": float64 [t] tau (accept distance < tau; inf = accept all),
-     "num_positive": int, "num_negative": int, "summary": {"TPR@FPR=1e-04": tpr, ...}}.
+     "num_positive": int, "num_negative": int, "summary": {"TPR@FPR=0.0001": tpr, ...}}.
 
   Raises:
     ValueError: bad shapes, non-finite distances, targets outside [0, 1], or no positive or
@@ -80,7 +80,7 @@ def tpr_at_fpr(distmat, query_ids, gallery_ids, fprs=DEFAULT_FPRS, removed=None)
                      f"{fprs!r}.")
   positive, negative = sorted_pair_distances(distmat, query_ids, gallery_ids, removed)
   points = _operating_points(positive, negative, targets)
-  points["summary"] = {f"TPR@FPR={target:.0e}": float(tpr)
+  points["summary"] = {f"TPR@FPR={target:g}": float(tpr)
                        for target, tpr in zip(targets, points["tpr"])}
   return points
 

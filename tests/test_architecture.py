@@ -18,7 +18,7 @@ LEVELS = {
     "dakd_jax.config": 1, "dakd_jax.sharding": 1, "dakd_jax.checkpoint": 1,
     "dakd_jax.writers": 1, "dakd_jax.augment": 1, "dakd_jax.data": 1, "dakd_jax.models": 1,
     "dakd_jax.losses": 1,
-    "dakd_jax.evaluation": 2, "dakd_jax.export": 2,
+    "dakd_jax.evaluation": 2, "dakd_jax.deploy": 2,
     "dakd_jax.builders": 3,
     "dakd_jax.train": 4,
     "dakd_jax.stages": 5,

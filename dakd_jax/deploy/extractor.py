@@ -1,9 +1,9 @@
 """The deployable function: uint8 images and modality codes in, unit embeddings out.
 
 Both exported files (`dakd_jax.deploy.export`) compute `extractor_function`, and verification
-compares them with it. It is what evaluation computes (`train.steps.make_embed_fn`, method.md
-5.3 and 7.1) with the variables fixed: ImageNet normalisation, inference-mode network (BN running
-statistics), unit BNNeck embedding, float32 throughout.
+compares them with it. It is evaluation's embedding (`evaluation.extract.make_embed_fn`,
+method.md 5.3 and 7.1) with the variables fixed: ImageNet normalisation, inference-mode network
+(BN running statistics), unit BNNeck embedding, float32 throughout.
 
 One function with a modality input, rather than one per modality: the network routes each image
 through its own stem (`ReIDResNet._stem`, a per-sample select), so one call serves a batch that
@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dakd_jax import augment
-from dakd_jax.models import resnet
+from dakd_jax import modalities
+from dakd_jax.evaluation import extract
 
 INPUT_NAMES = ("images", "modality")
 OUTPUT_NAME = "embedding"
-MODALITY_CODES = {"visible": resnet.VISIBLE_CODE, "infrared": resnet.INFRARED_CODE}
+MODALITY_CODES = modalities.CODES
 
 
 def extractor_function(model, variables, *, use_flip: bool = False) -> Callable:
@@ -41,19 +41,12 @@ def extractor_function(model, variables, *, use_flip: bool = False) -> Callable:
   if getattr(model, "dtype", jnp.float32) != jnp.float32:
     model = model.clone(dtype=jnp.float32)
   constants = jax.tree.map(_as_float32_constant, variables)
+  embed = extract.make_embed_fn(model, use_flip=use_flip)
 
-  def embed(x, modality):
-    return model.apply(constants, x, modality, train=False)["embedding"]
+  def extract_embeddings(images, modality):
+    return embed(constants, images, modality, None)  # no random view: the key is unused
 
-  def extract(images, modality):
-    x = augment.normalize(images)
-    features = embed(x, modality)
-    if use_flip:
-      features = features + embed(x[:, :, ::-1, :], modality)
-      features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
-    return features.astype(jnp.float32)
-
-  return extract
+  return extract_embeddings
 
 
 def _as_float32_constant(leaf):

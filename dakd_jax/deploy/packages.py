@@ -11,16 +11,14 @@ import importlib.metadata
 import platform
 from typing import Any
 
+from dakd_jax.errors import ExportError  # pylint: disable=unused-import  (re-exported)
+
 EXTRA_MODULES = ("jax2onnx", "onnx", "onnxruntime")
 # PyPI names whose versions go in the manifest.
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "onnx", "onnxruntime", "jax2onnx",
                       "dakd_jax")
 MISSING_EXTRA_MESSAGE = ("stage=export needs the optional packages jax2onnx, onnx and "
                          "onnxruntime: pip install -e '.[export]'")
-
-
-class ExportError(RuntimeError):
-  """An export that cannot run or whose files disagree with the JAX extractor."""
 
 
 def check_export_packages() -> dict[str, Any]:

@@ -216,8 +216,7 @@ def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReI
   another architecture), WeightsError (a file that does not fit).
   """
   if os.path.isfile(source):
-    variables = extractor_lib.load_weights_file(model, source, image_size(config), mesh)
-    return variables, {"source": source, "stage": "weights file"}
+    return _load_weights_file(config, model, source, mesh, stages)
   directory, step = checkpoint_lib.find_stage_checkpoint(source, hint=hint)
   where = f"{directory} step {step}"
   metadata = checkpoint_lib.read_step_metadata(directory, step)
@@ -231,6 +230,26 @@ def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReI
       directory, step, extractor_lib.abstract_variables(model, image_size(config), mesh))
   return variables, {"source": where, "stage": stage, "step": step,
                      "best": metadata.get("best", {})}
+
+
+# Kinds of weights files (`weights.describe_weights_file`) that hold a trained teacher network.
+TEACHER_FILE_KINDS = ("authors_teacher", "authors_network", "native")
+
+
+def _load_weights_file(config, model, path, mesh, stages):
+  """restore_model_variables for a weights file: our own, torchvision's or the authors'."""
+  from dakd_jax.models import weights  # Deferred: only for files.
+  kind = weights.describe_weights_file(path)
+  if stages == ("teacher",) and kind not in TEACHER_FILE_KINDS:
+    what = {"authors_student": "the authors' DAKD student", "torchvision": "ImageNet weights"}
+    raise CheckpointError(
+        f"{path} holds {what.get(kind, kind)}, not a trained teacher; point "
+        "--config.distill.teacher_checkpoint at a teacher workdir or a teacher weights file (the "
+        "authors' *_best.t)")
+  metadata = weights.read_checkpoint_metadata(path) if kind.startswith("authors") else {}
+  variables = extractor_lib.load_weights_file(model, path, image_size(config), mesh,
+                                              log=lambda line: print(f"dakd_jax: {line}"))
+  return variables, {"source": path, "stage": kind, "file_metadata": metadata}
 
 
 def make_mesh():

@@ -1,6 +1,7 @@
 """Stage dispatch for `run.py` and notebooks, and the one place user mistakes become messages.
 
-`run_stages` runs pretrain (optional), teacher, student, eval (`all` in sequence), or extract.
+`run_stages` runs pretrain (optional), teacher, student, eval (`all` in sequence), extract or
+export.
 Validation happens before any data is touched or anything compiles. Each stage writes under the
 workdir:
   <workdir>/config.json              the resolved config of the training stages
@@ -9,6 +10,7 @@ workdir:
   <workdir>/student/                 the same for the DAKD student
   <workdir>/eval/                    config.json, results.json, features.npz, pictures
   <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking
+  <workdir>/export/                  stage=export: ONNX and StableHLO files, manifest.json
 
 A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a non-zero
 exit; with `--verbosity` given, the traceback is shown too. Anything else is a bug and keeps its
@@ -76,6 +78,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from dakd_jax.train import pretrain
   if config.stage == "extract":  # New images only: no dataset needed.
     return {"extract": stages.extract_stage(config, workdir)}
+  if config.stage == "export":
+    return {"export": stages.export_stage(config, workdir)}
   results = {}
   pretrain_dir = os.path.join(workdir, "pretrain")
   if config.pretrain.enabled and config.stage in ("pretrain", "all"):

@@ -1,9 +1,10 @@
-"""The stages that use a trained network: evaluation and feature extraction of new images.
+"""The stages that use a trained network: evaluation, extraction of new images, export.
 
 Like the training loops (`train/loop.py`), these read the config and hand plain objects to the
-modules below: the evaluator, the extractor, the report writers. Outputs:
+modules below: the evaluator, the extractor, the report writers, the deployment export. Outputs:
   <workdir>/eval/      config.json, results.json, features.npz, pictures; <workdir>/report.md
   <workdir>/extract/   config.json, embeddings of image folders, a ranking and its picture
+  <workdir>/export/    config.json, extractor.onnx, extractor.stablehlo, manifest.json
 """
 from __future__ import annotations
 
@@ -69,10 +70,13 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
         config, model, config.eval.checkpoint or os.path.join(workdir, "student"), mesh,
         hint=CHECKPOINT_HINT)
     source = described["source"]
+    recorded = described.get("file_metadata")
     embeddings = evaluator.embed(variables, rows=np.arange(len(data.test_meta["label"])))
   results = evaluator.score(embeddings)
   summary = {"source": source, "protocol": describe_protocol(config, data, evaluator),
              "results": results}
+  if not config.eval.features and recorded:
+    summary["recorded_by_file"] = recorded
   if is_main:
     write_config(config, out_dir)
     if not config.eval.features:
@@ -80,6 +84,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
     report.write_results(os.path.join(out_dir, "results.json"), summary)
     print("\n" + report.format_table(results, title=report.table_title(source,
                                                                        summary["protocol"])))
+    if summary.get("recorded_by_file"):
+      print(report.format_recorded(summary["recorded_by_file"], results))
     if config.eval.pictures:
       paths = report.write_run_pictures(
           workdir, data, embeddings, evaluator.rows, summary, top_k=config.eval.visual_top_k,
@@ -112,3 +118,56 @@ def extract_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{len(result.get('gallery_files', []))} gallery image(s) from {described['source']} "
         f"in {out_dir}")
   return result
+
+
+VERIFY_IMAGES = 8  # test images of each modality run through the exported files
+
+
+def verification_images(config: ml_collections.ConfigDict):
+  """(images uint8 [n, H, W, 3], modality codes [n]) of the prepared test split: the first
+  VERIFY_IMAGES of each modality; (None, None) when no dataset is there to prepare."""
+  if not (config.synthetic.enabled or os.path.isdir(config.data.root)):
+    return None, None
+  data = builders.prepare_data(config)
+  modality = np.asarray(data.test_meta["modality"])
+  rows = np.concatenate([np.flatnonzero(modality == code)[:VERIFY_IMAGES] for code in (0, 1)])
+  images = np.stack([data.test_source[int(row)]["image"] for row in rows])
+  return images, modality[rows].astype(np.int32)
+
+
+def recorded_results(workdir: str, source: str) -> dict | None:
+  """The headline numbers of <workdir>/eval/results.json when it evaluated `source`."""
+  path = os.path.join(workdir, "eval", "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    stored = json.load(f)
+  if stored.get("source") != source:
+    return None
+  return {"protocol": stored["protocol"],
+          "results": {setting: values["mean"] for setting, values in stored["results"].items()}}
+
+
+def export_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """stage=export: eval.checkpoint (default <workdir>/student) as a verified ONNX file and a
+  StableHLO file with a manifest, in <workdir>/export (see `dakd_jax.deploy`)."""
+  from dakd_jax import deploy  # Deferred: the optional export extra.
+  deploy.check_export_packages()
+  source = config.eval.checkpoint or os.path.join(workdir, "student")
+  model = builders.model_from_config(config)
+  variables, described = builders.restore_model_variables(
+      config, model, source, builders.make_mesh(), hint=CHECKPOINT_HINT)
+  images, modality = verification_images(config)
+  out_dir = os.path.join(workdir, "export")
+  write_config(config, out_dir)
+  manifest = {"checkpoint": described["source"], "checkpoint_stage": described["stage"],
+              "dataset": config.data.dataset,
+              "results": recorded_results(workdir, described["source"]),
+              "authors_metadata": described.get("file_metadata")}
+  written = deploy.export_extractor(
+      model, jax.device_get(variables), image_height=config.data.image_height,
+      image_width=config.data.image_width, out_dir=out_dir, manifest=manifest,
+      verify_images=images, verify_modality=modality, use_flip=config.eval.flip)
+  print(f"dakd_jax: exported {described['source']} to {out_dir} (extractor.onnx, "
+        "extractor.stablehlo, manifest.json)")
+  return written

@@ -210,3 +210,14 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   files = [str(root / "cam3" / person / name) for name in result["query_files"]]
   np.testing.assert_allclose(extractor(files, "infrared"),
                              np.load(f"{workdir}/extract/query.npy"), atol=1e-5)
+  # stage=export: the student as verified ONNX and StableHLO files, its results recorded.
+  stages.export_stage(config_lib.load_config("configs/demo.py", {
+      **{k: v for k, v in overrides.items() if not isinstance(v, str) or not v.startswith("(")},
+      "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),
+      "stage": "export"}), workdir)
+  manifest = json.load(open(f"{workdir}/export/manifest.json"))
+  assert manifest["checkpoint"] == extractor.source
+  assert manifest["results"]["results"]["sysu_mm01/all/single-shot"] == mean
+  assert manifest["verification"]["images"].endswith("given images")  # the test split's
+  for name in ("extractor.onnx", "extractor.stablehlo"):
+    assert os.path.getsize(f"{workdir}/export/{name}") > 1000

@@ -379,3 +379,44 @@ def test_protocol_entry_point_and_settings(tree):
               Protocol("llcm", -1, direction="infrared_to_visible")):
     with pytest.raises(ValueError):
       protocols.check_protocol(bad)
+
+
+@pytest.mark.slow
+def test_stage_all_on_a_tiny_llcm_tree(tmp_path):
+  """run.py with configs/llcm.py on a generated LLCM tree: teacher, student, evaluation of both
+  directions (the visible->infrared reading named in every result) and a picture per direction."""
+  import json
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  overrides = {
+      "data.root": str(tmp_path / "llcm"), "data.prepared_dir": str(tmp_path / "tfds"),
+      "synthetic.enabled": True, "synthetic.num_train_ids": 5, "synthetic.num_val_ids": 1,
+      "synthetic.num_test_ids": 4, "synthetic.images_per_camera": 2,
+      "data.image_height": 96, "data.image_width": 48, "model.depth": 18, "model.width": 4,
+      "model.non_local": False, "data.ids_per_batch": 2, "data.images_per_id": 2,
+      "data.num_workers": 0, "eval.batch_size": 16, "eval.num_trials": 2, "eval.max_rank": 4,
+      "teacher.epochs": 1, "teacher.steps_per_epoch": 2, "teacher.warmup_epochs": 0,
+      "teacher.decay_epochs": "(0,1)", "distill.epochs": 1, "distill.steps_per_epoch": 2,
+      "eval.llcm_vis_to_ir": "deen_test_script", "log.progress": False,
+      "eval.num_visual_queries": 2, "eval.visual_top_k": 3}
+  workdir = str(tmp_path / "run")
+  result = subprocess.run(
+      [sys.executable, "run.py", "--config=configs/llcm.py", f"--workdir={workdir}",
+       *[f"--config.{k}={v}" for k, v in overrides.items()]],
+      cwd=repo, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  summary = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  assert sorted(summary["results"]) == ["llcm/infrared_to_visible",
+                                        "llcm/visible_to_infrared/deen_test_script"]
+  assert summary["protocol"]["dataset"] == "llcm" and summary["protocol"]["trials"] == [0, 1]
+  root = str(tmp_path / "llcm")
+  for setting, trials in summary["results"].items():
+    for trial in trials["trials"]:
+      direction = setting.split("/")[1]
+      query, gallery = llcm.llcm_query_gallery(root, trial["trial"], direction,
+                                               "deen_test_script")
+      assert (trial["num_query"], trial["num_gallery"]) == (len(query), len(gallery))
+  for name in ("ranked_llcm_infrared_to_visible.png",
+               "ranked_llcm_visible_to_infrared_deen_test_script.png"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 1000

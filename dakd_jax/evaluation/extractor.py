@@ -35,12 +35,13 @@ def abstract_variables(model: resnet.ReIDResNet, image_size: tuple[int, int], me
 
 
 def load_weights_file(model: resnet.ReIDResNet, path: str, image_size: tuple[int, int],
-                      mesh) -> dict:
+                      mesh, *, log=None) -> dict:
   """Model variables from a weights file (`models.weights.load_pretrained`: our variable files,
-  torchvision or the authors' files), replicated on `mesh`."""
+  torchvision or the authors' files), replicated on `mesh`; `log` receives the note when an
+  authors' single stem fills both stems."""
   from dakd_jax.models import weights  # Deferred: only for files.
   template = resnet.init_variables(model, jax.random.key(0), image_size)
-  variables = weights.load_pretrained(template, path, depth=model.depth)
+  variables = weights.load_pretrained(template, path, depth=model.depth, log=log)
   return sharding_lib.replicate(variables, mesh)
 
 

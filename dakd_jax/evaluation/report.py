@@ -44,6 +44,21 @@ def format_table(results: dict, *, title: str = "") -> str:
   return "\n".join(lines)
 
 
+def format_recorded(recorded: dict, results: dict) -> str:
+  """The numbers an authors' checkpoint records (their own evaluation at its epoch) beside ours
+  for the headline setting, so a user sees at once whether our evaluation reproduces theirs."""
+  setting, values = next(iter(results.items()))
+  ours = values["mean"]
+  lines = [f"recorded in the file (the authors' evaluation, epoch {recorded.get('epoch', '?')}) "
+           f"vs ours ({setting}):"]
+  for name, theirs, mine in (("R1", (recorded.get("cmc") or [None])[0], ours["cmc"][0]),
+                             ("mAP", recorded.get("mAP"), ours["mAP"]),
+                             ("mINP", recorded.get("mINP"), ours["mINP"])):
+    shown = "-" if theirs is None else f"{100 * theirs:.2f}"
+    lines.append(f"  {name:<5} file {shown:>7}   ours {100 * mine:7.2f}")
+  return "\n".join(lines)
+
+
 def table_title(source: str, protocol: dict) -> str:
   """The line above a results table: what was evaluated and how it was scored."""
   return (f"{protocol['dataset']} evaluation of {source} | re-ranking "

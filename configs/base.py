@@ -24,6 +24,9 @@ def get_config(arg=None):
   # pretrain | teacher | student | eval | all (in order; pretrain only if enabled) | extract
   config.stage = "all"
   config.seed = 0  # one seed for sampling, initialisation and augmentation keys
+  # Seed bands: run the stages once per seed into <workdir>/seed_<s>/ and print per-seed numbers
+  # with mean +- std (e.g. '(0,1,2)'); () = one run with `seed`.
+  config.seeds = ()
   # Confidence-mask cut, a quantile of the batch's teacher confidences in [0, 1] [4.4].
   config.mask_threshold = 0.5
 
@@ -37,6 +40,9 @@ def get_config(arg=None):
   config.data.ids_per_batch = 8  # P: identities per batch [5.1]
   config.data.images_per_id = 4  # K: images per identity per modality (SYSU 4, RegDB 5)
   config.data.num_workers = 2  # Grain worker processes for loading (0 = in the main process)
+  # checkpoint.select=val on a dataset without a shipped validation split (RegDB, LLCM): the
+  # share of training identities held out (seeded by `seed`); SYSU-MM01 holds out exp/val_id.txt
+  config.data.val_fraction = 0.1
 
   # A generated cross-modal dataset written at data.root in the real layout (tests, demo).
   config.synthetic = ml_collections.ConfigDict()
@@ -145,12 +151,27 @@ def get_config(arg=None):
   config.eval.flip = False  # average the embeddings of the image and its mirror
   config.eval.batch_size = 64  # images per extraction batch (divisible by the device count)
   config.eval.max_rank = 20  # CMC length
+  # Average query expansion (fast-reid's AQE: each query plus its top-k gallery neighbours
+  # weighted by similarity^alpha); off for comparisons with the paper.
+  config.eval.query_expansion = False
+  config.eval.aqe_k = 5  # neighbours per query
+  config.eval.aqe_alpha = 3.0  # weight exponent
+  # Verification: TPR at these false-positive rates over all query-gallery pairs; () skips it.
+  config.eval.tpr_fprs = (1e-4, 1e-3, 1e-2)
+  # Evaluating a RegDB model on another trial than it was trained on mixes its training
+  # identities into the test set; refused unless this is set.
+  config.eval.allow_trial_mismatch = False
   # stage=eval: a checkpoint dir, or a variables .npz (pretrain/backbone.npz); "" = student best
   config.eval.checkpoint = ""
   config.eval.features = ""  # stage=eval: a .npz of saved features instead of a checkpoint
   config.eval.pictures = True  # stage=eval: CMC/training-curve/ranked-result PNGs and report.md
   config.eval.num_visual_queries = 8  # queries (rows) per ranked-result picture, drawn by seed
   config.eval.visual_top_k = 10  # gallery images shown per query
+  # stage=eval: analysis pictures (2-D map of the embeddings, distance histograms, ROC,
+  # activation maps of queries and their top matches).
+  config.eval.analysis = False
+  config.eval.analysis_method = "pca"  # pca | tsne (t-SNE needs the `analysis` extra)
+  config.eval.analysis_identities = 20  # identities drawn in the 2-D map
 
   # stage=extract: embed folders of new images with a checkpoint (eval.checkpoint or student).
   config.extract = ml_collections.ConfigDict()
@@ -162,7 +183,12 @@ def get_config(arg=None):
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000  # save every N steps (and at each evaluation)
   config.checkpoint.keep_last = 2  # newest N kept ...
-  config.checkpoint.keep_best = 1  # ... plus the best N by mAP (chosen on the test split!)
+  config.checkpoint.keep_best = 1  # ... plus the best N by the selection's mAP
+  # Which checkpoint a stage hands on (to the student, stage=eval, export) and reports:
+  # last (the final step; no evaluation during training), val (best mAP on held-out training
+  # identities; they are not trained on) or test_oracle (best test-split mAP, as the authors'
+  # code does: labelled "oracle (test-set selection)" wherever it is reported).
+  config.checkpoint.select = "test_oracle" if preset == "released_code" else "last"
   config.checkpoint.resume = ""  # explicit checkpoint to resume from if the workdir has none
   config.checkpoint.allow_config_change = False  # resume even if the config differs
 

@@ -148,18 +148,23 @@ def synthetic_sizes(config: ml_collections.ConfigDict) -> specs.SyntheticSizes |
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> prepare.DataBundle:
-  """Generates (synthetic), prepares (once per size/trial/content) and opens config.data."""
+  """Generates (synthetic), prepares (once per size/trial/content) and opens config.data; with
+  checkpoint.select=val the validation identities are held out of the training split."""
+  validation = ((config.data.val_fraction, config.seed)
+                if config.checkpoint.select == "val" else None)
   return prepare.prepare_data(
       config.data.dataset, config.data.root, config.data.prepared_dir, image_size(config),
       trial=config.data.trial, synthetic_sizes=synthetic_sizes(config),
-      progress=config.log.progress)
+      progress=config.log.progress, validation=validation)
 
 
 def eval_settings(config: ml_collections.ConfigDict) -> evaluator_lib.EvalSettings:
   """How embeddings are made and scored (config.eval)."""
+  e = config.eval
   return evaluator_lib.EvalSettings(
-      batch_size=config.eval.batch_size, use_flip=config.eval.flip, rerank=config.eval.rerank,
-      max_rank=config.eval.max_rank, show_progress=config.log.progress)
+      batch_size=e.batch_size, use_flip=e.flip, rerank=e.rerank, max_rank=e.max_rank,
+      show_progress=config.log.progress, query_expansion=e.query_expansion, aqe_k=e.aqe_k,
+      aqe_alpha=e.aqe_alpha, tpr_fprs=tuple(float(f) for f in e.tpr_fprs))
 
 
 def protocol_options(config: ml_collections.ConfigDict, *,
@@ -176,23 +181,29 @@ def protocol_options(config: ml_collections.ConfigDict, *,
 def make_evaluator(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
                    data: prepare.DataBundle, mesh, *,
                    during_training: bool = False) -> evaluator_lib.Evaluator:
-  """The evaluator of config's protocols on `data` (built once per stage)."""
+  """The evaluator of config's protocols on `data` (built once per stage). During training:
+  the lighter training-time protocols, plain cosine scoring, and with checkpoint.select=val the
+  held-out validation identities instead of the test split."""
+  settings = eval_settings(config)
+  if during_training:
+    settings = dataclasses.replace(settings, rerank=False, use_flip=False,
+                                   query_expansion=False, tpr_fprs=())
+    if config.checkpoint.select == "val":
+      return evaluator_lib.Evaluator.on_validation(model, data, settings, mesh)
   protocols = data.spec.make_protocols(
       protocol_options(config, during_training=during_training),
       during_training=during_training)
-  settings = eval_settings(config)
-  if during_training:
-    settings = dataclasses.replace(settings, rerank=False, use_flip=False)
   return evaluator_lib.Evaluator(model, data, protocols, settings, mesh)
 
 
 def check_architecture(stored_config: dict, config: ml_collections.ConfigDict,
                        where: str) -> None:
-  """Raises CheckpointError naming every architecture/data field a checkpoint differs in."""
+  """Raises CheckpointError naming every architecture/data field a checkpoint differs in; a
+  model of another training trial is refused unless eval.allow_trial_mismatch says so."""
   problems = []
   spec = specs.get_spec(config.data.dataset)
   for field in ARCHITECTURE_FIELDS:
-    if field == "data.trial" and not spec.trials:
+    if field == "data.trial":
       continue
     section, name = field.split(".")
     theirs = stored_config.get(section, {}).get(name)
@@ -203,17 +214,29 @@ def check_architecture(stored_config: dict, config: ml_collections.ConfigDict,
     raise CheckpointError(
         f"the checkpoint {where} does not fit this config (" + "; ".join(problems) + "). Use "
         "the checkpoint's values (--config.<field>=...) or a checkpoint of this architecture.")
+  trained_on = stored_config.get("data", {}).get("trial")
+  if spec.trials and trained_on is not None and trained_on != config.data.trial:
+    message = (f"{where} was trained on {spec.title} trial {trained_on}; evaluating or "
+               f"distilling it on trial {config.data.trial} mixes its training identities into "
+               f"that trial's test set. Use --config.data.trial={trained_on}")
+    if not config.eval.allow_trial_mismatch:
+      raise CheckpointError(message + ", or --config.eval.allow_trial_mismatch=True if this "
+                            "is intended")
+    print(f"dakd_jax: warning: {message} (allowed by eval.allow_trial_mismatch)")
 
 
 def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
                             source: str, mesh, *, hint: str,
-                            stages: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+                            stages: tuple[str, ...] | None = None,
+                            data_fingerprint: str = "") -> tuple[dict, dict]:
   """{'params', 'batch_stats'} of a stage checkpoint (best-mAP step, else newest) or of a
   weights file, replicated on `mesh`, and a description {"source", "stage", "step", ...}.
 
   `stages`: the stages whose checkpoints are accepted (e.g. ("teacher",) for a student's
-  teacher); None accepts any. Raises CheckpointNotFoundError, CheckpointError (another stage,
-  another architecture), WeightsError (a file that does not fit).
+  teacher); None accepts any. `data_fingerprint`: the current dataset's; a warning is printed
+  when the checkpoint was trained on other data. The description's "selection" says how the
+  step was chosen. Raises CheckpointNotFoundError, CheckpointError (another stage, another
+  architecture or trial), WeightsError (a file that does not fit).
   """
   if os.path.isfile(source):
     return _load_weights_file(config, model, source, mesh, stages)
@@ -226,10 +249,17 @@ def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReI
         f"{where} is a {stage} checkpoint; a {' or '.join(stages)} checkpoint is needed here. "
         f"{hint}")
   check_architecture(metadata.get("config", {}), config, where)
+  stored_fingerprint = metadata.get("data_fingerprint", "")
+  if data_fingerprint and stored_fingerprint and stored_fingerprint != data_fingerprint:
+    print(f"dakd_jax: warning: the dataset changed since {where} was trained (fingerprint "
+          f"{stored_fingerprint} then, {data_fingerprint} now): a file or a split file differs")
   variables = checkpoint_lib.restore_variables(
       directory, step, extractor_lib.abstract_variables(model, image_size(config), mesh))
+  selection = metadata.get("selection", "test_oracle")
   return variables, {"source": where, "stage": stage, "step": step,
-                     "best": metadata.get("best", {})}
+                     "best": metadata.get("best", {}), "selection": selection,
+                     "selection_label": checkpoint_lib.SELECTION_LABELS[selection],
+                     "data_fingerprint": stored_fingerprint}
 
 
 # Kinds of weights files (`weights.describe_weights_file`) that hold a trained teacher network.

@@ -390,8 +390,16 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+# How a run chose the checkpoint it hands on (config checkpoint.select), as reports say it.
+SELECTION_LABELS = {"last": "last step", "val": "best validation mAP",
+                    "test_oracle": "oracle (test-set selection)"}
+
+
 def find_stage_checkpoint(source: str, *, hint: str) -> tuple[str, int]:
-  """(checkpoint directory, step) of a stage run: its best-mAP step, else its newest.
+  """(checkpoint directory, step) a stage run hands on, by its own selection rule (the
+  metadata's "selection", config checkpoint.select): its newest step for "last", its best
+  evaluated step for "val" and "test_oracle" (and for runs of earlier versions, which chose on
+  the test split), else its newest.
 
   `source` is a stage workdir (holding checkpoints/) or a checkpoint directory; `hint` says how
   to fix a missing one. Raises CheckpointNotFoundError when it holds no complete checkpoint.
@@ -404,7 +412,9 @@ def find_stage_checkpoint(source: str, *, hint: str) -> tuple[str, int]:
     raise CheckpointNotFoundError(f"no checkpoint in {source!r}: {hint}")
   manager = CheckpointManager(directory, read_only=True)
   try:
-    step = manager.best_step() or manager.latest_step()
+    selection = manager.read_metadata(steps[-1]).get("selection", "test_oracle")
+    best = None if selection == "last" else manager.best_step()
+    step = best or manager.latest_step()
   finally:
     manager.close()
   return os.path.abspath(directory), step

@@ -70,6 +70,42 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                                          source=f"checkpoint {directory}/{steps[-1]}")
 
 
+def run_seed_band(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """config.seeds: the stages once per seed in <workdir>/seed_<s>/, then every setting's
+  numbers per seed with mean +- std, printed and written to <workdir>/seeds.json and
+  <workdir>/seeds.md."""
+  import copy  # Only for the per-seed configs.
+  from dakd_jax.evaluation import report  # Deferred like run_stages' imports.
+  per_seed = {}
+  for seed in config.seeds:
+    derived = copy.deepcopy(config)
+    derived.seed, derived.seeds = seed, ()
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    if jax_process_index() == 0:
+      print(f"dakd_jax: seed {seed} -> {seed_dir}", flush=True)
+    results = start(derived, seed_dir)
+    if "eval" in results:
+      per_seed[seed] = results["eval"]
+  if not per_seed:
+    return {}
+  band = report.seed_band({seed: summary["results"] for seed, summary in per_seed.items()})
+  if jax_process_index() == 0:
+    text = report.format_seed_band(band)
+    print("\n" + text)
+    with open(os.path.join(workdir, "seeds.json"), "w") as f:
+      json.dump({"seeds": list(per_seed), "settings": band,
+                 "checkpoint_selection": next(iter(per_seed.values()))[
+                     "checkpoint_selection"]}, f, indent=2)
+    with open(os.path.join(workdir, "seeds.md"), "w") as f:
+      f.write(f"```\n{text}\n```\n")
+  return {"seeds": band}
+
+
+def jax_process_index() -> int:
+  import jax  # Deferred: initialised by validation.
+  return jax.process_index()
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages `config.stage` names; returns {stage: result}."""
   from dakd_jax import builders  # Deferred: heavy imports only once the config is valid.
@@ -102,9 +138,12 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validated config -> checks, the resolved config in the workdir, then `run_stages`."""
+  """Validated config -> checks, the resolved config in the workdir, then `run_stages` (once
+  per seed of config.seeds when it names any)."""
   import jax  # Validation already initialised the backend.
   workdir = os.path.abspath(workdir)  # Orbax refuses relative paths; notebooks change directory.
+  if config.seeds:
+    return run_seed_band(config, workdir)
   if config.stage in TRAINING_STAGES:
     check_resumable(config, workdir)
     if jax.process_index() == 0:

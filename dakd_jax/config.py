@@ -19,6 +19,7 @@ import ml_collections
 from dakd_jax.errors import ConfigError
 
 STAGES = ("pretrain", "teacher", "student", "eval", "all", "extract", "export")
+SELECTIONS = ("last", "val", "test_oracle")
 CONFIG_FLAG = "config"
 # (field, low, high, low inclusive, high inclusive); None = unbounded.
 RANGES = (
@@ -56,6 +57,10 @@ RANGES = (
     ("eval.num_trials", 1, 10, True, True),
     ("eval.batch_size", 1, None, True, None),
     ("eval.max_rank", 1, None, True, None),
+    ("eval.aqe_k", 1, None, True, None),
+    ("eval.aqe_alpha", 0.0, None, True, None),
+    ("eval.analysis_identities", 1, None, True, None),
+    ("data.val_fraction", 0.0, 1.0, False, False),
     ("eval.num_visual_queries", 1, None, True, None),
     ("eval.visual_top_k", 1, None, True, None),
     ("checkpoint.every_steps", 1, None, True, None),
@@ -96,6 +101,8 @@ def _choices() -> dict[str, tuple]:
       "extract.query_modality": modalities.MODALITIES,
       "extract.gallery_modality": modalities.MODALITIES,
       "eval.llcm_vis_to_ir": llcm.VIS_TO_IR_VARIANTS,
+      "eval.analysis_method": ("pca", "tsne"),
+      "checkpoint.select": SELECTIONS,
   }
 
 
@@ -305,6 +312,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if d1 is None or not 0 <= d1 < d2:
     raise ConfigError(f"config.teacher.decay_epochs = {config.teacher.decay_epochs!r}: need two "
                       "epochs D1 < D2, e.g. --config.teacher.decay_epochs='(20,40)'")
+  fprs = tuple(config.eval.tpr_fprs)
+  if any(not 0 < f < 1 for f in fprs):
+    raise ConfigError(f"config.eval.tpr_fprs = {fprs!r}: each rate must be in (0, 1), e.g. "
+                      "--config.eval.tpr_fprs='(1e-4,1e-3,1e-2)', or () to skip")
+  if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
+    raise ConfigError(f"config.seeds = {tuple(config.seeds)!r}: non-negative integers, e.g. "
+                      "--config.seeds='(0,1,2)', or () for one run with config.seed")
+  if config.seeds and config.stage not in ("all", "teacher", "student", "eval"):
+    raise ConfigError(f"config.seeds runs training and evaluation per seed; stage="
+                      f"{config.stage!r} has no seed band (use stage=all)")
   _check_stage_lengths(config)
   _check_pretrain(config)
   if config.stage == "extract" and not config.extract.query_dir:

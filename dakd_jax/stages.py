@@ -62,34 +62,46 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   model = builders.model_from_config(config)
   evaluator = builders.make_evaluator(config, model, data, mesh)
   is_main = jax.process_index() == 0
+  described = {"source": config.eval.features, "stage": "saved features"}
+  variables = None
   if config.eval.features:
     embeddings = report.load_saved_features(config.eval.features, data)
-    source = config.eval.features
   else:
     variables, described = builders.restore_model_variables(
         config, model, config.eval.checkpoint or os.path.join(workdir, "student"), mesh,
-        hint=CHECKPOINT_HINT)
-    source = described["source"]
-    recorded = described.get("file_metadata")
+        hint=CHECKPOINT_HINT, data_fingerprint=data.fingerprint)
     embeddings = evaluator.embed(variables, rows=np.arange(len(data.test_meta["label"])))
+  source = described["source"]
   results = evaluator.score(embeddings)
-  summary = {"source": source, "protocol": describe_protocol(config, data, evaluator),
-             "results": results}
-  if not config.eval.features and recorded:
-    summary["recorded_by_file"] = recorded
+  summary = {"source": source,
+             "checkpoint_selection": described.get("selection_label", "not a stage checkpoint"),
+             "protocol": describe_protocol(config, data, evaluator),
+             "data_fingerprint": data.fingerprint, "results": results}
+  if data.held_out:
+    summary["training_set"] = data.held_out
+  if described.get("file_metadata"):
+    summary["recorded_by_file"] = described["file_metadata"]
   if is_main:
     write_config(config, out_dir)
     if not config.eval.features:
-      report.save_features(os.path.join(out_dir, "features.npz"), embeddings, data)
+      report.save_features(os.path.join(out_dir, "features.npz"), embeddings, data,
+                           source=source)
     report.write_results(os.path.join(out_dir, "results.json"), summary)
-    print("\n" + report.format_table(results, title=report.table_title(source,
-                                                                       summary["protocol"])))
+    print("\n" + report.format_table(results, title=report.table_title(summary)))
+    if report.format_verification(results):
+      print(report.format_verification(results))
     if summary.get("recorded_by_file"):
       print(report.format_recorded(summary["recorded_by_file"], results))
     if config.eval.pictures:
       paths = report.write_run_pictures(
           workdir, data, embeddings, evaluator.rows, summary, top_k=config.eval.visual_top_k,
           num_queries=config.eval.num_visual_queries, seed=config.seed)
+      if config.eval.analysis:
+        paths.update(report.write_analysis_pictures(
+            workdir, data, embeddings, evaluator.rows, method=config.eval.analysis_method,
+            seed=config.seed, max_identities=config.eval.analysis_identities,
+            num_queries=min(4, config.eval.num_visual_queries),
+            top_k=min(4, config.eval.visual_top_k), model=model, variables=variables))
       path = report.write_report(workdir, config.to_dict(), summary, paths)
       print(f"dakd_jax: pictures in {out_dir}, report in {path}")
   return summary

@@ -165,7 +165,7 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
       "teacher.epochs": 1, "teacher.steps_per_epoch": 2, "teacher.warmup_epochs": 0,
       "teacher.decay_epochs": "(0,1)", "distill.epochs": 1, "distill.steps_per_epoch": 2,
       "log.progress": False, "eval.num_visual_queries": 3, "eval.visual_top_k": 4,
-      "pretrain.enabled": False}
+      "pretrain.enabled": False, "eval.analysis": True}
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
   workdir = str(tmp_path / "run")
   process = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py",
@@ -181,8 +181,15 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   assert len(mean["cmc"]) == 3 and line.split()[2:5] == ["-", "-", "-"]
   np.testing.assert_allclose(numbers, [100 * mean["cmc"][0], 100 * mean["mAP"],
                                        100 * mean["mINP"]], atol=0.006)
-  for name in ("cmc.png", "training_curves.png", "ranked_sysu_mm01_all_single-shot.png"):
+  for name in ("cmc.png", "training_curves.png", "ranked_sysu_mm01_all_single-shot.png",
+               "analysis_embedding_map.png", "analysis_distances.png", "analysis_roc.png",
+               "analysis_activation.png"):
     assert f"(eval/{name})" in report and os.path.getsize(f"{workdir}/eval/{name}") > 1000
+  # The default selection hands on the last step and every report says so.
+  summary = json.load(open(f"{workdir}/eval/results.json"))
+  assert summary["checkpoint_selection"] == "last step" and "Selected by: last step" in report
+  assert summary["source"].endswith("student/checkpoints step 2")
+  assert "[last step]" in process.stdout
   ranked = Image.open(f"{workdir}/eval/ranked_sysu_mm01_all_single-shot.png")
   panel_w, panel_h = 2 * W + 8, 2 * H + 8
   assert ranked.size == (16 + 5 * panel_w + 4 * 6 + 12, 16 + 18 + 3 * (panel_h + 14) + 2 * 6)

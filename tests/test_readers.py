@@ -122,8 +122,9 @@ def test_sysu_split_file_errors(tmp_path, split_files, message):
 def test_sysu_missing_root_exp_camera_and_bad_split(tmp_path, sysu_root):
   with pytest.raises(DatasetError, match=r"SYSU-MM01 root not found: .*nowhere"):
     sysu.read_sysu(str(tmp_path / "nowhere"), "train")
-  with pytest.raises(DatasetError, match=r"split must be one of \['test', 'train'\], got 'val'"):
-    sysu.read_sysu(str(sysu_root), "val")
+  with pytest.raises(DatasetError,
+                     match=r"split must be one of \['test', 'train', 'val'\], got 'valid'"):
+    sysu.read_sysu(str(sysu_root), "valid")
   os.rename(sysu_root / "exp", sysu_root / "exp_moved")
   with pytest.raises(DatasetError, match=r"split folder not found: .*exp"):
     sysu.read_sysu(str(sysu_root), "test")

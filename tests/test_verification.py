@@ -7,6 +7,7 @@ largest one whose FPR is at most the target (its TPR is the largest such TPR).
 import numpy as np
 import pytest
 
+from dakd_jax.evaluation import metrics
 from dakd_jax.evaluation import verification
 
 
@@ -63,7 +64,7 @@ def test_matches_threshold_sweep(seed, quantised):
     distmat = np.round(distmat * 3) / 3
   distmat = distmat.astype(np.float32)
   cams_q, cams_g = rng.choice([3, 6], 17), rng.choice([1, 2, 4, 5], 23)
-  for removed in (None, verification.protocol_removed_pairs("sysu", cams_q, cams_g)):
+  for removed in (None, metrics.removed_pairs("sysu", query_ids, cams_q, gallery_ids, cams_g)):
     targets = (0.0, 0.004, 0.01, 0.05, 0.1, 0.3, 0.77, 1.0)
     out = verification.tpr_at_fpr(distmat, query_ids, gallery_ids, fprs=targets,
                                   removed=removed)
@@ -106,10 +107,16 @@ def test_chunked_reading_equals_one_block_and_accepts_jax_arrays():
     np.testing.assert_array_equal(a, b)
 
 
-def test_removed_pairs_follow_the_sysu_rule_and_regdb_removes_nothing():
-  removed = verification.protocol_removed_pairs("sysu_mm01", [3, 6, 3], [1, 2, 2, 5])
+def test_removed_pairs_follow_each_datasets_rule():
+  ids_q, cams_q, ids_g, cams_g = [1, 2, 1], [3, 6, 3], [1, 1, 2, 5], [1, 2, 2, 3]
+  removed = metrics.removed_pairs("sysu_mm01", ids_q, cams_q, ids_g, cams_g)
   np.testing.assert_array_equal(removed, [[0, 1, 1, 0], [0, 0, 0, 0], [0, 1, 1, 0]])
-  assert verification.protocol_removed_pairs("regdb") is None
+  assert not metrics.removed_pairs("regdb", ids_q, cams_q, ids_g, cams_g).any()
+  # LLCM: the query's own identity seen by the query's own camera.
+  np.testing.assert_array_equal(metrics.removed_pairs("llcm", ids_q, cams_q, ids_g, cams_g),
+                                [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(metrics.removed_pairs("llcm", [5], [3], ids_g[:3] + [5], cams_g),
+                                [[0, 0, 0, 1]])
 
 
 @pytest.mark.parametrize("call,message", [
@@ -120,7 +127,7 @@ def test_removed_pairs_follow_the_sysu_rule_and_regdb_removes_nothing():
      "query row 0"),
     (lambda d: verification.tpr_at_fpr(d, [1, 2], [1, 2, 3], removed=np.ones((3, 2), bool)),
      "removed must be a bool mask"),
-    (lambda d: verification.protocol_removed_pairs("sysu"), "needs query_cams"),
+    (lambda d: metrics.removed_pairs("sysu_mm01_typo", [1], [3], [1], [2]), "expected one of"),
 ])
 def test_bad_input_raises_one_clear_error(call, message):
   distmat = np.array([[0.1, 0.3, 0.5], [0.2, 0.3, 0.3]], np.float32)

@@ -392,6 +392,13 @@ def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRec
   return read_llcm_split(root, split)
 
 
+def split_files(root: str, trial: int | None = None) -> list[str]:
+  """The files that define LLCM's splits (for the dataset fingerprint)."""
+  del trial
+  return [os.path.join(root, "idx", name) for name in
+          (TRAIN_LISTS[VISIBLE], TRAIN_LISTS[INFRARED], "test_id.txt")]
+
+
 def check_protocol(protocol: Protocol) -> None:
   """Raises ValueError unless `protocol` is an LLCM setting: a direction, a variant for
   visible->infrared (None means "plain"), a trial >= 0, no mode or shots."""

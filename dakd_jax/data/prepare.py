@@ -33,6 +33,9 @@ class DataBundle:
   train_meta / test_meta: label, identity, camera, modality (0 visible, 1 infrared), path arrays.
   num_classes: training identities C (labels 0..C-1).
   test_rows: the test split's relative path -> row.
+  fingerprint: identifies the dataset's files and split files (`tfds_builders.fingerprint`).
+  val_source / val_meta: the held-out validation split (checkpoint.select=val), else None.
+  held_out: how the validation identities were chosen and how many ("" without them).
   """
   spec: specs.DatasetSpec
   root: str
@@ -43,6 +46,10 @@ class DataBundle:
   test_meta: Mapping[str, np.ndarray]
   num_classes: int
   test_rows: Mapping[str, int]
+  fingerprint: str = ""
+  val_source: object = None
+  val_meta: Mapping[str, np.ndarray] | None = None
+  held_out: str = ""
 
   @property
   def dataset(self) -> str:
@@ -78,17 +85,34 @@ def ensure_synthetic_data(spec: specs.DatasetSpec, root: str,
 
 def _summarise(spec, split_records, stream) -> None:
   """The dataset table (both splits) and one warning line for unusable training identities."""
-  for split in tfds_builders.SPLITS:
-    print(records_lib.describe(split_records[split], f"{spec.title} {split}"), file=stream)
+  for split, records in split_records.items():
+    print(records_lib.describe(records, f"{spec.title} {split}"), file=stream)
   lonely = records_lib.identities_missing_a_modality(split_records["train"])
   if lonely:
     print(f"dakd_jax: warning: {len(lonely)} training identities have images in one modality "
           f"only and are never sampled: {lonely}", file=stream, flush=True)
 
 
+def hold_out_validation(spec: specs.DatasetSpec, root: str, trial: int | None,
+                        split_records: dict, fraction: float, seed: int) -> tuple[dict, str]:
+  """split_records with the validation identities moved from "train" to a "val" split, and a
+  sentence saying which and how many (it changes the training set: reports say so)."""
+  identities, how = spec.held_out(root, trial, split_records["train"], fraction, seed)
+  held = set(identities)
+  train = [r for r in split_records["train"] if r.identity not in held]
+  val = [r for r in split_records["train"] if r.identity in held]
+  if not val or not train:
+    raise DatasetError(f"holding out {how} leaves {len(train)} training and {len(val)} "
+                       "validation images; use --config.checkpoint.select=last")
+  note = (f"{len(held)} identities held out of training for checkpoint selection ({how}); "
+          f"the model trains on {len({r.identity for r in train})} identities")
+  return {**split_records, "train": train, "val": val}, note
+
+
 def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[int, int], *,
                  trial: int | None = None, synthetic_sizes: specs.SyntheticSizes | None = None,
-                 progress: bool = True) -> DataBundle:
+                 progress: bool = True,
+                 validation: tuple[float, int] | None = None) -> DataBundle:
   """Generates (synthetic), prepares (once per size/trial/content) and opens a dataset.
 
   Args:
@@ -97,6 +121,7 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
     trial: the training trial where the splits depend on one (ignored otherwise).
     synthetic_sizes: generate a synthetic tree at `root` first (reused when present).
     progress: print the dataset summary, the preparation notice and progress bars (process 0).
+    validation: (fraction, seed): hold out validation identities (`hold_out_validation`).
   Raises:
     DatasetError: missing or malformed dataset files (the message names them).
   """
@@ -106,9 +131,15 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
     ensure_synthetic_data(spec, root, synthetic_sizes)
   trial = spec.split_trial(trial)
   split_records = tfds_builders.read_split_records(dataset, root, trial)
+  fingerprint = tfds_builders.fingerprint(split_records, root, spec.split_files(root, trial))
+  held_out = ""
+  if validation is not None:
+    split_records, held_out = hold_out_validation(spec, root, trial, split_records, *validation)
   show = progress and jax.process_index() == 0
   if show:
     _summarise(spec, split_records, sys.stderr)
+    if held_out:
+      print(f"dakd_jax: {held_out}", file=sys.stderr)
   builder = process_zero_first(lambda: tfds_builders.prepare(
       dataset, root, prepared_dir, image_size[0], image_size[1], trial, progress=show,
       split_records=split_records))
@@ -117,10 +148,14 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
   test_meta = tfds_builders.split_metadata(sources["test"])
   test_rows = types.MappingProxyType(
       {path: row for row, path in enumerate(test_meta["path"].tolist())})
+  val_meta = (types.MappingProxyType(tfds_builders.split_metadata(sources["val"]))
+              if "val" in sources else None)
   return DataBundle(spec=spec, root=root, trial=trial, train_source=sources["train"],
                     test_source=sources["test"], train_meta=types.MappingProxyType(train_meta),
                     test_meta=types.MappingProxyType(test_meta),
-                    num_classes=int(train_meta["label"].max()) + 1, test_rows=test_rows)
+                    num_classes=int(train_meta["label"].max()) + 1, test_rows=test_rows,
+                    fingerprint=fingerprint, val_source=sources.get("val"), val_meta=val_meta,
+                    held_out=held_out)
 
 
 def modality_rows(meta: Mapping[str, np.ndarray], modality_code: int) -> np.ndarray:

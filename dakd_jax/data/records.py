@@ -119,6 +119,21 @@ def describe(records: Sequence[ImageRecord], title: str) -> str:
   return "\n".join(lines)
 
 
+def held_out_identities(identities: Iterable[int], fraction: float, seed: int) -> list[int]:
+  """A seeded share of the identities, held out as a validation split (ascending).
+
+  max(2, round(fraction * n)) of the n distinct identities, drawn without replacement with
+  NumPy's generator seeded by [seed, 1]; at most n - 2 so that training keeps two identities.
+  """
+  distinct = np.array(sorted(set(identities)))
+  count = min(max(2, round(fraction * len(distinct))), len(distinct) - 2)
+  if count < 1:
+    raise DatasetError(f"{len(distinct)} training identities are too few to hold out a "
+                       "validation split; use --config.checkpoint.select=last")
+  chosen = np.random.default_rng([seed, 1]).choice(distinct, size=count, replace=False)
+  return sorted(int(identity) for identity in chosen)
+
+
 def identities_missing_a_modality(records: Sequence[ImageRecord]) -> list[int]:
   """Identities of a training split with images in only one modality, ascending.
 

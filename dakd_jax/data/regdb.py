@@ -157,6 +157,12 @@ def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRec
   return read_regdb_split(root, trial, split)
 
 
+def split_files(root: str, trial: int | None) -> list[str]:
+  """The index files of one trial (for the dataset fingerprint)."""
+  return [index_path(root, trial, split, modality) for split in SPLITS
+          for modality in ("visible", "thermal")]
+
+
 def query_gallery_of(root: str, trial: int,
                      direction: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
   """The RegDB query and gallery sets of one trial (method.md 7.3).

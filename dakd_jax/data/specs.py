@@ -15,6 +15,7 @@ from dakd_jax.data import llcm
 from dakd_jax.data import regdb
 from dakd_jax.data import sysu
 from dakd_jax.data.records import INFRARED, VISIBLE, ImageRecord, Protocol, ProtocolOptions
+from dakd_jax.data.records import held_out_identities
 from dakd_jax.errors import ConfigError
 
 
@@ -62,7 +63,9 @@ class DatasetSpec:
   make_protocols: (ProtocolOptions, during_training=bool) -> protocols, headline first.
   check_protocol: raises ValueError for a protocol this dataset cannot evaluate.
   query_gallery: (protocol, root) -> (query records, gallery records).
+  split_files: (root, trial) -> the files that define the splits (for the fingerprint).
   layout: one line saying what the extracted folder holds (errors, TFDS instructions).
+  validation_ids: the identities held out when checkpoints are selected on a validation split.
   """
   name: str
   title: str
@@ -79,11 +82,24 @@ class DatasetSpec:
   make_protocols: Callable[..., list[Protocol]]
   check_protocol: Callable[[Protocol], None]
   query_gallery: Callable[[Protocol, str], tuple[list[ImageRecord], list[ImageRecord]]]
+  split_files: Callable[[str, int | None], list[str]]
   layout: str
+  # (root, trial, train records, fraction, seed) -> identities held out for checkpoint
+  # selection; default: a seeded share of the training identities.
+  validation_ids: Callable[..., list[int]] = None
 
   def split_trial(self, trial: int) -> int | None:
     """The trial the splits are read with: `trial` where they depend on it, else None."""
     return trial if self.trials else None
+
+  def held_out(self, root: str, trial: int | None, train_records, fraction: float,
+               seed: int) -> tuple[list[int], str]:
+    """(validation identities, how they were chosen) for checkpoint selection."""
+    if self.validation_ids is not None:
+      return (self.validation_ids(root, trial, train_records, fraction, seed),
+              f"the validation identities {self.title} ships")
+    identities = held_out_identities([r.identity for r in train_records], fraction, seed)
+    return identities, f"a seeded {fraction:.0%} of the training identities (seed {seed})"
 
 
 def _sysu_synthetic(sizes: SyntheticSizes) -> dict:
@@ -104,7 +120,8 @@ SYSU_MM01 = DatasetSpec(
     metric_rule="sysu", augment=AugmentRecipe(), synthetic_kind="sysu",
     synthetic_params=_sysu_synthetic, read_split=sysu.read_split,
     make_protocols=sysu.make_protocols, check_protocol=sysu.check_protocol,
-    query_gallery=sysu.query_gallery,
+    query_gallery=sysu.query_gallery, split_files=sysu.split_files,
+    validation_ids=sysu.validation_ids,
     layout="cam1..cam6/<id 4 digits>/<image> and exp/{train,val,test}_id.txt")
 
 REGDB = DatasetSpec(
@@ -115,7 +132,7 @@ REGDB = DatasetSpec(
                           adaptive_gray_on_infrared=False),
     synthetic_kind="regdb", synthetic_params=_regdb_synthetic, read_split=regdb.read_split,
     make_protocols=regdb.make_protocols, check_protocol=regdb.check_protocol,
-    query_gallery=regdb.query_gallery,
+    query_gallery=regdb.query_gallery, split_files=regdb.split_files,
     layout="Visible/<id>/, Thermal/<id>/ and idx/{train,test}_{visible,thermal}_{1..10}.txt")
 
 
@@ -132,7 +149,7 @@ LLCM = DatasetSpec(
     directions=llcm.DIRECTIONS, metric_rule="llcm", augment=AugmentRecipe(),
     synthetic_kind="llcm", synthetic_params=_llcm_synthetic, read_split=llcm.read_split,
     make_protocols=llcm.make_protocols, check_protocol=llcm.check_protocol,
-    query_gallery=llcm.query_gallery,
+    query_gallery=llcm.query_gallery, split_files=llcm.split_files,
     layout="idx/{train_vis,train_nir,test_id}.txt, test_vis/cam1..9/<id>/, "
            "test_nir/cam{1,2,4..9}/<id>/")
 

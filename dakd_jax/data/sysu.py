@@ -25,7 +25,8 @@ INDOOR_CAMERAS = (1, 2)
 INFRARED_CAMERAS = (3, 6)
 CAMERA_MODALITY = {camera: (INFRARED if camera in INFRARED_CAMERAS else VISIBLE)
                    for camera in CAMERAS}
-SPLIT_FILES = {"train": ("train_id.txt", "val_id.txt"), "test": ("test_id.txt",)}
+SPLIT_FILES = {"train": ("train_id.txt", "val_id.txt"), "test": ("test_id.txt",),
+               "val": ("val_id.txt",)}
 # Extensions accepted in an identity folder. Anything else is refused rather than skipped: the
 # reference lists every directory entry, so skipping a file would silently change which files
 # the seeded gallery draws pick (and keeping it would fail later at decode time).
@@ -79,7 +80,8 @@ def read_split_ids(root: str, split: str) -> list[int]:
 
   Args:
     root: the SYSU-MM01 folder (holds exp/).
-    split: "train" (train_id.txt + val_id.txt, method.md 6.1) or "test" (test_id.txt).
+    split: "train" (train_id.txt + val_id.txt, method.md 6.1), "test" (test_id.txt) or "val"
+      (val_id.txt alone).
 
   Returns: sorted list of distinct int identities.
   Raises DatasetError: unknown split, missing exp folder or split file, malformed first line,
@@ -181,6 +183,20 @@ def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRec
   """The dataset spec's reader: `read_sysu` (SYSU-MM01 has no trials; `trial` is ignored)."""
   del trial
   return read_sysu(root, split)
+
+
+def split_files(root: str, trial: int | None = None) -> list[str]:
+  """The files that define SYSU-MM01's splits (for the dataset fingerprint)."""
+  del trial
+  return [os.path.join(root, "exp", name) for name in ("train_id.txt", "val_id.txt",
+                                                        "test_id.txt")]
+
+
+def validation_ids(root: str, trial, train_records, fraction: float, seed: int) -> list[int]:
+  """SYSU-MM01 ships its validation identities: exp/val_id.txt (trained on by the reference,
+  which trains on train + val; held out here when checkpoints are selected on them)."""
+  del trial, train_records, fraction, seed
+  return read_split_ids(root, "val")
 
 
 # Search modes -> gallery cameras; config shot names -> images drawn per folder.

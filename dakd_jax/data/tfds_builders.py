@@ -45,7 +45,7 @@ from dakd_jax.data.records import DatasetError, ImageRecord
 
 # split name -> the records of that split (both modalities), in the reader's order.
 SplitRecords = Mapping[str, list[ImageRecord]]
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # always there; a held-out "val" split is added when asked for
 DATASET_VERSION = "1.0.0"
 # Examples per ArrayRecord shard; ShardWriter keeps one shard's examples in memory while writing
 # (1024 x 384x128x3 bytes ~ 150 MB).
@@ -61,6 +61,19 @@ class ReidConfig(tfds.core.BuilderConfig):
   trial: int = 0
   root: str = ""
   digest: str = ""
+
+
+def fingerprint(split_records: SplitRecords, root: str, split_files) -> str:
+  """16 hex digits identifying a dataset: its records (`content_digest`) and the bytes of the
+  files that define its splits. Stored with checkpoints and results, so evaluation can say
+  when the data changed since a model was trained."""
+  digest = hashlib.sha256(content_digest(split_records, root).encode())
+  for path in split_files:
+    digest.update(os.path.relpath(path, root).encode())
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()[:16]
 
 
 def content_digest(split_records: SplitRecords, root: str) -> str:
@@ -185,15 +198,14 @@ class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     del dl_manager  # Nothing is downloaded; the records were read by the dataset's reader.
     config = self.builder_config
     split_records = self._split_records or {}
-    for split in SPLITS:
+    for split in sorted(set(SPLITS) | set(split_records)):
       if not split_records.get(split):
         raise DatasetError(f"{self.name}: split {split!r} has no images under {config.root}")
     label_map = records_lib.make_label_map(split_records["train"])
-    progress = _Progress(sum(len(split_records[s]) for s in SPLITS),
+    progress = _Progress(sum(len(records) for records in split_records.values()),
                          f"preparing {self.name}", self._progress)
     generators = {}
-    for split in SPLITS:
-      records = split_records[split]
+    for split, records in split_records.items():
       table = _split_table(records, config.root, label_map if split == "train" else None)
       # self.data_dir is TFDS's temporary directory here, renamed only on success.
       np.savez(os.path.join(self.data_dir, f"{split}_metadata.npz"), **table)

@@ -19,6 +19,8 @@ PROTOCOLS = {"sysu": "sysu", "sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llc
 # Protocols whose filter needs the cameras, and what they are used for (for error messages).
 _CAMERA_RULES = {"sysu": "cameras 1..6 as on disk, for the camera-3/camera-2 filter",
                  "llcm": "cameras as on disk, for the same-identity same-camera filter"}
+# Protocols whose CMC counts distinct identities (the ranked list collapsed to first hits).
+COLLAPSED_CMC = ("sysu", "llcm")
 # SYSU-MM01 filter (method.md 7.2): queries from camera 3 never see gallery camera 2.
 SYSU_FILTERED_QUERY_CAMERA = 3
 SYSU_FILTERED_GALLERY_CAMERA = 2

@@ -47,7 +47,7 @@ def average_query_expansion(query, gallery, *, k=5, alpha=3.0, expand_gallery=Fa
     pool: "gallery" (query neighbours from the gallery) or "all" (from queries and gallery,
       fast-reid's choice; then query and gallery items are expanded from the same pool).
     removed: optional [num_query, num_gallery] bool, True where a query-gallery pair is removed
-      by the protocol (see `verification.protocol_removed_pairs`); such pairs never expand
+      by the protocol (see `metrics.removed_pairs`); such pairs never expand
       each other.
     chunk_rows: rows scored at a time (memory is about chunk_rows * pool size * 24 bytes).
 

@@ -14,8 +14,10 @@ import numpy as np
 
 from dakd_jax.data import prepare
 from dakd_jax.errors import DatasetError
+from dakd_jax.evaluation import metrics as metrics_lib
 from dakd_jax.evaluation import pictures
 from dakd_jax.evaluation import plots
+from dakd_jax.evaluation import verification
 
 REPORTED_RANKS = (1, 5, 10, 20)
 TABLE_WIDTH = 80  # characters: a table fits a plain terminal
@@ -44,6 +46,54 @@ def format_table(results: dict, *, title: str = "") -> str:
   return "\n".join(lines)
 
 
+def seed_band(results_by_seed: dict) -> dict:
+  """Per setting: each seed's R1, mAP, mINP and their mean and (sample) standard deviation.
+
+  results_by_seed: {seed: results of one evaluation ({setting: {'mean': ...}})}.
+  Returns {setting: {'seeds': {seed: {'R1', 'mAP', 'mINP'}}, 'mean': {...}, 'std': {...}}},
+  fractions; the std of one seed is 0.
+  """
+  band = {}
+  for seed, results in results_by_seed.items():
+    for setting, values in results.items():
+      mean = values["mean"]
+      band.setdefault(setting, {"seeds": {}})["seeds"][seed] = {
+          "R1": mean["cmc"][0], "mAP": mean["mAP"], "mINP": mean["mINP"]}
+  for entry in band.values():
+    numbers = {name: np.array([s[name] for s in entry["seeds"].values()])
+               for name in ("R1", "mAP", "mINP")}
+    entry["mean"] = {name: float(v.mean()) for name, v in numbers.items()}
+    entry["std"] = {name: float(v.std(ddof=1)) if len(v) > 1 else 0.0
+                    for name, v in numbers.items()}
+  return band
+
+
+def format_seed_band(band: dict) -> str:
+  """Per setting: one line per seed, then mean +- std (percent), at most 80 columns."""
+  lines = []
+  for setting, entry in band.items():
+    lines += [setting, f"  {'seed':<8}{'R1':>18}{'mAP':>18}{'mINP':>18}"]
+    for seed, values in entry["seeds"].items():
+      lines.append(f"  {seed!s:<8}" + "".join(f"{100 * values[n]:>18.2f}"
+                                               for n in ("R1", "mAP", "mINP")))
+    spread = [f"{100 * entry['mean'][n]:.2f} +- {100 * entry['std'][n]:.2f}"
+              for n in ("R1", "mAP", "mINP")]
+    lines.append(f"  {'mean+-sd':<8}" + "".join(f"{text:>18}" for text in spread))
+  return "\n".join([f"seed band over {len(next(iter(band.values()))['seeds'])} seeds "
+                     "(percent, each seed the mean over its trials):"] + lines)
+
+
+def format_verification(results: dict) -> str:
+  """TPR at fixed FPR per setting (mean over trials), one line each; "" when not computed."""
+  lines = []
+  for name, setting in results.items():
+    rates = setting["mean"].get("tpr_at_fpr")
+    if rates:
+      lines.append(f"{name}: " + ", ".join(f"{key} {100 * value:.2f}"
+                                           for key, value in rates.items()))
+  return "\n".join(["verification (percent, mean over trials):"] + lines) if lines else ""
+
+
 def format_recorded(recorded: dict, results: dict) -> str:
   """The numbers an authors' checkpoint records (their own evaluation at its epoch) beside ours
   for the headline setting, so a user sees at once whether our evaluation reproduces theirs."""
@@ -59,15 +109,23 @@ def format_recorded(recorded: dict, results: dict) -> str:
   return "\n".join(lines)
 
 
-def table_title(source: str, protocol: dict) -> str:
-  """The line above a results table: what was evaluated and how it was scored."""
-  return (f"{protocol['dataset']} evaluation of {source} | re-ranking "
-          f"{'on' if protocol['rerank'] else 'off'}, flip {'on' if protocol['flip'] else 'off'}")
+def table_title(summary: dict) -> str:
+  """The lines above a results table: what was evaluated, how its checkpoint was chosen and
+  how it was scored (re-ranking, flip, query expansion: never only in the config)."""
+  protocol = summary["protocol"]
+  expansion = protocol.get("query_expansion") or "none"
+  return (f"{protocol['dataset']} evaluation of {summary['source']} "
+          f"[{summary.get('checkpoint_selection', '-')}]\nre-ranking "
+          f"{'on' if protocol['rerank'] else 'off'} | flip {'on' if protocol['flip'] else 'off'}"
+          f" | query expansion {expansion}")
 
 
-def save_features(path: str, embeddings: np.ndarray, data: prepare.DataBundle) -> str:
-  """Writes the test embeddings with the test split's paths (for `eval.features`)."""
-  np.savez(path, embeddings=embeddings, paths=np.asarray(data.test_meta["path"]))
+def save_features(path: str, embeddings: np.ndarray, data: prepare.DataBundle, *,
+                  source: str = "") -> str:
+  """Writes the test embeddings with the test split's paths (for `eval.features`), the
+  dataset's fingerprint and where the embeddings came from."""
+  np.savez(path, embeddings=embeddings, paths=np.asarray(data.test_meta["path"]),
+           fingerprint=np.asarray(data.fingerprint), source=np.asarray(source))
   return path
 
 
@@ -82,11 +140,15 @@ def load_saved_features(path: str, data: prepare.DataBundle) -> np.ndarray:
         raise DatasetError(f"{path}: expected arrays 'embeddings' and 'paths' (as written by "
                            "stage=eval into <workdir>/eval/features.npz)")
       embeddings, paths = stored["embeddings"], stored["paths"]
+      fingerprint = str(stored["fingerprint"]) if "fingerprint" in stored else ""
   except (OSError, ValueError) as error:
     raise DatasetError(f"{path} is not a features .npz written by stage=eval ({error})") from None
   if paths.tolist() != list(data.test_meta["path"]):
     raise DatasetError(f"{path}: its 'paths' do not match the prepared test split of "
                        f"{data.root}; extract the features again for this dataset")
+  if fingerprint and data.fingerprint and fingerprint != data.fingerprint:
+    print(f"dakd_jax: warning: the dataset changed since {path} was written (fingerprint "
+          f"{fingerprint} then, {data.fingerprint} now): a file or a split file differs")
   return embeddings
 
 
@@ -124,7 +186,12 @@ def write_report(workdir: str, config: dict, report: dict, picture_paths: dict) 
            "| field | value |", "|---|---|"]
   lines += [f"| `{field}` | `{_dotted(config, field)}` |" for field in REPORT_CONFIG_FIELDS]
   lines += ["", "Full resolved config: `eval/config.json`.", "", "## Checkpoint", "",
-            f"`{report['source']}`", "", "## Protocol", ""]
+            f"`{report['source']}`", "",
+            f"Selected by: {report.get('checkpoint_selection', '-')}.", ""]
+  if report.get("training_set"):
+    lines += [f"Training set: {report['training_set']}.", ""]
+  lines += [f"Dataset fingerprint: `{report.get('data_fingerprint', '-')}`.", "",
+            "## Protocol", ""]
   lines += [f"- {key}: {value}" for key, value in report["protocol"].items()]
   lines += ["", "## Metrics", "", "Percent, mean over trials.", "", "```",
             format_table(report["results"]), "```", "", "## Pictures", ""]
@@ -161,4 +228,61 @@ def write_run_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.nd
         rule=data.spec.metric_rule, top_k=top_k, num_queries=num_queries, seed=seed,
         title=f"{protocol.name}: query | top-{top_k} (green = same identity, red = other)"
     )["path"]
+  return paths
+
+
+class _SplitImages:
+  """A prepared split's images as a sequence: images[i] is uint8 [H, W, 3] (read on demand)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __getitem__(self, index):
+    return self._source[int(index)]["image"]
+
+  def __len__(self):
+    return len(self._source)
+
+
+def write_analysis_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.ndarray,
+                            rows: dict, *, method: str, seed: int, max_identities: int,
+                            num_queries: int, top_k: int, model=None, variables=None) -> dict:
+  """eval.analysis pictures in <workdir>/eval: a 2-D map of the test embeddings (colour =
+  identity, marker = modality), distance histograms (same / other identity, within / across
+  modalities), the ROC of the first setting's first trial and, given the model and its
+  variables, activation maps of its queries and their top matches. Returns {caption: path}."""
+  from dakd_jax.evaluation import activation  # Deferred: JAX, only for these pictures.
+  from dakd_jax.evaluation import analysis
+  out_dir = os.path.join(workdir, "eval")
+  meta = data.test_meta
+  identity, camera = np.asarray(meta["identity"]), np.asarray(meta["camera"])
+  modality = np.asarray(meta["modality"])
+  paths = {
+      "Embedding map": analysis.embedding_picture(
+          embeddings, identity, modality, os.path.join(out_dir, "analysis_embedding_map.png"),
+          method=method, seed=seed, max_identities=max_identities)["path"],
+      "Distance histograms": analysis.distance_histograms(
+          embeddings, identity, modality,
+          os.path.join(out_dir, "analysis_distances.png"))["path"]}
+  protocol, (query_rows, gallery_rows) = next(iter(rows.items()))
+  rule = data.spec.metric_rule
+  removed = metrics_lib.removed_pairs(rule, identity[query_rows], camera[query_rows],
+                                      identity[gallery_rows], camera[gallery_rows])
+  distances = -(embeddings[query_rows] @ embeddings[gallery_rows].T)
+  curve = verification.roc_curve(distances, identity[query_rows], identity[gallery_rows],
+                                 removed=removed)
+  points = verification.tpr_at_fpr(distances, identity[query_rows], identity[gallery_rows],
+                                    removed=removed)
+  paths[f"ROC: {protocol.name}"] = analysis.roc_picture(
+      {protocol.setting: curve}, os.path.join(out_dir, "analysis_roc.png"),
+      points={protocol.setting: points}, title=f"ROC: {protocol.name}")["path"]
+  if model is not None and variables is not None:
+    chosen = pictures.pick_queries(len(query_rows), num_queries, seed)
+    grad_cam = activation.make_grad_cam(activation.make_model_forward(model))
+    paths[f"Activation maps: {protocol.name}"] = activation.activation_picture(
+        grad_cam, variables, _SplitImages(data.test_source), modality, embeddings,
+        np.asarray(query_rows)[chosen], gallery_rows,
+        os.path.join(out_dir, "analysis_activation.png"), identities=identity,
+        removed=removed[chosen], top_k=top_k,
+        title=f"{protocol.name}: gradient-weighted activation of each image's score")["path"]
   return paths

@@ -7,7 +7,7 @@ false pairs is" (fast-reid's `TEST.ROC`, face verification's TAR@FAR). Works on 
 it runs on saved features (`eval.features`) as well as after extraction.
 
 Pairs: every (query, gallery) pair not removed by the protocol (SYSU: a camera-3 query and a
-camera-2 gallery image, the same pairs `rank_metrics` drops; `protocol_removed_pairs` builds
+camera-2 gallery image, the same pairs `rank_metrics` drops; `metrics.removed_pairs` builds
 the mask). Positive = same identity, negative = different identity.
 
 Threshold semantics (exact, ties included): a pair is accepted when its distance is strictly
@@ -30,30 +30,6 @@ DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-def protocol_removed_pairs(protocol, query_cams=None, gallery_cams=None):
-  """[num_query, num_gallery] bool mask of the pairs a protocol removes, or None (none removed).
-
-  Args:
-    protocol: "sysu" / "sysu_mm01" (camera-3 queries lose camera-2 gallery images, method.md
-      7.2) or "regdb" (nothing removed).
-    query_cams, gallery_cams: [num_query] / [num_gallery] integer cameras as on disk; required
-      for SYSU.
-
-  Raises:
-    ValueError: an unknown protocol, or SYSU without cameras.
-  """
-  if protocol not in metrics_lib.PROTOCOLS:
-    raise ValueError(f"protocol_removed_pairs: protocol={protocol!r}; expected one of "
-                     f"{sorted(metrics_lib.PROTOCOLS)}.")
-  if metrics_lib.PROTOCOLS[protocol] == "regdb":
-    return None
-  if query_cams is None or gallery_cams is None:
-    raise ValueError("protocol_removed_pairs: protocol 'sysu' needs query_cams and "
-                     "gallery_cams (cameras 1..6 as on disk).")
-  return ((np.asarray(query_cams) == metrics_lib.SYSU_FILTERED_QUERY_CAMERA)[:, None]
-          & (np.asarray(gallery_cams) == metrics_lib.SYSU_FILTERED_GALLERY_CAMERA)[None, :])
-
-
 def tpr_at_fpr(distmat, query_ids, gallery_ids, fprs=DEFAULT_FPRS, removed=None):
   """TPR at each target FPR over all kept query-gallery pairs (semantics in the module doc).
 
@@ -63,7 +39,7 @@ def tpr_at_fpr(distmat, query_ids, gallery_ids, fprs=DEFAULT_FPRS, removed=None)
     query_ids, gallery_ids: [num_query] / [num_gallery] identity labels.
     fprs: target false-positive rates, each in [0, 1].
     removed: optional [num_query, num_gallery] bool, True for pairs left out (neither positive
-      nor negative), e.g. `protocol_removed_pairs("sysu", ...)`.
+      nor negative), e.g. `metrics.removed_pairs("sysu", ...)`.
 
   Returns:
     {"fpr_targets": float64 [t], "tpr": float64 [t], "fpr": float64 [t] achieved FPR (<= the

@@ -94,20 +94,27 @@ def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
   return {name: float(np.mean([m[name] for _, m in history])) for name in names}
 
 
+# What a training-time evaluation is for, by checkpoint.select, as its table's title says.
+EVALUATION_ROLES = {"last": "test split, monitoring only: the last step is handed on",
+                    "val": "validation identities: selects the checkpoint",
+                    "test_oracle": "test split: selects the checkpoint (oracle, test-set "
+                                   "selection)"}
+
+
 def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writer,
-                             step: int) -> dict:
+                             step: int, selection: str) -> dict:
   """Runs the stage's evaluator, logs its headline metrics and prints its table (process 0).
 
   The protocols are the training-time subset (SYSU: single-shot of eval.training_modes; RegDB:
-  visible->thermal; LLCM: infrared->visible); the best checkpoint is therefore chosen on the
-  test split, as the reference does (the README says so).
+  visible->thermal; LLCM: infrared->visible), or the held-out validation identities with
+  checkpoint.select=val; the title says which and whether it chooses the checkpoint.
   """
   results = evaluator.run(variables)
   summary = evaluator_lib.headline(results)
   writer.write_scalars(step, {f"eval_{k}": v for k, v in summary.items()})
   if jax.process_index() == 0:
-    print("\n" + report.format_table(results, title=f"[{writer.stage} step {step}] evaluation"),
-          flush=True)
+    title = f"[{writer.stage} step {step}] evaluation ({EVALUATION_ROLES[selection]})"
+    print("\n" + report.format_table(results, title=title), flush=True)
   return summary
 
 
@@ -135,6 +142,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
   progress = writers.ProgressLine(total_steps, stage=stage.name,
                                   steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
                                   use_tty=None if config.log.progress else False)
+  selection = config.checkpoint.select
   best = dict(metadata.get("best", {})) if metadata else {}
   last_eval, pending, data_time = {}, [], 0.0
   images_per_step = 2 * config.data.ids_per_batch * config.data.images_per_id
@@ -160,20 +168,24 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(done, means)
         progress.update(done, means, images_per_step * len(history), data_time=data_time)
         data_time = 0.0
-      eval_metrics = None
+      eval_metrics, evaluated = None, False
       if epoch_end and (stage.eval_due(done // stage.steps_per_epoch) or done == total_steps):
-        last_eval = evaluate_during_training(evaluator, stage.variables_of(state), writer, done)
-        eval_metrics = {"mAP": last_eval["mAP"]}
-        if not best or last_eval["mAP"] > best["mAP"]:
-          best = dict(last_eval, step=done)
-      if eval_metrics is not None or done % config.checkpoint.every_steps == 0 \
-          or done == total_steps:
+        evaluated = True
+        last_eval = evaluate_during_training(evaluator, stage.variables_of(state), writer, done,
+                                             selection)
+        if selection != "last":  # Only a selecting evaluation ranks checkpoints.
+          eval_metrics = {"mAP": last_eval["mAP"]}
+          if not best or last_eval["mAP"] > best["mAP"]:
+            best = dict(last_eval, step=done)
+      if evaluated or done % config.checkpoint.every_steps == 0 or done == total_steps:
         if pending:  # Never checkpoint a state whose losses were not checked.
           history = _fetch(pending)
           pending = []
           _check_finite(history, stage.name)
         manager.save(done, state, {"config": config.to_dict(), "epoch": epoch + 1,
-                                   "stage": stage.name, "best": best}, metrics=eval_metrics)
+                                   "stage": stage.name, "best": best, "selection": selection,
+                                   "data_fingerprint": data.fingerprint},
+                     metrics=eval_metrics)
     if stage.on_finish is not None:
       stage.on_finish(state)
   finally:
@@ -246,7 +258,7 @@ def load_teacher(config: ml_collections.ConfigDict, model, data: prepare.DataBun
   """The frozen teacher of the student stage: a teacher checkpoint's (or weights file's)
   variables and its centres computed on the training set (method.md 4.1)."""
   variables, described = builders.restore_model_variables(
-      config, model, teacher_source, mesh, stages=("teacher",),
+      config, model, teacher_source, mesh, stages=("teacher",), data_fingerprint=data.fingerprint,
       hint="train the teacher first (--config.stage=teacher or all) or point "
            "--config.distill.teacher_checkpoint at a teacher workdir, its checkpoints/ folder "
            "or a teacher weights file")
@@ -254,8 +266,9 @@ def load_teacher(config: ml_collections.ConfigDict, model, data: prepare.DataBun
                                        batch_size=config.eval.batch_size,
                                        show_progress=config.log.progress)
   if jax.process_index() == 0:
-    print(f"dakd_jax: teacher from {described['source']} ({data.num_classes} centres of dim "
-          f"{resnet_features(config)})")
+    chosen = f", {described['selection_label']}" if "selection_label" in described else ""
+    print(f"dakd_jax: teacher from {described['source']}{chosen} ({data.num_classes} centres "
+          f"of dim {resnet_features(config)})")
   return teacher
 
 

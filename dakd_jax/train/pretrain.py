@@ -60,6 +60,8 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   derived.eval.num_trials = 1
   # Its few held-out persons cannot fill a longer CMC curve.
   derived.eval.max_rank = min(config.eval.max_rank, p.num_test_ids)
+  # The final weights initialise the later stages; its evaluation only reports.
+  derived.checkpoint.select = "last"
   return derived
 
 

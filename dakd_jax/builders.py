@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from dakd_jax import augment
-from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import stage_checkpoints
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
 from dakd_jax.data import specs
@@ -240,9 +240,9 @@ def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReI
   """
   if os.path.isfile(source):
     return _load_weights_file(config, model, source, mesh, stages)
-  directory, step = checkpoint_lib.find_stage_checkpoint(source, hint=hint)
+  directory, step = stage_checkpoints.find_stage_checkpoint(source, hint=hint)
   where = f"{directory} step {step}"
-  metadata = checkpoint_lib.read_step_metadata(directory, step)
+  metadata = stage_checkpoints.read_step_metadata(directory, step)
   stage = metadata.get("stage", "teacher")
   if stages is not None and stage not in stages:
     raise CheckpointError(
@@ -253,12 +253,12 @@ def restore_model_variables(config: ml_collections.ConfigDict, model: resnet.ReI
   if data_fingerprint and stored_fingerprint and stored_fingerprint != data_fingerprint:
     print(f"dakd_jax: warning: the dataset changed since {where} was trained (fingerprint "
           f"{stored_fingerprint} then, {data_fingerprint} now): a file or a split file differs")
-  variables = checkpoint_lib.restore_variables(
+  variables = stage_checkpoints.restore_variables(
       directory, step, extractor_lib.abstract_variables(model, image_size(config), mesh))
   selection = metadata.get("selection", "test_oracle")
   return variables, {"source": where, "stage": stage, "step": step,
                      "best": metadata.get("best", {}), "selection": selection,
-                     "selection_label": checkpoint_lib.SELECTION_LABELS[selection],
+                     "selection_label": stage_checkpoints.SELECTION_LABELS[selection],
                      "data_fingerprint": stored_fingerprint}
 
 

@@ -58,6 +58,7 @@ def initialize_distributed(coordinator_address: str, num_processes: int | None,
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses, before anything is written, a run whose stage checkpoints hold another config."""
   from dakd_jax import checkpoint as checkpoint_lib  # Deferred: pulls in Orbax.
+  from dakd_jax import stage_checkpoints
   stages = {"all": ("pretrain", "teacher", "student")}.get(config.stage, (config.stage,))
   for stage in stages:
     if stage == "pretrain":
@@ -65,7 +66,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     directory = os.path.join(workdir, stage, "checkpoints")
     steps = checkpoint_lib.complete_steps(directory)
     if steps and not config.checkpoint.allow_config_change:
-      stored = checkpoint_lib.read_step_metadata(directory, steps[-1]).get("config", {})
+      stored = stage_checkpoints.read_step_metadata(directory, steps[-1]).get("config", {})
       checkpoint_lib.check_config_change(stored, config.to_dict(), False,
                                          source=f"checkpoint {directory}/{steps[-1]}")
 

@@ -16,6 +16,7 @@ PACKAGE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 LEVELS = {
     "dakd_jax.errors": 0, "dakd_jax.modalities": 0,
     "dakd_jax.config": 1, "dakd_jax.sharding": 1, "dakd_jax.checkpoint": 1,
+    "dakd_jax.stage_checkpoints": 1,
     "dakd_jax.writers": 1, "dakd_jax.augment": 1, "dakd_jax.data": 1, "dakd_jax.models": 1,
     "dakd_jax.losses": 1,
     "dakd_jax.evaluation": 2, "dakd_jax.deploy": 2,

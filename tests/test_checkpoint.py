@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dakd_jax import checkpoint
+from dakd_jax import stage_checkpoints
 from dakd_jax import sharding
 from tests.fake_devices import child_env, run_child
 
@@ -90,13 +91,13 @@ def test_restore_of_missing_step_and_weights_only_restore(tmp_path):
     manager.restore(3, target)
   manager.close()
   # Only the model variables are read, onto a target that knows nothing of the rest.
-  variables = checkpoint.restore_variables(
+  variables = stage_checkpoints.restore_variables(
       str(tmp_path), 5, _abstract({"params": params, "batch_stats": stats},
                                   sharding.replicated(sharding.make_mesh(1))))
   _assert_trees_equal(variables, {"params": params, "batch_stats": stats})
   wrong = {"params": {"layer": {"kernel": jnp.zeros((4, 3))}}, "batch_stats": stats}
   with pytest.raises(checkpoint.CheckpointError, match="does not fit|model.width"):
-    checkpoint.restore_variables(str(tmp_path), 5,
+    stage_checkpoints.restore_variables(str(tmp_path), 5,
                                  _abstract(wrong, sharding.replicated(sharding.make_mesh(1))))
 
 

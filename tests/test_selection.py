@@ -11,6 +11,7 @@ import pytest
 
 from dakd_jax import builders
 from dakd_jax import checkpoint
+from dakd_jax import stage_checkpoints
 from dakd_jax import cli
 from dakd_jax import config as config_lib
 from dakd_jax.data import prepare
@@ -41,13 +42,13 @@ def _save_steps(directory, selection, maps):
                                                  ("test_oracle", 2)])
 def test_the_handed_on_step_follows_the_selection_rule(tmp_path, selection, expected):
   _save_steps(str(tmp_path / "checkpoints"), selection, {1: 0.3, 2: 0.9, 3: 0.5})
-  directory, step = checkpoint.find_stage_checkpoint(str(tmp_path), hint="")
+  directory, step = stage_checkpoints.find_stage_checkpoint(str(tmp_path), hint="")
   assert (directory, step) == (str(tmp_path / "checkpoints"), expected)
 
 
 def test_reports_name_the_selection_and_scoring():
   summary = {"source": "/w/student/checkpoints step 8",
-             "checkpoint_selection": checkpoint.SELECTION_LABELS["test_oracle"],
+             "checkpoint_selection": stage_checkpoints.SELECTION_LABELS["test_oracle"],
              "protocol": {"dataset": "regdb", "rerank": True, "flip": False,
                           "query_expansion": "average, k=5, alpha=3.0"}}
   title = report.table_title(summary)

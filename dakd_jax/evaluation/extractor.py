@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import stage_checkpoints
 from dakd_jax import modalities
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import records
@@ -95,16 +95,16 @@ class Extractor:
       variables = load_weights_file(model, path, image_size, mesh)
       return cls(model, variables, image_size=image_size, batch_size=batch_size,
                  use_flip=use_flip, source=path, mesh=mesh)
-    directory, step = checkpoint_lib.find_stage_checkpoint(
+    directory, step = stage_checkpoints.find_stage_checkpoint(
         path, hint="point it at a teacher or student workdir, its checkpoints/ folder, or a "
         "weights file")
-    stored = checkpoint_lib.read_step_metadata(directory, step).get("config", {})
+    stored = stage_checkpoints.read_step_metadata(directory, step).get("config", {})
     if "model" not in stored and model_settings is None:
       raise CheckpointError(f"{directory} step {step} stores no config; pass model_settings")
     model = resnet.model_from_settings(model_settings or stored["model"])
     if image_size is None:
       image_size = (stored["data"]["image_height"], stored["data"]["image_width"])
-    variables = checkpoint_lib.restore_variables(
+    variables = stage_checkpoints.restore_variables(
         directory, step, abstract_variables(model, image_size, mesh))
     return cls(model, variables, image_size=image_size, batch_size=batch_size,
                use_flip=use_flip, source=f"{directory} step {step}", mesh=mesh)

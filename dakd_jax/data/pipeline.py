@@ -9,8 +9,9 @@ Training: `grain.MapDataset.range(start_step, num_steps)` -> draw the global bat
 `to_iter_dataset` (background threads) -> optional `mp_prefetch` worker processes. Every process
 draws the same global batch; process `p` of `P` loads positions `[p*n/P, (p+1)*n/P)` of the
 visible half and of the infrared half, so concatenating the processes' slices in process order
-gives the global batch. The returned iterator is a `grain.DatasetIterator`: `get_state()` is a
-small dict to store in the checkpoint, `set_state()` resumes at exactly the next step.
+gives the global batch. Because a batch depends only on (seed, step), the step is the data
+position: a resumed run starts the iterator at its restored step (`start_step`) and sees the
+batches an uninterrupted run would, with any worker or process count.
 
 Evaluation: fixed-size batches in order, the last one padded and masked, so the evaluation step
 compiles once.
@@ -152,8 +153,8 @@ def make_train_iterator(source: Sequence[dict[str, Any]], metadata: dict[str, np
      "labels": int32 [n/P] (shared by the visible and infrared image at each position),
      "step": int64 scalar (global step)}.
   Returns:
-    A `grain.DatasetIterator`; `get_state()`/`set_state()` checkpoint and restore the position
-    exactly, with or without worker processes. Call `close()` when done if num_workers > 0.
+    A `grain.DatasetIterator` (its `get_state()`/`set_state()` also restore the position
+    exactly, with or without worker processes). Call `close()` when done if num_workers > 0.
   Raises:
     ValueError: bad metadata (test-split labels), n not divisible by P, fewer than B labels
       with both modalities, negative start_step.

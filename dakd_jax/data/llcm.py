@@ -23,7 +23,7 @@ import os
 import random
 import re
 from dakd_jax.data.records import INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
-from dakd_jax.data.records import Protocol, ProtocolOptions
+from dakd_jax.data.records import Protocol, ProtocolOptions, parse_list_line
 
 DATASET_NAME = "llcm"
 SPLITS = ("train", "test")
@@ -66,23 +66,8 @@ def check_root(root: str) -> str:
 
 
 def _parse_list_line(path: str, number: int, line: str, root: str) -> tuple[str, int]:
-  """One training-list line -> (absolute image path, label)."""
-  fields = line.split()
-  problem = None
-  if len(fields) != 2:
-    problem = f"has {len(fields)} fields"
-  elif os.path.isabs(fields[0]):
-    problem = "gives an absolute image path"
-  else:
-    try:
-      label = int(fields[1])
-    except ValueError:
-      problem = f"has label {fields[1]!r}, not an integer"
-  if problem:
-    raise DatasetError(
-        f"LLCM training list {path}, line {number} {problem}: {line!r}. Expected "
-        "'<image path relative to the LLCM root> <integer label>'.")
-  image = os.path.join(root, fields[0])
+  """One training-list line -> (absolute image path, label); the image must exist."""
+  image, label = parse_list_line(path, number, line, root, "LLCM training list")
   if not os.path.isfile(image):
     raise DatasetError(
         f"LLCM image listed in {path}, line {number} not found: {image}. Re-extract the "

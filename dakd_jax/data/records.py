@@ -80,6 +80,29 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
         "(re-extract the dataset or delete the file).") from error
 
 
+def parse_list_line(path: str, number: int, line: str, root: str,
+                    what: str) -> tuple[str, int]:
+  """One line `<image path relative to root> <integer label>` of an index or list file ->
+  (absolute image path, label). `what` names the file kind in the error, e.g. "RegDB index
+  file". Raises DatasetError naming the file, the line number and the expected form."""
+  fields = line.split()
+  problem = None
+  if len(fields) != 2:
+    problem = f"has {len(fields)} fields"
+  elif os.path.isabs(fields[0]):
+    problem = "gives an absolute image path"
+  else:
+    try:
+      label = int(fields[1])
+    except ValueError:
+      problem = f"has label {fields[1]!r}, not an integer"
+  if problem:
+    raise DatasetError(
+        f"{what} {path}, line {number} {problem}: {line!r}. Expected "
+        "'<image path relative to the dataset root> <integer label>'.")
+  return os.path.join(root, fields[0]), label
+
+
 def records_of(records: Sequence[ImageRecord], modality: str) -> list[ImageRecord]:
   """The records of one modality, order preserved."""
   return [r for r in records if r.modality == modality]

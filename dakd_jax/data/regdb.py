@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, ImageRecord, Protocol
+from dakd_jax.data.records import parse_list_line
 from dakd_jax.data.records import ProtocolOptions
 
 DATASET_NAME = "regdb"
@@ -46,26 +47,6 @@ def _check_args(root: str, trial: int, split: str) -> str:
 def index_path(root: str, trial: int, split: str, modality: str) -> str:
   """`<root>/idx/<split>_<visible|thermal>_<trial>.txt` (no existence check)."""
   return os.path.join(root, "idx", f"{split}_{_MODALITY_ALIASES[modality]}_{trial}.txt")
-
-
-def _parse_line(path: str, number: int, line: str, root: str) -> tuple[str, int]:
-  """One index line -> (absolute image path, label)."""
-  fields = line.split()
-  problem = None
-  if len(fields) != 2:
-    problem = f"has {len(fields)} fields"
-  elif os.path.isabs(fields[0]):
-    problem = "gives an absolute image path"
-  else:
-    try:
-      label = int(fields[1])
-    except ValueError:
-      problem = f"has label {fields[1]!r}, not an integer"
-  if problem:
-    raise DatasetError(
-        f"RegDB index file {path}, line {number} {problem}: {line!r}. Expected "
-        "'<image path relative to the RegDB root> <integer label>'.")
-  return os.path.join(root, fields[0]), label
 
 
 def _check_train_labels(path: str, labels: list[int]) -> None:
@@ -111,7 +92,7 @@ def read_regdb(root: str, trial: int, split: str, modality: str) -> list[ImageRe
   for number, line in enumerate(lines, start=1):
     if not line.strip():
       continue  # Blank lines (e.g. a trailing one) carry nothing.
-    image, label = _parse_line(path, number, line, root)
+    image, label = parse_list_line(path, number, line, root, "RegDB index file")
     if not os.path.isfile(image):
       raise DatasetError(
           f"RegDB image listed in {path}, line {number} not found: {image}. Re-extract the "

@@ -15,11 +15,15 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from dakd_jax import errors
 from dakd_jax.data import records as records_lib
 from dakd_jax.data import specs
 from dakd_jax.data import synthetic
 from dakd_jax.data import tfds_builders
 from dakd_jax.errors import DatasetError
+
+ROOT_FIX = "choose another folder (--config.data.root)"
+PREPARED_FIX = "choose another folder (--config.data.prepared_dir)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +73,35 @@ def process_zero_first(fn):
   return result if jax.process_index() == 0 else fn()
 
 
-def ensure_synthetic_data(spec: specs.DatasetSpec, root: str,
-                          sizes: specs.SyntheticSizes) -> str:
-  """Generates the synthetic stand-in tree of `spec` at `root` (reused when already there)."""
-  return process_zero_first(lambda: synthetic.ensure_synthetic(
-      root, spec.synthetic_kind, **spec.synthetic_params(sizes)))
+def ensure_synthetic_data(spec: specs.DatasetSpec, root: str, sizes: specs.SyntheticSizes,
+                          show_progress: bool = False) -> str:
+  """Generates the synthetic stand-in tree of `spec` at `root` (reused when already there).
+
+  Raises DatasetError when `root` holds something else (a real dataset, another synthetic
+  tree), StorageError when it cannot be written.
+  """
+  def generate():
+    with errors.writing(f"synthetic dataset in {root}", fix=ROOT_FIX):
+      try:
+        return synthetic.ensure_synthetic(root, spec.synthetic_kind, show_progress=show_progress,
+                                          **spec.synthetic_params(sizes))
+      except FileExistsError as error:  # A folder that is not (this) synthetic tree.
+        raise DatasetError(f"config.data.root: {error} For a real dataset at this root, set "
+                           "--config.synthetic.enabled=False") from None
+  return process_zero_first(generate)
 
 
-def _summarise(spec, split_records, stream) -> None:
-  """The dataset table (both splits) and one warning line for unusable training identities."""
+def _summarise(spec, root, trial, split_records, stream) -> None:
+  """The dataset table (both splits) and one warning line per split naming the identities it
+  cannot use (one modality only in training, or no image at all)."""
   for split in tfds_builders.SPLITS:
     print(records_lib.describe(split_records[split], f"{spec.title} {split}"), file=stream)
-  lonely = records_lib.identities_missing_a_modality(split_records["train"])
-  if lonely:
-    print(f"dakd_jax: warning: {len(lonely)} training identities have images in one modality "
-          f"only and are never sampled: {lonely}", file=stream, flush=True)
+  for split in tfds_builders.SPLITS:
+    listed = spec.listed_identities(root, split, trial) if spec.listed_identities else None
+    line = records_lib.coverage_warning(split_records[split], listed, f"{spec.title} {split}",
+                                        is_training=split == "train")
+    if line:
+      print(line, file=stream, flush=True)
 
 
 def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[int, int], *,
@@ -99,19 +117,25 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
     progress: print the dataset summary, the preparation notice and progress bars (process 0).
   Raises:
     DatasetError: missing or malformed dataset files (the message names them).
+    StorageError: the synthetic tree or the prepared copy cannot be written.
   """
   spec = specs.get_spec(dataset)
   root = os.path.abspath(root)
+  show = progress and jax.process_index() == 0
   if synthetic_sizes is not None:
-    ensure_synthetic_data(spec, root, synthetic_sizes)
+    ensure_synthetic_data(spec, root, synthetic_sizes, show_progress=show)
   trial = spec.split_trial(trial)
   split_records = tfds_builders.read_split_records(dataset, root, trial)
-  show = progress and jax.process_index() == 0
   if show:
-    _summarise(spec, split_records, sys.stderr)
-  builder = process_zero_first(lambda: tfds_builders.prepare(
-      dataset, root, prepared_dir, image_size[0], image_size[1], trial, progress=show,
-      split_records=split_records))
+    _summarise(spec, root, trial, split_records, sys.stderr)
+
+  def prepare():
+    with errors.writing(f"prepared {spec.title} data in {os.path.abspath(prepared_dir)}",
+                        fix=PREPARED_FIX):
+      return tfds_builders.prepare(dataset, root, prepared_dir, image_size[0], image_size[1],
+                                   trial, progress=show, split_records=split_records)
+
+  builder = process_zero_first(prepare)
   sources = tfds_builders.load_sources(builder)
   train_meta = tfds_builders.split_metadata(sources["train"])
   test_meta = tfds_builders.split_metadata(sources["test"])

@@ -63,6 +63,10 @@ class DatasetSpec:
   check_protocol: raises ValueError for a protocol this dataset cannot evaluate.
   query_gallery: (protocol, root) -> (query records, gallery records).
   layout: one line saying what the extracted folder holds (errors, TFDS instructions).
+  listed_identities: (root, split, trial) -> the identities the split files name, where an
+    identity can be listed yet have no image (SYSU-MM01: empty folders); None where the reader
+    refuses that case itself (RegDB and LLCM list images, not identities, for training, and
+    LLCM refuses empty test folders).
   """
   name: str
   title: str
@@ -80,6 +84,7 @@ class DatasetSpec:
   check_protocol: Callable[[Protocol], None]
   query_gallery: Callable[[Protocol, str], tuple[list[ImageRecord], list[ImageRecord]]]
   layout: str
+  listed_identities: Callable[[str, str, int | None], list[int]] | None = None
 
   def split_trial(self, trial: int) -> int | None:
     """The trial the splits are read with: `trial` where they depend on it, else None."""
@@ -105,7 +110,8 @@ SYSU_MM01 = DatasetSpec(
     synthetic_params=_sysu_synthetic, read_split=sysu.read_split,
     make_protocols=sysu.make_protocols, check_protocol=sysu.check_protocol,
     query_gallery=sysu.query_gallery,
-    layout="cam1..cam6/<id 4 digits>/<image> and exp/{train,val,test}_id.txt")
+    layout="cam1..cam6/<id 4 digits>/<image> and exp/{train,val,test}_id.txt",
+    listed_identities=lambda root, split, trial: sysu.read_split_ids(root, split))
 
 REGDB = DatasetSpec(
     name=regdb.DATASET_NAME, title="RegDB", visible_cameras=(1,), infrared_cameras=(2,),

@@ -10,9 +10,12 @@ workdir:
   <workdir>/eval/                    config.json, results.json, features.npz, pictures
   <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking
 
-A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a non-zero
-exit; with `--verbosity` given, the traceback is shown too. Anything else is a bug and keeps its
-traceback.
+Before anything is written, `start` checks what would fail later: a file where a folder is
+needed, a resume under another config, unreadable weights, a non-teacher checkpoint given as the
+teacher. A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a
+non-zero exit (2 for a config mistake, else 1); with `--verbosity` given, the traceback is shown
+too. A full or read-only disk is a `StorageError`, also when a library thread hit it. Anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 

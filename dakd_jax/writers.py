@@ -329,12 +329,12 @@ class ProgressLine:
 
   def clear(self) -> None:
     """Blanks the in-place line on a terminal, so that other output starts on a clean line;
-    the next update redraws it."""
+    the next update redraws it. A file keeps its lines (nothing to do)."""
     if self._use_tty and self._shown:
       self._stream.write("\r" + " " * self._shown + "\r")
       self._stream.flush()
       self._shown = 0
-    self._must_render = True
+      self._must_render = True
 
   def close(self) -> None:
     """Ends the stage's line: on a terminal the last line is printed once, for good; a file

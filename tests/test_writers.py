@@ -168,6 +168,8 @@ def test_progress_line_plain_text_is_throttled():
     clock[0] += 0.5  # 0.5 s per step, 32 images per step, 0.1 s waiting for data
     line.update(step, {"loss": jnp.asarray(2.0 / step), "kl": 0.125}, images=32,
                 data_time=0.1)
+    if step == 15:
+      line.clear()  # Before an evaluation table: a file keeps its lines, nothing extra.
   line.close()  # A file already holds the last line: close adds nothing.
   lines = stream.getvalue().splitlines()
   # First update, then every 10 steps (5 s), and the last step.

@@ -4,16 +4,13 @@ Every test runs `run.py` in a subprocess and checks what the user sees: a non-ze
 a config mistake, 1 otherwise), exactly one `dakd_jax: ... error:` line on stderr naming the
 file or field and the fix, no traceback, and nothing of an earlier run overwritten.
 
-Storage failures are real ones: folders made read-only with chmod and, where the tests run as
-root (who ignores file permissions), a child process that drops the capabilities that let root
-ignore them (`obey_file_permissions`); a full disk is a file size limit (RLIMIT_FSIZE), which
-makes the kernel refuse writes past it as a full disk would.
+Storage failures are real ones: folders made read-only with chmod, with run.py started through
+`tests/restricted.py permissions` so that it obeys them even as root; a full disk is a file size
+limit (`tests/restricted.py small_disk`), past which the kernel refuses writes as a full disk
+would.
 """
-import ctypes
 import json
 import os
-import resource
-import signal
 import stat
 import subprocess
 import sys
@@ -30,6 +27,7 @@ from dakd_jax.models import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
+RESTRICTED = os.path.join(REPO, "tests", "restricted.py")
 TINY = {
     "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
     "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
@@ -37,7 +35,6 @@ TINY = {
     "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
     "pretrain.enabled": False, "teacher.epochs": 1, "teacher.steps_per_epoch": 2,
 }
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 
 
 def tiny_args(data_dir, **extra):
@@ -48,13 +45,15 @@ def tiny_args(data_dir, **extra):
           for k, v in values.items()]
 
 
-def run_py(args, *, config=DEMO, preexec_fn=None, timeout=600):
-  """run.py in a subprocess (stdout and stderr apart)."""
+def run_py(args, *, config=DEMO, restriction=None, timeout=600):
+  """run.py in a subprocess (stdout and stderr apart), under a tests/restricted.py restriction
+  when one is named."""
   command = [sys.executable, os.path.join(REPO, "run.py")]
   command += [f"--config={config}"] if config else []
+  if restriction:
+    command = [sys.executable, RESTRICTED, restriction] + command
   return subprocess.run(command + list(args), cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, preexec_fn=preexec_fn,
-                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                        timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 def one_error_line(result, *needles, code=1):
@@ -72,32 +71,14 @@ def one_error_line(result, *needles, code=1):
   return errors[0]
 
 
-def obey_file_permissions():
-  """preexec_fn: the child, even as root, obeys file permissions (its capabilities are dropped
-  from the bounding set before exec, so the program it runs never holds them)."""
-  if os.geteuid() != 0:
-    return  # Permissions already apply.
-  libc = ctypes.CDLL(None, use_errno=True)
-  for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-    if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-      raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed: the test cannot make "
-                    "a root process obey file permissions here")
-
-
-def small_disk():
-  """preexec_fn: files of the child cannot grow past 100 kB (as on a full disk: EFBIG)."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Refused writes then fail, not kill.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-
-
 def read_only_folder(path):
-  """Creates `path` as a read-only folder and proves that a child cannot write in it."""
+  """Creates `path` as a read-only folder and proves that a restricted child cannot write in it."""
   os.makedirs(path, exist_ok=True)
   os.chmod(path, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH
            | stat.S_IXOTH)
   probe = subprocess.run(
-      [sys.executable, "-c", f"open({os.path.join(path, 'probe')!r}, 'w')"],
-      capture_output=True, text=True, preexec_fn=obey_file_permissions)
+      [sys.executable, RESTRICTED, "permissions", sys.executable, "-c",
+       f"open({os.path.join(path, 'probe')!r}, 'w')"], capture_output=True, text=True)
   assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
   return str(path)
 
@@ -319,7 +300,7 @@ def test_read_only_folders_end_in_one_storage_line(tmp_path, data_dir):
       os.makedirs(workdir / "teacher" / "checkpoints")
     read_only_folder(str(base / read_only) if name not in ("prepared", "root")
                      else str(tmp_path / read_only))
-    result = run_py(args + [f"--workdir={workdir}"], preexec_fn=obey_file_permissions)
+    result = run_py(args + [f"--workdir={workdir}"], restriction="permissions")
     message = one_error_line(result, expected.format(w=workdir), "Permission denied",
                              "fix the folder's permissions")
     assert not any("orbax" in line.lower() for line in result.stderr.splitlines()), name
@@ -335,7 +316,7 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line(tmp_path, data_dir):
   lines fit 80 columns."""
   workdir = tmp_path / "run"
   result = run_py(tiny_args(data_dir, stage="teacher") + [f"--workdir={workdir}"],
-                  preexec_fn=small_disk)
+                  restriction="small_disk")
   one_error_line(result, f"cannot write the checkpoint in {workdir}/teacher/checkpoints",
                  "File too large", "Free disk space")
   progress = [line for line in result.stderr.splitlines() if line.startswith("teacher step")]
@@ -355,7 +336,7 @@ def test_a_read_only_eval_folder_ends_in_one_line_after_the_table(tmp_path, data
   workdir = tmp_path / "run"
   read_only_folder(str(workdir / "eval"))
   result = run_py(tiny_args(data_dir, stage="eval", **{"eval.checkpoint": weights_file})
-                  + [f"--workdir={workdir}"], preexec_fn=obey_file_permissions)
+                  + [f"--workdir={workdir}"], restriction="permissions")
   one_error_line(result, f"cannot write the config {workdir}/eval/config.json",
                  "Permission denied")
   assert "sysu_mm01/all/single-shot" in result.stdout  # the results were shown first

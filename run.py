@@ -7,6 +7,7 @@
 The `--config` arguments go to `dakd_jax.config.config_from_args`, the same parser a notebook's
 `load_config` uses; absl parses the rest.
 """
+import os
 import sys
 
 from absl import app
@@ -14,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from dakd_jax import config as config_lib
+from dakd_jax import errors
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (checkpoints, logs, tables); default workdirs/<config name>.")
@@ -42,6 +44,19 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def is_shown(record) -> bool:
+  """Whether a library log record reaches the terminal without --verbosity: not an expected
+  warning, and not a library's logged copy of a failure with its traceback (Orbax's failed
+  save, asyncio's unretrieved write errors after it): the failure itself ends the run in one
+  line."""
+  if any(text in record.getMessage() for text in EXPECTED_WARNINGS):
+    return False
+  if not record.exc_info or record.exc_info[1] is None:
+    return True
+  return not (f"{os.sep}orbax{os.sep}" in record.pathname
+              or errors.storage_error(record.exc_info[1], "") is not None)
+
+
 def main(argv, config_args):
   if len(argv) > 1:
     print(f"dakd_jax: unexpected arguments {argv[1:]}\n{USAGE}", file=sys.stderr)
@@ -49,8 +64,8 @@ def main(argv, config_args):
   if not flags.FLAGS["verbosity"].present:
     # Orbax, TFDS and JAX log much at INFO; --verbosity=0 brings it back.
     logging.set_verbosity(logging.WARNING)
-    logging.get_absl_logger().addFilter(
-        lambda record: not any(text in record.getMessage() for text in EXPECTED_WARNINGS))
+    # On the handler: it also prints what other libraries log through Python's root logger.
+    logging.get_absl_handler().addFilter(is_shown)
   from dakd_jax import cli  # Imported after flag parsing: Grain reads absl flags.
   return cli.main_from_args(
       config_args, _WORKDIR.value, print_only=_PRINT_CONFIG.value,

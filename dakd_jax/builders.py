@@ -196,6 +196,16 @@ def make_evaluator(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
   return evaluator_lib.Evaluator(model, data, protocols, settings, mesh)
 
 
+def check_evaluation(config: ml_collections.ConfigDict, data: prepare.DataBundle, *,
+                     during_training: bool = False) -> None:
+  """Refuses at a stage's start what its evaluation would refuse after training (a missing
+  protocol file, eval.max_rank longer than a gallery can fill); reads file lists only."""
+  protocols = data.spec.make_protocols(
+      protocol_options(config, during_training=during_training),
+      during_training=during_training)
+  evaluator_lib.lookup_rows(data, protocols, config.eval.max_rank)
+
+
 def check_architecture(stored_config: dict, config: ml_collections.ConfigDict,
                        where: str) -> None:
   """Raises CheckpointError naming every architecture/data field a checkpoint differs in; a

@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from dakd_jax import errors
 from dakd_jax.errors import CheckpointError, CheckpointNotFoundError
 
 STATE, METADATA = "state", "metadata"
@@ -57,6 +58,8 @@ RESUME_IGNORED_FIELDS = (
     "stage", "checkpoint.*", "log.*", "data.root", "data.prepared_dir", "data.num_workers",
     "distill.teacher_checkpoint", "eval.*", "extract.*",
 )
+# A refused resume lists at most this many differing fields (then "and N more").
+MAX_LISTED_DIFFERENCES = 5
 
 
 def to_json_tree(value: Any) -> Any:
@@ -131,11 +134,16 @@ def check_config_change(old: dict, new: dict, allow_config_change: bool,
   differences = diff_configs(old, new, ignore)
   if not differences:
     return differences
-  listing = "\n  ".join(differences)
   if not allow_config_change:
+    # One line (cli.report_error prints it as the run's only message); the first few fields.
+    shown = "; ".join(differences[:MAX_LISTED_DIFFERENCES])
+    more = len(differences) - MAX_LISTED_DIFFERENCES
+    shown += f"; and {more} more" if more > 0 else ""
     raise CheckpointError(
-        f"the config differs from {source}'s:\n  {listing}\nrun with the checkpoint's values, "
-        "or set --config.checkpoint.allow_config_change=True to resume anyway")
+        f"the config differs from {source}'s in {len(differences)} field(s): {shown}. Run with "
+        "the checkpoint's values, use another --workdir, or set "
+        "--config.checkpoint.allow_config_change=True to resume anyway")
+  listing = "\n  ".join(differences)
   logging.warning("resuming with a config that differs from %s's:\n  %s", source, listing)
   return differences
 
@@ -237,6 +245,7 @@ class CheckpointManager:
 
     Raises:
       ValueError: keep_last < 1 or keep_best < 0.
+      StorageError: a writable manager's directory cannot be created or written.
     """
     if keep_last < 1 or keep_best < 0:
       raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1 and "
@@ -244,6 +253,11 @@ class CheckpointManager:
     # Orbax (tensorstore OCDBT) needs absolute paths; relative ones come from the command line.
     self.directory = os.path.abspath(os.fspath(directory))
     self.best_metric = best_metric
+    self._what = f"checkpoint in {self.directory}"
+    if not read_only and jax.process_index() == 0:
+      # Found now rather than in Orbax's background save, whose failure surfaces only later,
+      # after Orbax has logged it from several threads.
+      errors.check_writable_folder(self.directory, self._what)
     self._scores = {}
     preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep_last),
@@ -303,15 +317,19 @@ class CheckpointManager:
       self._scores[int(step)] = float(metrics[self.best_metric])
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                  METADATA: ocp.args.JsonSave(metadata)})
-    return self._manager.save(int(step), args=args)
+    with errors.writing(self._what):  # Also raises a failure of the previous background save.
+      return self._manager.save(int(step), args=args)
 
   def wait(self) -> None:
-    """Blocks until pending saves are written and old steps deleted; raises their errors."""
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are written and old steps deleted; raises their errors (a
+    full or read-only disk as StorageError)."""
+    with errors.writing(self._what):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager's threads."""
-    self._manager.close()
+    """Waits for pending saves and releases the manager's threads; raises as `wait`."""
+    with errors.writing(self._what):
+      self._manager.close()
 
   def all_steps(self) -> list[int]:
     """Returns the sorted steps the manager holds (pending saves included)."""

@@ -12,15 +12,19 @@ workdir:
   <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking
   <workdir>/export/                  stage=export: ONNX and StableHLO files, manifest.json
 
-A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a non-zero
-exit; with `--verbosity` given, the traceback is shown too. Anything else is a bug and keeps its
-traceback.
+Before anything is written, `start` checks what would fail later: a file where a folder is
+needed, a resume under another config, unreadable weights, a non-teacher checkpoint given as the
+teacher. A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a
+non-zero exit (2 for a config mistake, else 1); with `--verbosity` given, the traceback is shown
+too. A full or read-only disk is a `StorageError`, also when a library thread hit it. Anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
 import traceback
 from typing import Iterable
 
@@ -53,6 +57,17 @@ def initialize_distributed(coordinator_address: str, num_processes: int | None,
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def check_output_folders(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a file where the run needs a folder: --workdir, config.data.prepared_dir."""
+  for path, flag, example in ((workdir, "--workdir", "workdirs/run"),
+                              (config.data.prepared_dir, "--config.data.prepared_dir",
+                               "data/tfds")):
+    blocking = errors.file_in_the_way(path)
+    if blocking is not None:
+      raise errors.ConfigError(f"{flag}={path}: {blocking} is a file, not a folder; give a "
+                               f"folder (it is created when missing), e.g. {flag}={example}")
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -107,6 +122,31 @@ def jax_process_index() -> int:
   return jax.process_index()
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Opens, before any data is prepared, the weights and checkpoints the stages will load: a
+  weights file must be readable (its header), a teacher checkpoint must be a teacher's."""
+  from dakd_jax import stage_checkpoints  # Deferred: pulls in Orbax.
+  from dakd_jax.models import weight_files  # Deferred like the other heavy imports.
+  training = config.stage in ("teacher", "student", "all")
+  files = [config.model.init_weights] if training else []
+  if config.stage in ("eval", "extract"):
+    files.append(config.eval.checkpoint)
+  teacher = config.distill.teacher_checkpoint if config.stage in ("student", "all") else ""
+  files.append(teacher)
+  for path in files:
+    if path and os.path.isfile(path):
+      weight_files.read_weights_header(path)
+  if teacher and os.path.isdir(teacher):
+    directory, step = stage_checkpoints.find_stage_checkpoint(
+        teacher, hint="point --config.distill.teacher_checkpoint at a teacher workdir")
+    stage = stage_checkpoints.read_step_metadata(directory, step).get("stage", "teacher")
+    if stage != "teacher":
+      raise errors.CheckpointError(
+          f"config.distill.teacher_checkpoint = {teacher!r} holds a {stage} checkpoint "
+          f"({directory} step {step}); the student needs a teacher's: point it at a teacher "
+          "workdir (<workdir>/teacher), its checkpoints/ folder or a teacher weights file")
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the stages `config.stage` names; returns {stage: result}."""
   from dakd_jax import builders  # Deferred: heavy imports only once the config is valid.
@@ -119,11 +159,17 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"export": stages.export_stage(config, workdir)}
   results = {}
   pretrain_dir = os.path.join(workdir, "pretrain")
+  if config.stage != "pretrain":
+    data = builders.prepare_data(config)
+  if config.stage == "all":
+    # Each stage builds its evaluator before it trains; the later stages' are checked now,
+    # before pretraining and the teacher run, so what they would refuse is refused at once.
+    builders.check_evaluation(config, data, during_training=True)
+    builders.check_evaluation(config, data)
   if config.pretrain.enabled and config.stage in ("pretrain", "all"):
     results["pretrain"] = pretrain.train_pretrain(config, pretrain_dir)
   if config.stage == "pretrain":
     return results
-  data = builders.prepare_data(config)
   if config.stage in ("teacher", "student", "all"):
     # Both start from the pretrain stage's weights when it is enabled (method.md 2.4: ImageNet).
     initial = pretrain.with_pretrained_init(config, pretrain_dir)
@@ -139,17 +185,20 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validated config -> checks, the resolved config in the workdir, then `run_stages` (once
-  per seed of config.seeds when it names any)."""
+  """Validated config -> start-up checks (folders, resume, inputs), the resolved config in the
+  workdir, then `run_stages` (once per seed of config.seeds when it names any, each seed in its
+  own folder). Nothing is written before the checks pass."""
   import jax  # Validation already initialised the backend.
   workdir = os.path.abspath(workdir)  # Orbax refuses relative paths; notebooks change directory.
   if config.seeds:
     return run_seed_band(config, workdir)
+  check_output_folders(config, workdir)
   if config.stage in TRAINING_STAGES:
     check_resumable(config, workdir)
-    if jax.process_index() == 0:
-      from dakd_jax import stages  # Deferred like run_stages' imports.
-      stages.write_config(config, workdir)
+  check_inputs(config)
+  if config.stage in TRAINING_STAGES and jax.process_index() == 0:
+    from dakd_jax import stages  # Deferred like run_stages' imports.
+    stages.write_config(config, workdir)
   if jax.process_index() == 0:
     print(f"dakd_jax: stage={config.stage} workdir={workdir} ({jax.device_count()} device(s), "
           f"{jax.process_count()} process(es))", flush=True)
@@ -170,22 +219,65 @@ def report_error(error: BaseException, verbose: bool) -> int:
   return EXIT_CONFIG if isinstance(user_error, errors.ConfigError) else EXIT_RUN
 
 
+class BackgroundFailures:
+  """Collects storage failures raised in library threads (TensorBoard's event writer), which
+  would otherwise print a thread traceback; the run then reports the first as its message.
+
+  Also hides, unless verbose, the "Event loop is closed" errors that tensorstore's write
+  callbacks raise when Orbax closes after a failed save (printed as unraisable exceptions, one
+  per pending write): the failed save itself ends the run in one line.
+  Use as a context manager around a run; other exceptions keep Python's default report.
+  """
+
+  def __init__(self, verbose: bool):
+    self.verbose = verbose
+    self.found: list[errors.StorageError] = []
+    self._previous = threading.excepthook
+    self._previous_unraisable = sys.unraisablehook
+
+  def _unraisable(self, unraisable) -> None:
+    value = unraisable.exc_value
+    if self.verbose or not (isinstance(value, RuntimeError)
+                            and str(value) == "Event loop is closed"):
+      self._previous_unraisable(unraisable)
+
+  def _hook(self, args) -> None:
+    storage = errors.storage_error(args.exc_value, "files written in the background") \
+        if args.exc_value is not None else None
+    if storage is None or self.verbose:
+      self._previous(args)
+    if storage is not None:
+      self.found.append(storage)
+
+  def __enter__(self) -> "BackgroundFailures":
+    self._previous, threading.excepthook = threading.excepthook, self._hook
+    self._previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    threading.excepthook = self._previous
+    sys.unraisablehook = self._previous_unraisable
+
+
 def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
                    print_only: bool = False, distributed=(None, None, None),
                    verbose: bool = False) -> int:
   """The command line's path: `--config` arguments -> validated config -> stages. Returns a
   process exit code."""
   config_args = list(config_args)
-  try:
-    coordinator, num_processes, process_id = distributed
-    if coordinator:
-      initialize_distributed(coordinator, num_processes, process_id)
-    config = config_lib.config_from_args(config_args)
-    config_lib.validate(config)
-    if print_only:
-      print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-      return 0
-    start(config, workdir or default_workdir(config_args))
-  except Exception as error:  # pylint: disable=broad-except  # report_error re-raises bugs.
-    return report_error(error, verbose)
+  with BackgroundFailures(verbose) as background:
+    try:
+      coordinator, num_processes, process_id = distributed
+      if coordinator:
+        initialize_distributed(coordinator, num_processes, process_id)
+      config = config_lib.config_from_args(config_args)
+      config_lib.validate(config)
+      if print_only:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return 0
+      start(config, workdir or default_workdir(config_args))
+    except Exception as error:  # pylint: disable=broad-except  # report_error re-raises bugs.
+      return report_error(error, verbose)
+    if background.found:
+      return report_error(background.found[0], verbose)
   return 0

@@ -294,9 +294,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     values = get_field(config, field)
     bad = [v for v in values if v not in choices]
     if bad or not values:
+      # A tuple is written as Python (quoted for the shell); 'a,b' would be one string.
+      example = "(" + ",".join(repr(choice) for choice in choices) + ",)"
       raise ConfigError(f"config.{field} = {values!r}: each entry must be one of {choices} "
-                        "and at least one is needed, e.g. --config." + field + "='" +
-                        repr(choices[:1]) + "'")
+                        f"and at least one is needed; write the tuple in double quotes, e.g. "
+                        f"--config.{field}=\"{example}\"")
   temperatures = config.distill.temperatures
   if not temperatures or any(t <= 0 for t in temperatures):
     raise ConfigError(f"config.distill.temperatures = {temperatures!r}: need at least one "

@@ -8,7 +8,11 @@ from the built-in exception callers would naturally catch (ValueError, FileNotFo
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import tempfile
+from typing import Iterator
 
 
 class UserError(Exception):
@@ -51,33 +55,101 @@ class StorageError(UserError, OSError):
   """A file that cannot be written: full disk, read-only folder, missing permission."""
 
 
-# OSError numbers that mean "the user's disk or folder", not a bug.
+class MissingExtraError(UserError, ImportError):
+  """An optional package (an extra of pyproject.toml, or torch) that a requested feature needs;
+  the message names the install command."""
+
+
+# OSError numbers that mean "the user's disk or folder", not a bug. EFBIG: a file size limit
+# (ulimit -f, a quota) stops the write as a full disk would.
 STORAGE_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT")
+    getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG")
     if hasattr(errno, name))
 # Text of storage failures that libraries (tensorstore, Orbax) wrap into other exceptions.
 STORAGE_MESSAGES = ("No space left on device", "Read-only file system", "Permission denied",
-                    "Disk quota exceeded")
+                    "Disk quota exceeded", "File too large")
+DEFAULT_STORAGE_FIX = "choose another folder (--workdir)"
 
 
-def storage_error(error: BaseException, what: str) -> StorageError | None:
+def storage_error(error: BaseException, what: str,
+                  fix: str = DEFAULT_STORAGE_FIX) -> StorageError | None:
   """A StorageError describing `error` when it is a full/read-only/forbidden write, else None.
 
   Args:
-    error: any exception raised while writing (an OSError, or a library error wrapping one).
+    error: any exception raised while writing (an OSError, or a library error wrapping one,
+      found through `__cause__`/`__context__`).
     what: what was being written, e.g. "checkpoint in /work/run/teacher/checkpoints".
+    fix: the last part of the advice, e.g. "choose another folder (--config.data.prepared_dir)".
+  Returns:
+    StorageError("cannot write the <what> (<file>): <reason>. Free disk space or fix the
+    folder's permissions, or <fix>"), one line; None when `error` is not a storage failure.
   """
-  cause = error
-  while cause is not None:
+  cause, seen = error, set()
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    reason = None
     if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+      reason = cause.strerror or os.strerror(cause.errno)
       where = f" ({cause.filename})" if cause.filename else ""
-      return StorageError(f"cannot write the {what}{where}: {cause.strerror}. Free disk space, "
-                          "fix the folder's permissions or choose another folder "
-                          "(--workdir, --config.data.prepared_dir)")
-    if any(text in str(cause) for text in STORAGE_MESSAGES):
-      reason = next(text for text in STORAGE_MESSAGES if text in str(cause))
-      return StorageError(f"cannot write the {what}: {reason}. Free disk space, fix the "
-                          "folder's permissions or choose another folder (--workdir, "
-                          "--config.data.prepared_dir)")
+    else:
+      text = str(cause)
+      reason = next((message for message in STORAGE_MESSAGES if message in text), None)
+      where = ""
+    if reason is not None:
+      return StorageError(f"cannot write the {what}{where}: {reason}. Free disk space or fix "
+                          f"the folder's permissions, or {fix}")
     cause = cause.__cause__ or cause.__context__
   return None
+
+
+@contextlib.contextmanager
+def writing(what: str, fix: str = DEFAULT_STORAGE_FIX) -> Iterator[None]:
+  """Turns a storage failure inside the block into `storage_error(error, what, fix)`.
+
+  Other exceptions (user errors included) pass through unchanged. Use around every write to a
+  user's folder: the workdir, the prepared data, the dataset root.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # re-raised unless storage.
+    storage = storage_error(error, what, fix)
+    if storage is None:
+      raise
+    raise storage from error
+
+
+def check_writable_folder(path: str, what: str, fix: str = DEFAULT_STORAGE_FIX) -> None:
+  """Creates folder `path` if needed and proves a file can be written in it.
+
+  Raises StorageError naming `what` when the folder cannot be created or written (read-only,
+  full, forbidden) or when a file stands where the folder or one of its parents should be.
+  """
+  blocking = file_in_the_way(path)
+  if blocking is not None:
+    raise StorageError(f"cannot write the {what}: {blocking} is a file, not a folder. Move it "
+                       f"away, or {fix}")
+  with writing(what, fix):
+    os.makedirs(path, exist_ok=True)
+    try:
+      handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+      try:
+        os.write(handle, b"0")
+      finally:
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:  # Name the folder, not the probe file.
+      raise OSError(error.errno, error.strerror, path) from error
+
+
+def file_in_the_way(path: str) -> str | None:
+  """The nearest existing ancestor of `path` (or `path` itself) when it is not a folder, else
+  None: what stops `os.makedirs(path)`."""
+  current = os.path.abspath(path)
+  while not os.path.exists(current):
+    parent = os.path.dirname(current)
+    if parent == current:
+      return None
+    current = parent
+  return None if os.path.isdir(current) else current

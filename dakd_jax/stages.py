@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from dakd_jax import builders
+from dakd_jax import errors
 from dakd_jax.data import prepare
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import extractor as extractor_lib
@@ -26,11 +27,22 @@ CHECKPOINT_HINT = "train first (--config.stage=all) or set --config.eval.checkpo
 
 
 def write_config(config: ml_collections.ConfigDict, directory: str) -> str:
-  """Writes `directory`/config.json (the resolved config) and returns its path."""
-  os.makedirs(directory, exist_ok=True)
+  """Writes `directory`/config.json (the resolved config) and returns its path.
+
+  The file is replaced whole (written beside it, then renamed), so a failed write leaves the
+  previous one. Raises StorageError when it cannot be written.
+  """
   path = os.path.join(directory, "config.json")
-  with open(path, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with errors.writing(f"config {path}"):
+    os.makedirs(directory, exist_ok=True)
+    try:
+      with open(temporary, "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+      os.replace(temporary, path)
+    finally:
+      if os.path.exists(temporary):  # A write cut short (full disk) leaves nothing behind.
+        os.remove(temporary)
   return path
 
 
@@ -82,34 +94,39 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   if described.get("file_metadata"):
     summary["recorded_by_file"] = described["file_metadata"]
   if is_main:
-    write_config(config, out_dir)
-    if not config.eval.features:
-      report.save_features(os.path.join(out_dir, "features.npz"), embeddings, data,
-                           source=source)
-    report.write_results(os.path.join(out_dir, "results.json"), summary)
     print("\n" + report.format_table(results, title=report.table_title(summary)))
     if report.format_verification(results):
       print(report.format_verification(results))
     if summary.get("recorded_by_file"):
       print(report.format_recorded(summary["recorded_by_file"], results))
-    if config.eval.pictures:
-      paths = report.write_run_pictures(
-          workdir, data, embeddings, evaluator.rows, summary, top_k=config.eval.visual_top_k,
-          num_queries=config.eval.num_visual_queries, seed=config.seed)
-      if config.eval.analysis:
-        paths.update(report.write_analysis_pictures(
-            workdir, data, embeddings, evaluator.rows, method=config.eval.analysis_method,
-            seed=config.seed, max_identities=config.eval.analysis_identities,
-            num_queries=min(4, config.eval.num_visual_queries),
-            top_k=min(4, config.eval.visual_top_k), model=model, variables=variables))
-      path = report.write_report(workdir, config.to_dict(), summary, paths)
-      print(f"dakd_jax: pictures in {out_dir}, report in {path}")
+    with errors.writing(f"evaluation results in {out_dir}"):
+      write_config(config, out_dir)
+      if not config.eval.features:
+        report.save_features(os.path.join(out_dir, "features.npz"), embeddings, data,
+                             source=source)
+      report.write_results(os.path.join(out_dir, "results.json"), summary)
+      if config.eval.pictures:
+        paths = report.write_run_pictures(
+            workdir, data, embeddings, evaluator.rows, summary, top_k=config.eval.visual_top_k,
+            num_queries=config.eval.num_visual_queries, seed=config.seed)
+        if config.eval.analysis:
+          paths.update(report.write_analysis_pictures(
+              workdir, data, embeddings, evaluator.rows, method=config.eval.analysis_method,
+              seed=config.seed, max_identities=config.eval.analysis_identities,
+              num_queries=min(4, config.eval.num_visual_queries),
+              top_k=min(4, config.eval.visual_top_k), model=model, variables=variables))
+        path = report.write_report(workdir, config.to_dict(), summary, paths)
+        print(f"dakd_jax: pictures in {out_dir}, report in {path}")
   return summary
 
 
 def extract_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """stage=extract: embeds config.extract's folders with eval.checkpoint (default
   <workdir>/student) and ranks the queries against the gallery; see `folders`."""
+  e = config.extract
+  for folder in (e.query_dir, e.gallery_dir):
+    if folder:
+      folders.check_folder(folder)  # Before the checkpoint is read or anything is written.
   source = config.eval.checkpoint or os.path.join(workdir, "student")
   model = builders.model_from_config(config)
   mesh = builders.make_mesh()
@@ -120,12 +137,12 @@ def extract_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch_size=config.eval.batch_size, use_flip=config.eval.flip,
       source=described["source"], mesh=mesh)
   out_dir = os.path.join(workdir, folders.OUT_DIR)
-  write_config(config, out_dir)
-  e = config.extract
-  result = folders.extract_folders(
-      extractor, out_dir, query_dir=e.query_dir, query_modality=e.query_modality,
-      gallery_dir=e.gallery_dir, gallery_modality=e.gallery_modality,
-      top_k=config.eval.visual_top_k, num_pictured=config.eval.num_visual_queries)
+  with errors.writing(f"extracted embeddings in {out_dir}"):
+    write_config(config, out_dir)
+    result = folders.extract_folders(
+        extractor, out_dir, query_dir=e.query_dir, query_modality=e.query_modality,
+        gallery_dir=e.gallery_dir, gallery_modality=e.gallery_modality,
+        top_k=config.eval.visual_top_k, num_pictured=config.eval.num_visual_queries)
   print(f"dakd_jax: embeddings of {len(result['query_files'])} query and "
         f"{len(result.get('gallery_files', []))} gallery image(s) from {described['source']} "
         f"in {out_dir}")

@@ -3,8 +3,9 @@
 The last stop of the data flow. One `MetricWriter` is created at start and passed down to the
 training loop and the evaluators; it writes only from process 0 (other processes hold a writer
 that does nothing), so callers never branch on the process index. `ProgressLine` is the
-human-facing line: a tqdm bar on a terminal, plain throttled lines when the output is a file or
-a CI log.
+human-facing line, cut to the terminal's width: redrawn in place on a terminal, plain throttled
+lines when the output is a file or a CI log. A full or read-only disk ends in one
+`StorageError` naming the file.
 
 Values reach the host only here, at logging intervals: `write_scalars` and the progress line
 fetch a whole dict with one `jax.device_get`.
@@ -13,14 +14,16 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-import tqdm
 from tensorboardX import SummaryWriter
+
+from dakd_jax import errors
 
 RESERVED_KEYS = ("step", "stage", "wall_time")
 JSONL_NAME = "metrics.jsonl"
@@ -59,6 +62,7 @@ class MetricWriter:
   Each `write_scalars` call appends one JSON object
   {"step": int, "stage": str, "wall_time": unix seconds, "<name>": value, ...} and one
   TensorBoard scalar per name under the tag "<stage>/<name>" ("<name>" when stage is "").
+  A file that cannot be written (full disk, read-only folder) raises StorageError naming it.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, stage: str = "",
@@ -78,18 +82,21 @@ class MetricWriter:
     self.workdir = os.fspath(workdir)
     self._tensorboard = None
     self._jsonl = None
+    self._what = f"metrics in {self.workdir} ({jsonl_name}, TensorBoard events)"
     if self.enabled:
-      os.makedirs(self.workdir, exist_ok=True)
-      self._tensorboard = SummaryWriter(logdir=self.workdir, flush_secs=flush_secs)
-      self._jsonl = open(os.path.join(self.workdir, jsonl_name), "a", encoding="utf-8")
+      with errors.writing(self._what):
+        os.makedirs(self.workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(self.workdir, jsonl_name), "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(logdir=self.workdir, flush_secs=flush_secs)
 
   def _tag(self, name: str, stage: str) -> str:
     return f"{stage}/{name}" if stage else name
 
   def _append(self, record: dict) -> None:
-    self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-    # A line per logging interval is cheap; flushing keeps the file whole after a crash.
-    self._jsonl.flush()
+    with errors.writing(self._what):
+      self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+      # A line per logging interval is cheap; flushing keeps the file whole after a crash.
+      self._jsonl.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], *,
                     stage: str | None = None) -> None:
@@ -133,15 +140,19 @@ class MetricWriter:
   def flush(self) -> None:
     """Writes buffered events to disk."""
     if self.enabled:
-      self._tensorboard.flush()
-      self._jsonl.flush()
+      with errors.writing(self._what):
+        self._tensorboard.flush()
+        self._jsonl.flush()
 
   def close(self) -> None:
     """Flushes and closes the files; later writes are errors."""
     if self.enabled and self._jsonl is not None:
-      self._tensorboard.close()
-      self._jsonl.close()
-      self._jsonl = None
+      jsonl, self._jsonl = self._jsonl, None
+      with errors.writing(self._what):
+        try:
+          self._tensorboard.close()
+        finally:
+          jsonl.close()
 
   def __enter__(self) -> "MetricWriter":
     return self
@@ -153,7 +164,8 @@ class MetricWriter:
 def drop_rows_after(path: str, step: int) -> int:
   """Removes the records of steps after `step` from a JSON-lines log (a run resumed at `step`
   logs them again), keeping the file's order; returns how many were dropped. A missing file or
-  a line that is not JSON (a write cut short by a kill) is handled: the latter is dropped."""
+  a line that is not JSON (a write cut short by a kill) is handled: the latter is dropped.
+  Raises StorageError when the file cannot be rewritten."""
   if not os.path.isfile(path):
     return 0
   with open(path, encoding="utf-8") as f:
@@ -168,9 +180,10 @@ def drop_rows_after(path: str, step: int) -> int:
       kept.append(line)
   if len(kept) != len(lines):
     temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-      f.write("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
+    with errors.writing(f"metrics log {path}"):
+      with open(temporary, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+      os.replace(temporary, path)
   return len(lines) - len(kept)
 
 
@@ -196,19 +209,26 @@ def device_memory_text(device: Any = None) -> str:
 
 
 class ProgressLine:
-  """Stage, epoch, step/total, loss terms, images/s, step and data time, ETA, device memory.
+  """A stage's progress as one line that fits the terminal.
 
-  On a terminal it is a tqdm bar redrawn at most every `min_interval_s` (default 0.5 s);
-  otherwise (a file, a CI log) it prints one plain line at most every `min_interval_s`
-  (default 10 s), plus the first update and the last step. Rates are averaged over the steps
-  since the previous line, so the first line includes compilation time.
+  The line leads with the stage, step/total, the loss, images/s and the ETA; the other loss
+  terms, the epoch, step and data time and device memory follow, as many as fit in `width`
+  columns (`shutil.get_terminal_size`, 80 when unknown; metrics.jsonl holds every term).
+
+  On a terminal the line is redrawn in place at most every `min_interval_s` (default 0.5 s);
+  `clear()` blanks it before other output (an evaluation table, another bar) and `close()`
+  prints it once, for good, when the stage ends. Otherwise (a file, a CI log) it prints one
+  line at most every `min_interval_s` (default 10 s), plus the first update and the last step,
+  and `close()` adds nothing. Rates are averaged over the steps since the previous line;
+  `restart_clock`, called once the first step has compiled, keeps compilation out of them.
   """
 
   def __init__(self, total_steps: int, *, stage: str = "", steps_per_epoch: int | None = None,
                start_step: int = 0, stream: io.TextIOBase | None = None,
                use_tty: bool | None = None, min_interval_s: float | None = None,
-               show_memory: bool = True, clock: Callable[[], float] = time.monotonic):
-    """Starts the line.
+               show_memory: bool = True, clock: Callable[[], float] = time.monotonic,
+               width: int | None = None):
+    """Starts the line (nothing is printed yet).
 
     Args:
       total_steps: the stage's last step.
@@ -220,6 +240,7 @@ class ProgressLine:
       min_interval_s: least time between two renders (see class docstring for defaults).
       show_memory: append the first local device's memory use when it reports one.
       clock: seconds, monotonic; replaceable in tests.
+      width: columns available; None = the terminal's at each render (80 when unknown).
     """
     self.total_steps = int(total_steps)
     self.stage = stage
@@ -227,20 +248,21 @@ class ProgressLine:
     self._stream = stream or sys.stderr
     if use_tty is None:
       use_tty = hasattr(self._stream, "isatty") and self._stream.isatty()
-    if min_interval_s is None:
-      min_interval_s = 0.5 if use_tty else 10.0
-    self._min_interval = min_interval_s
+    self._use_tty = bool(use_tty)
+    self._min_interval = (0.5 if use_tty else 10.0) if min_interval_s is None else min_interval_s
     self._show_memory = show_memory
     self._clock = clock
-    self._last_step = self._render_step = int(start_step)
-    self._render_time = clock()
-    self._images = 0
-    self._data_time = 0.0
-    self._rendered_once = False
-    self._bar = None
-    if use_tty:
-      self._bar = tqdm.tqdm(total=self.total_steps, initial=self._last_step, file=self._stream,
-                            dynamic_ncols=True, mininterval=0, bar_format="{bar:12}| {desc}")
+    self._width = width
+    self._last_step = int(start_step)
+    self._text = ""  # The last rendered line.
+    self._shown = 0  # Characters of the in-place line now on the terminal.
+    self._must_render = True  # The next update renders whatever the interval.
+    self.restart_clock(start_step)
+
+  def restart_clock(self, step: int) -> None:
+    """Measures rates from now, as if at `step`: call it when the first step has compiled."""
+    self._render_step, self._render_time = int(step), self._clock()
+    self._images, self._data_time = 0, 0.0
 
   def update(self, step: int, metrics: Mapping[str, Any], images: int, *,
              data_time: float = 0.0, epoch: int | None = None) -> str | None:
@@ -260,45 +282,78 @@ class ProgressLine:
     self._data_time += float(data_time)
     self._last_step = int(step)
     now = self._clock()
-    should_render = (not self._rendered_once or step >= self.total_steps
-                     or now - self._render_time >= self._min_interval)
-    if not should_render:
+    if not (self._must_render or step >= self.total_steps
+            or now - self._render_time >= self._min_interval):
       return None
-    text = self._render(now, metrics, epoch)
-    if self._bar is not None:
-      self._bar.set_description_str(text, refresh=False)
-      self._bar.n = self._last_step
-      self._bar.refresh()
+    # A line without a rate yet ("ETA ?") is followed by one with it as soon as a step ran.
+    self._must_render = step <= self._render_step
+    self._text = self._render(now, metrics, epoch)
+    if self._use_tty:
+      self._stream.write("\r" + self._text.ljust(self._shown))
+      self._stream.flush()
+      self._shown = len(self._text)
     else:
-      print(text, file=self._stream, flush=True)
-    return text
+      print(self._text, file=self._stream, flush=True)
+    return self._text
+
+  def columns(self) -> int:
+    """Characters a line may use: the width less one, so a terminal never wraps it."""
+    width = self._width or shutil.get_terminal_size((80, 24)).columns
+    return max(width - 1, 20)
 
   def _render(self, now: float, metrics: Mapping[str, Any], epoch: int | None) -> str:
-    steps = max(self._last_step - self._render_step, 1)
+    steps = self._last_step - self._render_step
     elapsed = max(now - self._render_time, 1e-9)
-    step_time = elapsed / steps
-    parts = [self.stage] if self.stage else []
+    values = _host_scalars(metrics)
+    lead = [f"{self.stage} step {self._last_step}/{self.total_steps}".strip()]
+    if "loss" in values:
+      lead.append(f"loss {values.pop('loss'):.4g}")
+    tail = [f"{name} {value:.4g}" for name, value in values.items()]
     if epoch is None and self.steps_per_epoch:
       epoch = max(1, math.ceil(self._last_step / self.steps_per_epoch))
     if epoch is not None:
-      if self.steps_per_epoch:
-        parts.append(f"ep {epoch}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
-      else:
-        parts.append(f"ep {epoch}")
-    parts.append(f"step {self._last_step}/{self.total_steps}")
-    parts += [f"{name} {value:.4g}" for name, value in _host_scalars(metrics).items()]
-    parts.append(f"{self._images / elapsed:.1f} img/s")
-    parts.append(f"step {step_time:.3f}s data {self._data_time / steps:.3f}s")
-    parts.append(f"ETA {format_duration((self.total_steps - self._last_step) * step_time)}")
+      epochs = f"/{math.ceil(self.total_steps / self.steps_per_epoch)}" \
+          if self.steps_per_epoch else ""
+      tail.append(f"ep {epoch}{epochs}")
+    if steps > 0:
+      step_time = elapsed / steps
+      lead += [f"{self._images / elapsed:.1f} img/s",
+               f"ETA {format_duration((self.total_steps - self._last_step) * step_time)}"]
+      tail.append(f"step {step_time:.3f}s data {self._data_time / steps:.3f}s")
+    else:  # Nothing ran since the clock restarted: no rate yet.
+      lead += ["? img/s", "ETA ?"]
     if self._show_memory and (memory := device_memory_text()):
-      parts.append(memory)
-    self._render_step, self._render_time = self._last_step, now
-    self._images, self._data_time = 0, 0.0
-    self._rendered_once = True
-    return " | ".join(parts)
+      tail.append(memory)
+    self.restart_clock(self._last_step)
+    return fit_parts(lead, tail, self.columns())
+
+  def clear(self) -> None:
+    """Blanks the in-place line on a terminal, so that other output starts on a clean line;
+    the next update redraws it. A file keeps its lines (nothing to do)."""
+    if self._use_tty and self._shown:
+      self._stream.write("\r" + " " * self._shown + "\r")
+      self._stream.flush()
+      self._shown = 0
+      self._must_render = True
 
   def close(self) -> None:
-    """Ends the bar (a newline on terminals); nothing more is printed."""
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None
+    """Ends the stage's line: on a terminal the last line is printed once, for good; a file
+    already has it. Later calls print nothing."""
+    if self._use_tty and self._text:
+      self._stream.write("\r" + self._text.ljust(self._shown) + "\n")
+      self._stream.flush()
+    self._text, self._shown = "", 0
+
+
+def fit_parts(lead: list[str], tail: list[str], columns: int, separator: str = " | ") -> str:
+  """`lead` joined by `separator`, then `tail` parts in order while they fit in `columns`.
+
+  The lead is always kept (cut at `columns` if it alone is longer); the first tail part that
+  does not fit ends the line, so what is shown keeps its order.
+  """
+  text = separator.join(lead)
+  for part in tail:
+    if len(text) + len(separator) + len(part) > columns:
+      break
+    text += separator + part
+  return text[:columns]

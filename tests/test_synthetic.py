@@ -3,6 +3,7 @@
 The layouts are checked by small parsers written here (independent of the project's readers),
 and the modality gap by a raw-pixel nearest neighbour written out in NumPy.
 """
+import io
 import json
 import os
 import re
@@ -389,3 +390,31 @@ def test_raw_pixels_match_within_but_not_across_modalities(tmp_path):
   assert colour_same > 5 * same_chance
   assert colour_cross < 3 * chance
   assert 2 * grey_cross < colour_same
+
+
+class TerminalStream(io.StringIO):
+  """stderr as a terminal: tqdm draws its bars only there."""
+
+  def isatty(self):
+    return True
+
+
+@pytest.mark.parametrize("kind, params, persons", [
+    ("sysu", SMALL_SYSU, 8), ("regdb", SMALL_REGDB, 6), ("llcm", SMALL_LLCM, 9)])
+def test_progress_shows_a_notice_and_a_bar_and_changes_nothing_written(
+    tmp_path, monkeypatch, capsys, kind, params, persons):
+  quiet, shown = tmp_path / "quiet", tmp_path / "shown"
+  synthetic.ensure_synthetic(str(quiet), kind, **params)
+  assert capsys.readouterr().err == ""
+  synthetic.ensure_synthetic(str(shown), kind, show_progress=True, **params)
+  # Not a terminal (a log, a CI run): the one-line notice only, no bar.
+  assert capsys.readouterr().err == f"dakd_jax: generating a synthetic {kind} dataset into " \
+                                    f"{shown}\n"
+  assert tree_bytes(quiet) == tree_bytes(shown)  # the marker included: progress is not content
+  synthetic.ensure_synthetic(str(shown), kind, show_progress=True, **params)
+  assert capsys.readouterr().err == ""  # reused: nothing to say
+  terminal = TerminalStream()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  synthetic.ensure_synthetic(str(tmp_path / "terminal"), kind, show_progress=True, **params)
+  assert f"generating synthetic {kind} persons:   0%" in terminal.getvalue()
+  assert f"0/{persons}" in terminal.getvalue()

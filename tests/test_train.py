@@ -18,6 +18,7 @@ import pytest
 from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import config as config_lib
+from dakd_jax import writers
 from dakd_jax.train import loop
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
@@ -307,3 +308,30 @@ def test_student_without_teacher_fails_clearly(tmp_path):
   assert process.returncode == 1
   assert "no checkpoint in" in output and "train the teacher first" in output
   assert "Traceback" not in output
+
+
+def test_training_time_table_fits_80_columns(tmp_path, capsys):
+  """What evaluate_during_training prints between progress lines: its title, then the table
+  at 80 columns; a setting name too long for its column gets a line of its own."""
+  long_name, short_name = "llcm/visible_to_infrared/deen_test_script", "sysu_mm01/all/single-shot"
+
+  class FixedEvaluator:
+    def run(self, variables):
+      del variables
+      return {long_name: {"mean": {"cmc": [0.25] + [0.5] * 19, "mAP": 0.4, "mINP": 0.3},
+                          "trials": [{}] * 10},
+              short_name: {"mean": {"cmc": [0.125] * 4 + [0.9] * 16, "mAP": 0.3141,
+                                    "mINP": 0.2}, "trials": [{}, {}]}}
+
+  writer = writers.MetricWriter(str(tmp_path), stage="teacher", enabled=False)
+  summary = loop.evaluate_during_training(FixedEvaluator(), None, writer, 30, "test_oracle")
+  assert summary == {"rank1": 0.25, "mAP": 0.4, "mINP": 0.3}  # the first setting ranks
+  lines = capsys.readouterr().out.splitlines()
+  # The title says what the evaluation is for (here the reference's oracle selection).
+  assert lines[:2] == ["", "[teacher step 30] evaluation (test split, oracle selection of the "
+                       "checkpoint)"]
+  assert all(len(line) <= 80 for line in lines)
+  assert lines[lines.index(long_name) + 1].split() == [
+      "25.00", "50.00", "50.00", "50.00", "40.00", "30.00", "10"]
+  row = next(line for line in lines if line.startswith(short_name))
+  assert row.split() == [short_name, "12.50", "90.00", "90.00", "90.00", "31.41", "20.00", "2"]

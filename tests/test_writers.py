@@ -1,9 +1,11 @@
 """Tests for dakd_jax.writers: JSON lines, TensorBoard event files, process-0-only writing and
 the progress line."""
+import errno
 import glob
 import io
 import json
 import math
+import os
 import struct
 
 import jax
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from dakd_jax import errors
 from dakd_jax import writers
 
 
@@ -137,37 +140,184 @@ def test_format_duration_and_memory_text():
   assert writers.device_memory_text(FakeDevice(None)) == ""
 
 
+def terminal_screen(text):
+  """The lines a terminal shows after `text`: '\r' returns to the line's start, characters
+  overwrite, '\n' starts a new line; trailing blanks are not visible."""
+  lines, column = [[]], 0
+  for char in text:
+    if char == "\r":
+      column = 0
+    elif char == "\n":
+      lines.append([])
+      column = 0
+    else:
+      line = lines[-1]
+      line.extend(" " * (column + 1 - len(line)))
+      line[column] = char
+      column += 1
+  return ["".join(line).rstrip() for line in lines]
+
+
 def test_progress_line_plain_text_is_throttled():
   clock = [100.0]
   stream = io.StringIO()
   line = writers.ProgressLine(40, stage="teacher", steps_per_epoch=10, stream=stream,
-                              min_interval_s=5.0, show_memory=False, clock=lambda: clock[0])
+                              min_interval_s=5.0, show_memory=False, clock=lambda: clock[0],
+                              width=200)
   for step in range(1, 41):
     clock[0] += 0.5  # 0.5 s per step, 32 images per step, 0.1 s waiting for data
     line.update(step, {"loss": jnp.asarray(2.0 / step), "kl": 0.125}, images=32,
                 data_time=0.1)
-  line.close()
+    if step == 15:
+      line.clear()  # Before an evaluation table: a file keeps its lines, nothing extra.
+  line.close()  # A file already holds the last line: close adds nothing.
   lines = stream.getvalue().splitlines()
   # First update, then every 10 steps (5 s), and the last step.
-  assert [l.split(" | ")[2] for l in lines] == [
-      "step 1/40", "step 11/40", "step 21/40", "step 31/40", "step 40/40"]
+  assert [l.split(" | ")[0] for l in lines] == [
+      "teacher step 1/40", "teacher step 11/40", "teacher step 21/40", "teacher step 31/40",
+      "teacher step 40/40"]
+  # Step, loss, images/s and ETA lead; 29 steps left at 0.5 s = 14.5 s (rounded to even).
   assert lines[1].split(" | ") == [
-      "teacher", "ep 2/4", "step 11/40", "loss 0.1818", "kl 0.125", "64.0 img/s",
-      "step 0.500s data 0.100s", "ETA 0:00:14"]
+      "teacher step 11/40", "loss 0.1818", "64.0 img/s", "ETA 0:00:14", "kl 0.125", "ep 2/4",
+      "step 0.500s data 0.100s"]
   # The last line covers steps 32..40: 9 steps in 4.5 s.
-  assert lines[-1].split(" | ")[1] == "ep 4/4" and "64.0 img/s" in lines[-1]
-  assert lines[-1].endswith("ETA 0:00:00")
+  assert lines[-1].split(" | ")[1:4] == ["loss 0.05", "64.0 img/s", "ETA 0:00:00"]
+  assert "ep 4/4" in lines[-1]
 
 
-def test_progress_line_terminal_bar():
+STUDENT_TERMS = {"class": 1.073, "class_strong": 1.548, "class_weak": 0.5983, "grad_norm": 5.832,
+                 "instance": 1.765, "instance_strong": 2.402, "instance_weak": 1.129,
+                 "loss": 2.838, "mask_fraction_class": 0.5, "mask_fraction_instance": 0.5,
+                 "plain_kd": 0.9319}
+
+
+@pytest.mark.parametrize("width, columns_env", [(80, None), (None, None), (None, "120")])
+def test_progress_line_fits_the_terminal_width(monkeypatch, width, columns_env):
+  """At 80 columns (given, or unknown: not a terminal) and at a terminal's 120: step, loss,
+  img/s and ETA first, then the other terms in order, as many as fit."""
+  if columns_env is None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+  else:
+    monkeypatch.setenv("COLUMNS", columns_env)
+  limit = int(columns_env or 80) - 1  # The last column stays free: a terminal would wrap.
+  clock = [0.0]
+  stream = io.StringIO()
+  line = writers.ProgressLine(60, stage="student", steps_per_epoch=20, stream=stream,
+                              use_tty=False, min_interval_s=0.0, show_memory=False,
+                              clock=lambda: clock[0], width=width)
+  for step in (10, 20, 60):
+    clock[0] += 2.5
+    line.update(step, STUDENT_TERMS, images=320)
+  rendered = stream.getvalue().splitlines()
+  assert len(rendered) == 3
+  for text in rendered:
+    parts = text.split(" | ")
+    assert len(text) <= limit
+    assert parts[0].startswith("student step ") and parts[1] == "loss 2.838"
+    assert parts[2].endswith(" img/s") and parts[3].startswith("ETA ")
+    others = [f"{name} {value:.4g}" for name, value in STUDENT_TERMS.items() if name != "loss"]
+    shown = parts[4:]
+    assert shown == others[:len(shown)]
+    next_part = others[len(shown)]  # Every line here is cut: there are more terms than room.
+    assert len(text) + len(" | ") + len(next_part) > limit
+  assert rendered[0].split(" | ")[:4] == ["student step 10/60", "loss 2.838", "128.0 img/s",
+                                          "ETA 0:00:12"]  # 50 steps at 0.25 s
+
+
+def test_fit_parts_keeps_the_lead_and_the_order():
+  assert writers.fit_parts(["abc"], ["1234567", "x"], 10) == "abc"  # never "abc | x"
+  assert writers.fit_parts(["abc"], ["12", "x"], 12) == "abc | 12 | x"
+  assert writers.fit_parts(["a" * 30], ["b"], 10) == "a" * 10
+
+
+def test_first_eta_leaves_out_compilation():
+  """The loop restarts the clock once the first step has compiled (30 s here); the first line
+  then extrapolates from the 1 s steps, not from the compilation."""
+  clock = [0.0]
+
+  def start():
+    return writers.ProgressLine(101, stage="teacher", stream=io.StringIO(), use_tty=False,
+                                show_memory=False, clock=lambda: clock[0], width=200)
+
+  restarted, plain = start(), start()
+  clock[0] = 30.0
+  restarted.restart_clock(0)
+  assert restarted.update(0, {"loss": 1.0}, images=0).split(" | ")[:4] == [
+      "teacher step 0/101", "loss 1", "? img/s", "ETA ?"]  # no step timed yet
+  clock[0] = 31.0
+  text = restarted.update(1, {"loss": 1.0}, images=16)
+  assert text.split(" | ")[2:4] == ["16.0 img/s", "ETA 0:01:40"]  # 100 steps at 1 s
+  compiled_in = plain.update(1, {"loss": 1.0}, images=16)
+  assert compiled_in.split(" | ")[3] == "ETA 0:51:40"  # 100 steps at 31 s: what it avoids
+
+
+def test_terminal_line_is_redrawn_in_place_and_left_once_at_the_end():
   stream = io.StringIO()
   clock = [0.0]
-  line = writers.ProgressLine(5, stage="student", stream=stream, use_tty=True,
-                              show_memory=False, clock=lambda: clock[0])
-  for step in range(1, 6):
+  line = writers.ProgressLine(6, stage="student", stream=stream, use_tty=True,
+                              show_memory=False, clock=lambda: clock[0], width=80)
+  for step in (1, 2, 3):
     clock[0] += 1.0
-    line.update(step, {"loss": 1.0}, images=8)
+    line.update(step, {"loss": 1.0, "class": 0.5}, images=8)
+  line.clear()  # Before an evaluation table.
+  stream.write("[student step 3] evaluation\n")
+  for step in (4, 5, 6):
+    clock[0] += 1.0
+    line.update(step, {"loss": 1.0, "class": 0.5}, images=8)
+  line.clear()
+  stream.write("table row\n")
   line.close()
-  frames = [frame for frame in stream.getvalue().split("\r") if frame.strip()]
-  assert "student | step 5/5 | loss 1 | 8.0 img/s" in frames[-1]
-  assert len(frames) >= 5  # one redraw per update (interval 0.5 s, 1 s per step)
+  line.close()  # Nothing more.
+  final = "student step 6/6 | loss 1 | 8.0 img/s | ETA 0:00:00 | class 0.5"
+  assert terminal_screen(stream.getvalue()) == [
+      "[student step 3] evaluation", "table row", final, ""]
+  assert stream.getvalue().count(final) == 2  # drawn at step 6, then left for good at close
+  assert stream.getvalue().count("\n") == 3  # the two tables and the final line
+
+
+def test_metric_writer_storage_failures_name_the_folder(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  with writers.MetricWriter(workdir, stage="teacher", enabled=True) as writer:
+    writer.write_scalars(1, {"loss": 1.0})
+
+    class FullDisk:
+      def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(workdir,
+                                                                            "metrics.jsonl"))
+
+      def flush(self):
+        pass
+
+      def close(self):
+        pass
+
+    monkeypatch.setattr(writer, "_jsonl", FullDisk())
+    with pytest.raises(errors.StorageError) as error:
+      writer.write_scalars(2, {"loss": 1.0})
+  assert str(error.value).startswith(
+      f"cannot write the metrics in {workdir} (metrics.jsonl, TensorBoard events) "
+      f"({workdir}/metrics.jsonl): No space left on device.")
+
+  def read_only(path, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+
+  monkeypatch.setattr(os, "makedirs", read_only)
+  elsewhere = str(tmp_path / "elsewhere")
+  with pytest.raises(errors.StorageError, match=f"{elsewhere} \\(metrics.jsonl, TensorBoard "
+                     f"events\\) \\({elsewhere}\\): Read-only file system"):
+    writers.MetricWriter(elsewhere, stage="teacher", enabled=True)
+
+
+def test_drop_rows_after_names_the_log_it_cannot_rewrite(tmp_path, monkeypatch):
+  path = str(tmp_path / "metrics.jsonl")
+  with open(path, "w") as f:
+    f.write('{"step": 1}\n{"step": 2}\n')
+
+  def no_quota(*args):
+    raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+  monkeypatch.setattr(os, "replace", no_quota)
+  with pytest.raises(errors.StorageError, match=f"metrics log {path}: Disk quota exceeded"):
+    writers.drop_rows_after(path, 1)
+  with open(path) as f:
+    assert f.read() == '{"step": 1}\n{"step": 2}\n'

@@ -15,11 +15,15 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from dakd_jax import errors
 from dakd_jax.data import records as records_lib
 from dakd_jax.data import specs
 from dakd_jax.data import synthetic
 from dakd_jax.data import tfds_builders
 from dakd_jax.errors import DatasetError
+
+ROOT_FIX = "choose another folder (--config.data.root)"
+PREPARED_FIX = "choose another folder (--config.data.prepared_dir)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +80,35 @@ def process_zero_first(fn):
   return result if jax.process_index() == 0 else fn()
 
 
-def ensure_synthetic_data(spec: specs.DatasetSpec, root: str,
-                          sizes: specs.SyntheticSizes) -> str:
-  """Generates the synthetic stand-in tree of `spec` at `root` (reused when already there)."""
-  return process_zero_first(lambda: synthetic.ensure_synthetic(
-      root, spec.synthetic_kind, **spec.synthetic_params(sizes)))
+def ensure_synthetic_data(spec: specs.DatasetSpec, root: str, sizes: specs.SyntheticSizes,
+                          show_progress: bool = False) -> str:
+  """Generates the synthetic stand-in tree of `spec` at `root` (reused when already there).
+
+  Raises DatasetError when `root` holds something else (a real dataset, another synthetic
+  tree), StorageError when it cannot be written.
+  """
+  def generate():
+    with errors.writing(f"synthetic dataset in {root}", fix=ROOT_FIX):
+      try:
+        return synthetic.ensure_synthetic(root, spec.synthetic_kind, show_progress=show_progress,
+                                          **spec.synthetic_params(sizes))
+      except FileExistsError as error:  # A folder that is not (this) synthetic tree.
+        raise DatasetError(f"config.data.root: {error} For a real dataset at this root, set "
+                           "--config.synthetic.enabled=False") from None
+  return process_zero_first(generate)
 
 
-def _summarise(spec, split_records, stream) -> None:
-  """The dataset table (both splits) and one warning line for unusable training identities."""
+def _summarise(spec, root, trial, split_records, stream) -> None:
+  """The dataset table (every split) and one warning line per split naming the identities it
+  cannot use (one modality only in training, or no image at all)."""
   for split, records in split_records.items():
     print(records_lib.describe(records, f"{spec.title} {split}"), file=stream)
-  lonely = records_lib.identities_missing_a_modality(split_records["train"])
-  if lonely:
-    print(f"dakd_jax: warning: {len(lonely)} training identities have images in one modality "
-          f"only and are never sampled: {lonely}", file=stream, flush=True)
+  for split in tfds_builders.SPLITS:
+    listed = spec.listed_identities(root, split, trial) if spec.listed_identities else None
+    line = records_lib.coverage_warning(split_records[split], listed, f"{spec.title} {split}",
+                                        is_training=split == "train")
+    if line:
+      print(line, file=stream, flush=True)
 
 
 def hold_out_validation(spec: specs.DatasetSpec, root: str, trial: int | None,
@@ -124,25 +142,31 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
     validation: (fraction, seed): hold out validation identities (`hold_out_validation`).
   Raises:
     DatasetError: missing or malformed dataset files (the message names them).
+    StorageError: the synthetic tree or the prepared copy cannot be written.
   """
   spec = specs.get_spec(dataset)
   root = os.path.abspath(root)
+  show = progress and jax.process_index() == 0
   if synthetic_sizes is not None:
-    ensure_synthetic_data(spec, root, synthetic_sizes)
+    ensure_synthetic_data(spec, root, synthetic_sizes, show_progress=show)
   trial = spec.split_trial(trial)
   split_records = tfds_builders.read_split_records(dataset, root, trial)
   fingerprint = tfds_builders.fingerprint(split_records, root, spec.split_files(root, trial))
+  if show:  # Before holding out: the listed identities are those of the whole training split.
+    _summarise(spec, root, trial, split_records, sys.stderr)
   held_out = ""
   if validation is not None:
     split_records, held_out = hold_out_validation(spec, root, trial, split_records, *validation)
-  show = progress and jax.process_index() == 0
-  if show:
-    _summarise(spec, split_records, sys.stderr)
-    if held_out:
+    if show:
       print(f"dakd_jax: {held_out}", file=sys.stderr)
-  builder = process_zero_first(lambda: tfds_builders.prepare(
-      dataset, root, prepared_dir, image_size[0], image_size[1], trial, progress=show,
-      split_records=split_records))
+
+  def prepare():
+    with errors.writing(f"prepared {spec.title} data in {os.path.abspath(prepared_dir)}",
+                        fix=PREPARED_FIX):
+      return tfds_builders.prepare(dataset, root, prepared_dir, image_size[0], image_size[1],
+                                   trial, progress=show, split_records=split_records)
+
+  builder = process_zero_first(prepare)
   sources = tfds_builders.load_sources(builder)
   train_meta = tfds_builders.split_metadata(sources["train"])
   test_meta = tfds_builders.split_metadata(sources["test"])

@@ -169,6 +169,41 @@ def identities_missing_a_modality(records: Sequence[ImageRecord]) -> list[int]:
   return sorted(identity for identity, modalities in seen.items() if len(modalities) < 2)
 
 
+def identities_without_images(records: Sequence[ImageRecord],
+                              listed: Iterable[int]) -> list[int]:
+  """The identities of `listed` (a split file's ids) that no record has, ascending."""
+  return sorted(set(listed) - {record.identity for record in records})
+
+
+def coverage_warning(records: Sequence[ImageRecord], listed: Iterable[int] | None,
+                     title: str, *, is_training: bool) -> str | None:
+  """One warning line naming the identities of a split that cannot be used, or None.
+
+  Args:
+    records: the split's records. listed: the identities its split files name (None: unknown).
+    title: e.g. "SYSU-MM01 train". is_training: identities with one modality only are reported
+      too (the cross-modal sampler never draws them); in a test split they are ordinary.
+  Returns e.g. "dakd_jax: warning: SYSU-MM01 train: 2 identities with images in one modality
+    only [2, 7], 1 identity with no image [3]; they are never sampled (check their folders)".
+  """
+  def count(ids):
+    return f"{len(ids)} {'identity' if len(ids) == 1 else 'identities'}"
+
+  problems = []
+  lonely = identities_missing_a_modality(records) if is_training else []
+  if lonely:
+    problems.append(f"{count(lonely)} with images in one modality only {lonely}")
+  empty = identities_without_images(records, listed) if listed is not None else []
+  if empty:
+    problems.append(f"{count(empty)} with no image {empty}")
+  total = len(lonely) + len(empty)
+  if not problems:
+    return None
+  effect = "never sampled" if is_training else "in no query or gallery"
+  return (f"dakd_jax: warning: {title}: " + ", ".join(problems) +
+          f"; {'it is' if total == 1 else 'they are'} {effect} (check their folders)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """One evaluation setting; which fields apply depends on the dataset (its module checks them).

@@ -66,6 +66,10 @@ class DatasetSpec:
   split_files: (root, trial) -> the files that define the splits (for the fingerprint).
   layout: one line saying what the extracted folder holds (errors, TFDS instructions).
   validation_ids: the identities held out when checkpoints are selected on a validation split.
+  listed_identities: (root, split, trial) -> the identities the split files name, where an
+    identity can be listed yet have no image (SYSU-MM01: empty folders); None where the reader
+    refuses that case itself (RegDB and LLCM list images, not identities, for training, and
+    LLCM refuses empty test folders).
   """
   name: str
   title: str
@@ -87,6 +91,7 @@ class DatasetSpec:
   # (root, trial, train records, fraction, seed) -> identities held out for checkpoint
   # selection; default: a seeded share of the training identities.
   validation_ids: Callable[..., list[int]] = None
+  listed_identities: Callable[[str, str, int | None], list[int]] | None = None
 
   def split_trial(self, trial: int) -> int | None:
     """The trial the splits are read with: `trial` where they depend on it, else None."""
@@ -122,7 +127,8 @@ SYSU_MM01 = DatasetSpec(
     make_protocols=sysu.make_protocols, check_protocol=sysu.check_protocol,
     query_gallery=sysu.query_gallery, split_files=sysu.split_files,
     validation_ids=sysu.validation_ids,
-    layout="cam1..cam6/<id 4 digits>/<image> and exp/{train,val,test}_id.txt")
+    layout="cam1..cam6/<id 4 digits>/<image> and exp/{train,val,test}_id.txt",
+    listed_identities=lambda root, split, trial: sysu.read_split_ids(root, split))
 
 REGDB = DatasetSpec(
     name=regdb.DATASET_NAME, title="RegDB", visible_cameras=(1,), infrared_cameras=(2,),

@@ -23,6 +23,7 @@ import shutil
 import sys
 
 import numpy as np
+import tqdm
 from PIL import Image
 
 from dakd_jax.data.synthetic_render import draw_camera, draw_person, make_rng, render
@@ -41,6 +42,14 @@ LLCM_VISIBLE_CAMERAS = tuple(range(1, 10))
 LLCM_INFRARED_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
 _LLCM_FOLDERS = {"vis": ("vis", "test_vis"), "nir": ("nir", "test_nir")}
 _DATASET_TAG = {"sysu": 1, "regdb": 2, "llcm": 3}
+# Writer keywords that change how a tree is written, not what it holds (left out of the marker).
+_DISPLAY_PARAMS = ("show_progress",)
+
+
+def _persons(identities, kind: str, show_progress: bool):
+  """The identities to draw, as a progress bar over persons on a terminal (none otherwise)."""
+  return tqdm.tqdm(identities, desc=f"generating synthetic {kind} persons", unit=" persons",
+                   leave=False, disable=None if show_progress else True, file=sys.stderr)
 
 
 def _check_sizes(**sizes: tuple[int, int]) -> None:
@@ -61,7 +70,7 @@ def _prepare_root(root: str) -> None:
 
 def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
                     num_test_ids: int = 24, images_per_camera: int = 10, height: int = 128,
-                    width: int = 64, seed: int = 0) -> None:
+                    width: int = 64, seed: int = 0, show_progress: bool = False) -> None:
   """Writes a SYSU-MM01-style tree (method.md 6.1) into the empty or absent folder `root`.
 
   Layout: `cam1..cam6/<identity:04d>/<image:04d>.jpg` (visible 1, 2, 4, 5; infrared 3, 6; images
@@ -69,6 +78,7 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
   (first line: comma-separated ids ascending). Identities are non-contiguous ints from
   1..~1.1 x total. Each identity is in one or both cameras of each pair (1, 2), (4, 5), (3, 6),
   with `images_per_camera` images per camera folder; the multi-shot protocol needs >= 10.
+  `show_progress` draws a bar over persons on a terminal (it changes nothing written).
 
   Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
   FileExistsError when `root` exists and is not an empty folder.
@@ -89,7 +99,7 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
       file.write(",".join(str(int(i)) for i in np.sort(members)) + "\n")
   cameras = {c: draw_camera(make_rng(seed, tag, 1, c), c in VISIBLE_CAMERAS)
              for c in range(1, 7)}
-  for identity in ids.tolist():
+  for identity in _persons(ids.tolist(), "sysu", show_progress):
     person_rng = make_rng(seed, tag, 2, identity)
     person = draw_person(person_rng)
     present = []
@@ -126,7 +136,7 @@ def _write_regdb_idx(root: str, num_ids: int, names: dict, seed: int, num_trials
 
 def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int = 10,
                      height: int = 128, width: int = 64, seed: int = 0,
-                     num_trials: int = 10) -> None:
+                     num_trials: int = 10, show_progress: bool = False) -> None:
   """Writes a RegDB-style tree (method.md 6.2) into the empty or absent folder `root`.
 
   Layout: `Visible/<id>/<sex>_<front|back>_v_<nnnnn>_<id>.bmp` and the same under `Thermal/`
@@ -135,6 +145,7 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
   for t = 1..num_trials: lines `<path relative to root> <label>`, by identity then image number.
   Per trial a random floor(num_ids / 2) identities train, the rest test; each split is relabelled
   0..C-1 by ascending identity (as the real files are believed to be, test files included).
+  `show_progress` draws a bar over persons on a terminal (it changes nothing written).
 
   Raises ValueError for sizes below 1 (2 for num_ids; 16 pixels), FileExistsError when `root`
   exists and is not an empty folder.
@@ -145,7 +156,7 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
   tag, names = _DATASET_TAG["regdb"], {}
   cameras = {folder: draw_camera(make_rng(seed, tag, 1, code), folder == "Visible")
              for code, folder in ((1, "Visible"), (2, "Thermal"))}
-  for identity in range(1, num_ids + 1):
+  for identity in _persons(range(1, num_ids + 1), "regdb", show_progress):
     person_rng = make_rng(seed, tag, 2, identity)
     person = draw_person(person_rng)
     sex = ("female", "male")[person_rng.integers(2)]
@@ -213,7 +224,7 @@ def _llcm_identity(root: str, identity: int, is_test: bool, cameras: dict, seed:
 
 def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 16,
                     images_per_camera: int = 4, height: int = 128, width: int = 64,
-                    seed: int = 0) -> None:
+                    seed: int = 0, show_progress: bool = False) -> None:
   """Writes an LLCM-style tree (llcm.md 2) into the empty or absent folder `root`.
 
   Layout:
@@ -228,7 +239,7 @@ def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 1
   1..~1.1 x total. Each identity is seen by 2..4 cameras per modality with `images_per_camera`
   images each; every camera folder of the test layout exists, even if no identity reached it;
   there is no test_nir/cam3. The release's unread idx/test_vis.txt and idx/test_nir.txt are not
-  written.
+  written. `show_progress` draws a bar over persons on a terminal (it changes nothing written).
 
   Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
   FileExistsError when `root` exists and is not an empty folder.
@@ -244,7 +255,7 @@ def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 1
   cameras = _llcm_cameras(seed)
   lists = {"vis": [], "nir": []}
   label = 0
-  for identity in ids.tolist():
+  for identity in _persons(ids.tolist(), "llcm", show_progress):
     written = _llcm_identity(root, identity, identity in test_ids, cameras, seed,
                              images_per_camera, height, width)
     if identity not in test_ids:
@@ -275,7 +286,8 @@ def _resolve_params(kind: str, params: dict) -> dict:
   if kind not in _WRITERS:
     raise ValueError(f"synthetic dataset kind must be one of {sorted(_WRITERS)}, got {kind!r}.")
   defaults = {name: parameter.default for name, parameter
-              in inspect.signature(_WRITERS[kind]).parameters.items() if name != "root"}
+              in inspect.signature(_WRITERS[kind]).parameters.items()
+              if name != "root" and name not in _DISPLAY_PARAMS}
   unknown = sorted(set(params) - set(defaults))
   if unknown:
     raise ValueError(f"synthetic {kind} dataset: unknown parameter(s) {unknown}; accepted: "
@@ -303,13 +315,14 @@ def _check_marker(root: str, wanted: dict) -> None:
         f"folder holds {_count_files(root)}. Delete the folder to regenerate it.")
 
 
-def ensure_synthetic(root: str, kind: str, **params) -> str:
+def ensure_synthetic(root: str, kind: str, *, show_progress: bool = False, **params) -> str:
   """Generates a synthetic dataset at `root` unless the same one is already there.
 
   Args:
     root: folder of the dataset (created with its parents when absent).
     kind: "sysu" (`write_sysu_tree`), "regdb" (`write_regdb_tree`) or "llcm"
       (`write_llcm_tree`).
+    show_progress: print a one-line notice on stderr and, on a terminal, a bar over persons.
     **params: keyword arguments of that writer; missing ones take the writer's defaults.
 
   The tree is generated in a sibling temporary folder and moved into place once complete, with
@@ -334,8 +347,11 @@ def ensure_synthetic(root: str, kind: str, **params) -> str:
         "write a synthetic dataset into it. Choose another root or empty this folder.")
   temporary = f"{root}.partial-{os.getpid()}"
   shutil.rmtree(temporary, ignore_errors=True)
+  if show_progress:
+    print(f"dakd_jax: generating a synthetic {kind} dataset into {root}", file=sys.stderr,
+          flush=True)
   try:
-    _WRITERS[kind](temporary, **wanted["params"])
+    _WRITERS[kind](temporary, **wanted["params"], show_progress=show_progress)
     with open(os.path.join(temporary, MARKER_NAME), "w", encoding="utf-8") as file:
       json.dump({**wanted, "num_files": _count_files(temporary)}, file, indent=2,
                 sort_keys=True)
@@ -360,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
   root, kind = args.pop("root"), args.pop("kind")
   params = {name: value for name, value in args.items() if value is not None}
   try:
-    print(f"synthetic {kind} dataset ready at {ensure_synthetic(root, kind, **params)}")
+    path = ensure_synthetic(root, kind, show_progress=True, **params)
+    print(f"synthetic {kind} dataset ready at {path}")
   except (ValueError, FileExistsError) as error:
     parser.exit(2, f"error: {error}\n")
 

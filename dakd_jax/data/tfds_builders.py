@@ -153,7 +153,10 @@ class _Progress:
     if not self._enabled:
       return
     if self._bar is None:
-      self._bar = tqdm.tqdm(total=self._total, desc=self._desc, unit=" images")
+      # Drawn on a terminal only (disable=None): in a log file a redrawn bar is noise, and the
+      # one-line "preparing" notice already says what happens.
+      self._bar = tqdm.tqdm(total=self._total, desc=self._desc, unit=" images", disable=None,
+                            leave=False)
     self._bar.update(count)
     if self._bar.n >= self._total:
       self._bar.close()

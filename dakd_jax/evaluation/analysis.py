@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from dakd_jax.errors import MissingExtraError
+
 MODALITY_NAMES = {0: "visible", 1: "infrared"}  # dakd_jax.data.records.MODALITY_CODE
 # Marker per modality: filled circle and filled square (readable apart in tests by their
 # corners), then more for other codes.
@@ -59,8 +61,8 @@ def embed_2d(embeddings, *, method="tsne", seed=0, perplexity=30.0):
   try:
     from sklearn.manifold import TSNE  # Optional extra: only t-SNE needs it.
   except ImportError:
-    raise ImportError("embed_2d: method='tsne' needs scikit-learn; install the analysis extra "
-                      "(pip install -e '.[analysis]') or use method='pca'.") from None
+    raise MissingExtraError("embed_2d: method='tsne' needs scikit-learn; install the analysis "
+                            "extra (pip install -e '.[analysis]') or use method='pca'.") from None
   perplexity = min(float(perplexity), max(1.0, (embeddings.shape[0] - 1) / 3))
   tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
   return tsne.fit_transform(embeddings).astype(np.float64)

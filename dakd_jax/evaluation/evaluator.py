@@ -79,6 +79,30 @@ def ranks_a_gallery_can_fill(rule: str, gallery_identities: np.ndarray) -> int:
   return len(gallery_identities)
 
 
+def lookup_rows(data: prepare.DataBundle, protocols: Iterable[protocols_lib.Protocol],
+                max_rank: int) -> dict:
+  """{protocol: (query rows int [Q], gallery rows int [G])} in the prepared test split.
+
+  Cheap (file lists only, no image), so stages call it at start-up to refuse early what an
+  evaluation would refuse after training.
+  Raises:
+    DatasetError: a protocol's files are missing or not in the prepared split.
+    ConfigError: `max_rank` is longer than a protocol's gallery can fill.
+  """
+  rows = {}
+  identity = data.test_meta["identity"]
+  for protocol in protocols:
+    query, gallery = protocols_lib.query_gallery(protocol, data.root)
+    rows[protocol] = (np.array([data.test_index_of(r) for r in query]),
+                      np.array([data.test_index_of(r) for r in gallery]))
+    fill = ranks_a_gallery_can_fill(data.spec.metric_rule, identity[rows[protocol][1]])
+    if max_rank > fill:
+      raise ConfigError(
+          f"config.eval.max_rank = {max_rank} is longer than the gallery of {protocol.name} "
+          f"can fill ({fill} ranks); use --config.eval.max_rank={fill} or less")
+  return rows
+
+
 class Evaluator:
   """A dataset's protocols on the prepared test split, with one jitted embedding.
 
@@ -103,16 +127,10 @@ class Evaluator:
     self.source = data.test_source if split == "test" else data.val_source
     self.meta = data.test_meta if split == "test" else data.val_meta
     self.protocols = tuple(protocols)
-    self.rows = rows or {}
-    for protocol in self.protocols:
-      if protocol in self.rows:
-        continue
-      query, gallery = protocols_lib.query_gallery(protocol, data.root)
-      self.rows[protocol] = (np.array([data.test_index_of(r) for r in query]),
-                             np.array([data.test_index_of(r) for r in gallery]))
+    self.rows = rows if rows is not None else lookup_rows(data, self.protocols,
+                                                          settings.max_rank)
     self.needed_rows = np.unique(np.concatenate(
         [np.concatenate(pair) for pair in self.rows.values()]))
-    self._check_max_rank()
     self._embed_fn = extract.embed_function(model, use_flip=settings.use_flip)
 
   @classmethod
@@ -133,16 +151,6 @@ class Evaluator:
     settings = dataclasses.replace(settings, max_rank=min(settings.max_rank, fill), tpr_fprs=())
     return cls(model, data, [protocol], settings, mesh, split="val",
                rows={protocol: (query, gallery)})
-
-  def _check_max_rank(self) -> None:
-    identity = self.meta["identity"]
-    for protocol, (_, gallery_rows) in self.rows.items():
-      fill = ranks_a_gallery_can_fill(self.data.spec.metric_rule, identity[gallery_rows])
-      if self.settings.max_rank > fill:
-        raise ConfigError(
-            f"config.eval.max_rank = {self.settings.max_rank} is longer than the gallery of "
-            f"{protocol.name} can fill ({fill} ranks); use --config.eval.max_rank={fill} or "
-            "less")
 
   def embed(self, variables, rows: np.ndarray | None = None,
             description: str = "test features") -> np.ndarray:

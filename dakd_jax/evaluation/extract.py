@@ -86,10 +86,11 @@ def extract_embeddings(embed_fn: Callable, variables, source, indices: Sequence[
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
   num_batches = -(-len(indices) // batch_size)
+  # None: tqdm draws the bar on a terminal only; in a log file a redrawn bar is noise.
+  disable = None if show_progress and jax.process_index() == 0 else True
   rows = []
   for number, batch in enumerate(tqdm(batches, total=num_batches, desc=description,
-                                      disable=not show_progress or jax.process_index() != 0,
-                                      leave=False, mininterval=2.0)):
+                                      disable=disable, leave=False, mininterval=2.0)):
     # batch["index"] is a position in `indices` (-1 for padding), not a dataset index.
     dataset_index = indices[np.where(batch["mask"], batch["index"], 0)]
     local = {"images": batch["images"],

@@ -23,6 +23,24 @@ from dakd_jax.evaluation import pictures
 OUT_DIR = "extract"
 
 
+def check_folder(folder: str) -> list[str]:
+  """The candidate image files of `folder` (non-hidden files, sorted by name).
+
+  Raises DatasetError when `folder` is not a directory or holds no file at all, so a wrong
+  path is refused before any checkpoint is read.
+  """
+  if not os.path.isdir(folder):
+    raise records.DatasetError(f"image folder not found: {folder} (set config.extract.query_dir"
+                               " / gallery_dir to a folder of image files)")
+  names = [name for name in sorted(os.listdir(folder))
+           if not name.startswith(".") and os.path.isfile(os.path.join(folder, name))]
+  if not names:
+    raise records.DatasetError(f"image folder {folder} holds no files; point config.extract."
+                               "query_dir / gallery_dir at a folder of image files (.jpg, .png, "
+                               ".bmp)")
+  return names
+
+
 def read_folder(folder: str, height: int, width: int) -> tuple[np.ndarray, list, list]:
   """Decodes every (non-hidden) file of `folder`, sorted by name, resized to [height, width].
 
@@ -30,16 +48,11 @@ def read_folder(folder: str, height: int, width: int) -> tuple[np.ndarray, list,
     (images uint8 [n, height, width, 3], names [n] of the decoded files,
      bad: [{"file": name, "error": message}] for files that could not be decoded).
   Raises:
-    DatasetError: `folder` is not a directory.
+    DatasetError: `folder` is not a directory or holds no file (`check_folder`).
   """
-  if not os.path.isdir(folder):
-    raise records.DatasetError(f"image folder not found: {folder} (set config.extract.query_dir / "
-                            "gallery_dir to a folder of image files)")
   names, images, bad = [], [], []
-  for name in sorted(os.listdir(folder)):
+  for name in check_folder(folder):
     path = os.path.join(folder, name)
-    if name.startswith(".") or not os.path.isfile(path):
-      continue
     try:
       images.append(records.load_image(path, height, width))
       names.append(name)

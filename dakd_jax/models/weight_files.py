@@ -105,8 +105,9 @@ def read_weights_file(path: str) -> tuple[dict[str, np.ndarray], WeightsHeader]:
   if ext == ".npz":
     state = _read_npz(path)
     return state, WeightsHeader(tuple(state), {})
+  torch = _import_torch(path)
   tensors, header = _read_torch(path, mmap=False)
-  return {name: _to_numpy(tensor) for name, tensor in tensors.items()}, header
+  return {name: _to_numpy(tensor, torch) for name, tensor in tensors.items()}, header
 
 
 def read_weights_header(path: str) -> WeightsHeader:
@@ -235,8 +236,7 @@ def _read_torch(path: str, mmap: bool) -> tuple[dict[str, Any], WeightsHeader]:
   return dict(state), WeightsHeader(tuple(state), metadata, is_checkpoint=is_checkpoint)
 
 
-def _to_numpy(tensor) -> np.ndarray:
-  import torch  # pylint: disable=g-import-not-at-top
+def _to_numpy(tensor, torch) -> np.ndarray:
   # numpy has no bfloat16: widen it; other dtypes convert as they are.
   if tensor.dtype == torch.bfloat16:
     tensor = tensor.float()

@@ -9,6 +9,7 @@ the input pipeline at the restored step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -95,10 +96,9 @@ def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
 
 
 # What a training-time evaluation is for, by checkpoint.select, as its table's title says.
-EVALUATION_ROLES = {"last": "test split, monitoring only: the last step is handed on",
-                    "val": "validation identities: selects the checkpoint",
-                    "test_oracle": "test split: selects the checkpoint (oracle, test-set "
-                                   "selection)"}
+EVALUATION_ROLES = {"last": "test split, progress only: the last step is kept",
+                    "val": "validation identities, selects the checkpoint",
+                    "test_oracle": "test split, oracle selection of the checkpoint"}
 
 
 def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writer,
@@ -118,83 +118,110 @@ def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writ
   return summary
 
 
+@dataclasses.dataclass
+class _Outputs:
+  """Where a running stage's results go: checkpoints, metrics, the progress line."""
+  manager: checkpoint_lib.CheckpointManager
+  writer: writers.MetricWriter
+  progress: writers.ProgressLine
+
+
 def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
               data: prepare.DataBundle, state: Any, mesh,
               evaluator: evaluator_lib.Evaluator) -> dict:
   """Trains `stage` from `state` (fresh or resumed inside), evaluates and checkpoints.
 
   Returns {'best': metrics of the best evaluation, 'last': metrics of the last, 'steps'}.
+  Whatever was opened is closed on the way out, also when a step, a save or a write fails.
   """
   total_steps = stage.epochs * stage.steps_per_epoch
-  manager = checkpoint_lib.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
-      keep_best=config.checkpoint.keep_best)
-  state, metadata = _maybe_resume(config, workdir, manager, state, mesh)
-  start_step = int(jax.device_get(state.step))
-  if jax.process_index() == 0:
-    writers.drop_rows_after(os.path.join(workdir, writers.JSONL_NAME), start_step)
-  iterator = pipeline.make_train_iterator(
-      data.train_source, data.train_meta, seed=config.seed,
-      ids_per_batch=config.data.ids_per_batch, images_per_id=config.data.images_per_id,
-      start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers)
-  writer = writers.MetricWriter(workdir, stage=stage.name)
-  progress = writers.ProgressLine(total_steps, stage=stage.name,
-                                  steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
-                                  use_tty=None if config.log.progress else False)
+  with contextlib.ExitStack() as cleanup:
+    manager = checkpoint_lib.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
+        keep_best=config.checkpoint.keep_best)
+    cleanup.callback(manager.close)
+    state, metadata = _maybe_resume(config, workdir, manager, state, mesh)
+    start_step = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+      writers.drop_rows_after(os.path.join(workdir, writers.JSONL_NAME), start_step)
+    writer = writers.MetricWriter(workdir, stage=stage.name)
+    cleanup.callback(writer.close)
+    iterator = pipeline.make_train_iterator(
+        data.train_source, data.train_meta, seed=config.seed,
+        ids_per_batch=config.data.ids_per_batch, images_per_id=config.data.images_per_id,
+        start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers)
+    if hasattr(iterator, "close"):  # Stops Grain worker processes.
+      cleanup.callback(iterator.close)
+    progress = writers.ProgressLine(total_steps, stage=stage.name,
+                                    steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
+                                    use_tty=None if config.log.progress else False)
+    cleanup.callback(progress.close)
+    best = dict(metadata.get("best", {})) if metadata else {}
+    best, last_eval = _train_steps(stage, config, state, start_step, iterator, mesh, evaluator,
+                                   _Outputs(manager, writer, progress), best, data.fingerprint)
+  return {"best": best, "last": last_eval, "steps": total_steps}
+
+
+def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, start_step: int,
+                 iterator, mesh, evaluator: evaluator_lib.Evaluator, out: _Outputs,
+                 best: dict, data_fingerprint: str) -> tuple[dict, dict]:
+  """The steps from `start_step` to the stage's end; returns (best, last) evaluation metrics.
+
+  Evaluations rank checkpoints (and update `best`) unless checkpoint.select is "last", where
+  they only show progress; every checkpoint records the selection rule and the data's
+  fingerprint."""
+  total_steps = stage.epochs * stage.steps_per_epoch
   selection = config.checkpoint.select
-  best = dict(metadata.get("best", {})) if metadata else {}
   last_eval, pending, data_time = {}, [], 0.0
   images_per_step = 2 * config.data.ids_per_batch * config.data.images_per_id
-  try:
-    for step in range(start_step, total_steps):
-      epoch = step // stage.steps_per_epoch
-      if step % stage.steps_per_epoch == 0:
-        state = stage.on_epoch_start(state, epoch)
-      started = time.perf_counter()
-      host_batch = next(iterator)
-      data_time += time.perf_counter() - started
-      batch = sharding_lib.host_to_global(
-          {k: host_batch[k] for k in ("visible", "infrared", "labels")}, mesh)
-      state, metrics = stage.step_fn(state, batch)
-      pending.append((step + 1, metrics))
-      done = step + 1
-      epoch_end = done % stage.steps_per_epoch == 0
-      if done % config.log.every_steps == 0 or epoch_end or done == total_steps:
+  for step in range(start_step, total_steps):
+    epoch = step // stage.steps_per_epoch
+    if step % stage.steps_per_epoch == 0:
+      out.progress.clear()  # The memory rebuild may draw its own bars.
+      state = stage.on_epoch_start(state, epoch)
+    started = time.perf_counter()
+    host_batch = next(iterator)
+    data_time += time.perf_counter() - started
+    batch = sharding_lib.host_to_global(
+        {k: host_batch[k] for k in ("visible", "infrared", "labels")}, mesh)
+    state, metrics = stage.step_fn(state, batch)
+    if step == start_step:  # Compiled now: rates and the ETA count from here.
+      out.progress.restart_clock(start_step)
+      data_time = 0.0
+    pending.append((step + 1, metrics))
+    done = step + 1
+    epoch_end = done % stage.steps_per_epoch == 0
+    if done % config.log.every_steps == 0 or epoch_end or done == total_steps:
+      history = _fetch(pending)
+      pending = []
+      _check_finite(history, stage.name)
+      means = _mean_metrics(history)
+      out.writer.write_scalars(done, means)
+      out.progress.update(done, means, images_per_step * len(history), data_time=data_time)
+      data_time = 0.0
+    eval_metrics, evaluated = None, False
+    if epoch_end and (stage.eval_due(done // stage.steps_per_epoch) or done == total_steps):
+      out.progress.clear()
+      evaluated = True
+      last_eval = evaluate_during_training(evaluator, stage.variables_of(state), out.writer,
+                                           done, selection)
+      if selection != "last":  # Only a selecting evaluation ranks checkpoints.
+        eval_metrics = {"mAP": last_eval["mAP"]}
+        if not best or last_eval["mAP"] > best["mAP"]:
+          best = dict(last_eval, step=done)
+    if evaluated or done % config.checkpoint.every_steps == 0 or done == total_steps:
+      if pending:  # Never checkpoint a state whose losses were not checked.
         history = _fetch(pending)
         pending = []
         _check_finite(history, stage.name)
-        means = _mean_metrics(history)
-        writer.write_scalars(done, means)
-        progress.update(done, means, images_per_step * len(history), data_time=data_time)
-        data_time = 0.0
-      eval_metrics, evaluated = None, False
-      if epoch_end and (stage.eval_due(done // stage.steps_per_epoch) or done == total_steps):
-        evaluated = True
-        last_eval = evaluate_during_training(evaluator, stage.variables_of(state), writer, done,
-                                             selection)
-        if selection != "last":  # Only a selecting evaluation ranks checkpoints.
-          eval_metrics = {"mAP": last_eval["mAP"]}
-          if not best or last_eval["mAP"] > best["mAP"]:
-            best = dict(last_eval, step=done)
-      if evaluated or done % config.checkpoint.every_steps == 0 or done == total_steps:
-        if pending:  # Never checkpoint a state whose losses were not checked.
-          history = _fetch(pending)
-          pending = []
-          _check_finite(history, stage.name)
-        manager.save(done, state, {"config": config.to_dict(), "epoch": epoch + 1,
-                                   "stage": stage.name, "best": best, "selection": selection,
-                                   "data_fingerprint": data.fingerprint},
-                     metrics=eval_metrics)
-    if stage.on_finish is not None:
-      stage.on_finish(state)
-  finally:
-    progress.close()
-    if hasattr(iterator, "close"):  # Stops Grain worker processes.
-      iterator.close()
-    manager.close()
-    writer.close()
-  return {"best": best, "last": last_eval, "steps": total_steps}
+      out.manager.save(done, state, {"config": config.to_dict(), "epoch": epoch + 1,
+                                     "stage": stage.name, "best": best, "selection": selection,
+                                     "data_fingerprint": data_fingerprint},
+                       metrics=eval_metrics)
+  if stage.on_finish is not None:
+    stage.on_finish(state)
+  return best, last_eval
 
 
 def _maybe_resume(config, workdir, manager, state, mesh):

@@ -22,6 +22,7 @@ import optax
 
 from dakd_jax import augment
 from dakd_jax import builders
+from dakd_jax import errors
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import specs
 from dakd_jax.errors import CheckpointNotFoundError
@@ -131,7 +132,8 @@ def _export(state: state_lib.TrainState, path: str) -> None:
   if jax.process_index() == 0:
     variables = jax.device_get({"params": state.params["backbone"],
                                 "batch_stats": state.batch_stats})
-    weights.save_variables(variables, path)
+    with errors.writing(f"pretrained weights {path}"):
+      weights.save_variables(variables, path)
     print(f"dakd_jax: pretrained weights written to {path}", flush=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # Multi-host only.

@@ -1,0 +1,343 @@
+"""User mistakes through `run.py`, as a user makes them: each ends in one line and loses nothing.
+
+Every test runs `run.py` in a subprocess and checks what the user sees: a non-zero exit (2 for
+a config mistake, 1 otherwise), exactly one `dakd_jax: ... error:` line on stderr naming the
+file or field and the fix, no traceback, and nothing of an earlier run overwritten.
+
+Storage failures are real ones: folders made read-only with chmod, with run.py started through
+`tests/restricted.py permissions` so that it obeys them even as root; a full disk is a file size
+limit (`tests/restricted.py small_disk`), past which the kernel refuses writes as a full disk
+would.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dakd_jax import builders
+from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import config as config_lib
+from dakd_jax.data import synthetic
+from dakd_jax.models import weights
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+RESTRICTED = os.path.join(REPO, "tests", "restricted.py")
+TINY = {
+    "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
+    "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
+    "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
+    "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
+    "pretrain.enabled": False, "teacher.epochs": 1, "teacher.steps_per_epoch": 2,
+}
+
+
+def tiny_args(data_dir, **extra):
+  """--config.* arguments of a tiny run whose data lives under `data_dir`."""
+  values = {**TINY, "data.root": os.path.join(data_dir, "synthetic"),
+            "data.prepared_dir": os.path.join(data_dir, "tfds"), **extra}
+  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+          for k, v in values.items()]
+
+
+def run_py(args, *, config=DEMO, restriction=None, timeout=600):
+  """run.py in a subprocess (stdout and stderr apart), under a tests/restricted.py restriction
+  when one is named."""
+  command = [sys.executable, os.path.join(REPO, "run.py")]
+  command += [f"--config={config}"] if config else []
+  if restriction:
+    command = [sys.executable, RESTRICTED, restriction] + command
+  return subprocess.run(command + list(args), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def one_error_line(result, *needles, code=1):
+  """The run's one error message; checks the exit code, that nothing else is an error, that
+  no traceback was printed and that the message is the last thing said."""
+  output = result.stdout + result.stderr
+  assert result.returncode == code, output[-3000:]
+  assert "Traceback" not in output and "Event loop is closed" not in output, output[-3000:]
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith("dakd_jax: ") and ("error: " in line or "invalid config: " in line)]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0]
+  for needle in needles:
+    assert needle in errors[0], (needle, errors[0])
+  return errors[0]
+
+
+def read_only_folder(path):
+  """Creates `path` as a read-only folder and proves that a restricted child cannot write in it."""
+  os.makedirs(path, exist_ok=True)
+  os.chmod(path, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH
+           | stat.S_IXOTH)
+  probe = subprocess.run(
+      [sys.executable, RESTRICTED, "permissions", sys.executable, "-c",
+       f"open({os.path.join(path, 'probe')!r}, 'w')"], capture_output=True, text=True)
+  assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A tiny synthetic tree, generated and prepared once for the module's runs."""
+  base = str(tmp_path_factory.mktemp("cli_data"))
+  overrides = [arg[len("--config."):] for arg in tiny_args(base)]
+  builders.prepare_data(config_lib.load_config(DEMO, overrides, validate_config=False))
+  return base
+
+
+def tree_of(folder):
+  """{relative path: bytes} of every file under `folder` (what a refused run must not touch)."""
+  files = {}
+  for parent, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(parent, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, folder)] = f.read()
+  return files
+
+
+@pytest.mark.parametrize("config, args, code, needles", [
+    ("configs/missing.py", [], 2, ["config file not found: configs/missing.py",
+                                   "configs/demo.py"]),
+    ("configs/demo.py:nonsense", [], 2, ["unknown preset 'nonsense'", "choose one of"]),
+    ("configs/demo.py", ["--config.techer.epochs=1"], 2,
+     ["'techer'", "did you mean 'teacher'"]),
+    ("configs/demo.py", ["--config.seed=-1"], 2, ["config.seed = -1", "--config.seed="]),
+    ("configs/demo.py", ["--config.stage=teacher", "--config.teacher.epochs=0"], 2,
+     ["config.teacher.epochs = 0", "--config.teacher.epochs=1"]),
+    ("configs/demo.py", ["--config.eval.modes=all,indoor"], 2,
+     ["config.eval.modes = ('all,indoor',)", "--config.eval.modes=\"('all','indoor',)\""]),
+    ("configs/demo.py", ["--config.teacher.lr=fast"], 2, ["--config.teacher.lr=fast"]),
+])
+def test_config_mistakes_end_in_one_line_before_anything_is_written(tmp_path, config, args, code,
+                                                                    needles):
+  workdir = str(tmp_path / "run")
+  result = run_py(args + [f"--workdir={workdir}"], config=config)
+  one_error_line(result, *needles, code=code)
+  assert not os.path.exists(workdir)
+
+
+def test_misspelt_flag_names_the_flag_and_the_usage(tmp_path):
+  result = run_py([f"--wokdir={tmp_path / 'run'}"])
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.splitlines() == [
+      "dakd_jax: Unknown command line flag 'wokdir'. Did you mean: workdir ?",
+      "usage: python run.py --config=configs/<name>.py[:arg] [--config.<field>=<value> ...] "
+      "[--workdir=DIR] [--print_config]"]
+
+
+def test_workdir_or_prepared_dir_that_is_a_file_is_refused_untouched(tmp_path):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  result = run_py(tiny_args(str(tmp_path)) + [f"--workdir={a_file}"])
+  one_error_line(result, f"--workdir={a_file}", "is a file, not a folder", code=2)
+  result = run_py(tiny_args(str(tmp_path), **{"data.prepared_dir": str(a_file / "tfds")})
+                  + [f"--workdir={tmp_path / 'run'}"])
+  one_error_line(result, "--config.data.prepared_dir=", f"{a_file} is a file", code=2)
+  assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_max_rank_longer_than_a_gallery_is_refused_before_any_training(tmp_path, data_dir):
+  """stage=all with pretraining: the check runs before the pretrain stage, which would train
+  first (its own data is never generated)."""
+  workdir = tmp_path / "run"
+  pretrain_root = tmp_path / "pretrain_data"
+  result = run_py(tiny_args(data_dir, **{
+      "eval.max_rank": 50, "pretrain.enabled": True, "pretrain.data_root": str(pretrain_root),
+      "pretrain.num_ids": 4, "pretrain.num_test_ids": 2, "pretrain.images_per_camera": 2}) +
+      [f"--workdir={workdir}"])
+  # The tiny test split has 6 persons: galleries fill at most 6 ranks.
+  one_error_line(result, "config.eval.max_rank = 50", "--config.eval.max_rank=6", code=2)
+  assert not pretrain_root.exists() and not (workdir / "pretrain").exists()
+  assert not (workdir / "teacher").exists()
+
+
+def stage_checkpoint(directory, config, stage, step=4):
+  """A checkpoint as a stage writes it: a state and metadata naming the stage and config."""
+  manager = checkpoint_lib.CheckpointManager(str(directory), use_async=False)
+  manager.save(step, {"params": {"w": np.zeros(3, np.float32)}},
+               {"config": config.to_dict(), "stage": stage, "epoch": 1})
+  manager.close()
+
+
+def test_resume_with_a_changed_config_is_refused_first_and_leaves_config_json(tmp_path):
+  args = tiny_args(str(tmp_path), stage="teacher")
+  config = config_lib.load_config(DEMO, [a[len("--config."):] for a in args],
+                                  validate_config=False)
+  workdir = tmp_path / "run"
+  checkpoints = workdir / "teacher" / "checkpoints"
+  stage_checkpoint(checkpoints, config, "teacher")
+  (workdir / "config.json").write_text(json.dumps(config.to_dict()))
+  before = tree_of(str(workdir))
+  result = run_py(args + ["--config.teacher.lr=0.01", f"--workdir={workdir}"])
+  message = one_error_line(result, f"checkpoint {checkpoints}/4", "teacher.lr: 0.00035 -> 0.01",
+                           "--config.checkpoint.allow_config_change=True")
+  assert result.stderr.splitlines() == [message] and result.stdout == ""
+  assert tree_of(str(workdir)) == before  # config.json and the checkpoint as they were
+  assert checkpoint_lib.complete_steps(str(checkpoints)) == [4]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "student"])
+def test_a_non_teacher_checkpoint_as_teacher_is_refused_before_data(tmp_path, stage):
+  args = tiny_args(str(tmp_path), stage="student")
+  config = config_lib.load_config(DEMO, [a[len("--config."):] for a in args],
+                                  validate_config=False)
+  other = tmp_path / "other_run" / stage
+  stage_checkpoint(other / "checkpoints", config, stage)
+  workdir = tmp_path / "run"
+  result = run_py(args + [f"--config.distill.teacher_checkpoint={other}",
+                          f"--workdir={workdir}"])
+  one_error_line(result, f"config.distill.teacher_checkpoint = '{other}'",
+                 f"holds a {stage} checkpoint", "teacher workdir")
+  assert not workdir.exists() and not (tmp_path / "synthetic").exists()
+
+
+def bad_weights_file(folder, kind):
+  """A weights file of `kind` that cannot be imported, and what its refusal must say."""
+  state = {"conv1.weight": np.ones((4, 3, 7, 7), np.float32)}
+  if kind == "truncated.safetensors":
+    from safetensors.numpy import save_file
+    path = os.path.join(folder, "whole.safetensors")
+    save_file(state, path)
+    with open(path, "rb") as f:
+      data = f.read()
+    path = os.path.join(folder, kind)
+    with open(path, "wb") as f:
+      f.write(data[:len(data) // 2])
+    return path, ["not a readable .safetensors file", "copy or convert it again"]
+  path = os.path.join(folder, kind)
+  if kind == "garbage.npz":
+    with open(path, "wb") as f:
+      f.write(bytes(range(256)) * 8)
+    return path, ["is not a valid .npz file", "numpy.savez"]
+  import torch  # Test-only dependency: writes a .pth that holds a module object.
+  torch.save({"conv1.weight": torch.zeros(1), "optimizer": torch.nn.Linear(1, 1)}, path)
+  return path, ["holds objects other than tensors", "torch.nn.modules.linear.Linear",
+                "model.state_dict()", "python -m dakd_jax.models.weights convert"]
+
+
+@pytest.mark.parametrize("kind", ["truncated.safetensors", "garbage.npz", "objects.pth"])
+def test_unreadable_init_weights_are_refused_before_data(tmp_path, kind):
+  path, needles = bad_weights_file(str(tmp_path), kind)
+  with open(path, "rb") as f:
+    content = f.read()
+  workdir = tmp_path / "run"
+  result = run_py(tiny_args(str(tmp_path), stage="teacher",
+                            **{"model.init_weights": path}) + [f"--workdir={workdir}"])
+  one_error_line(result, repr(path), *needles)
+  assert "pickled data" not in result.stderr and "weights_only" not in result.stderr
+  assert not workdir.exists()
+  with open(path, "rb") as f:
+    assert f.read() == content
+
+
+@pytest.mark.parametrize("synthetic_enabled, needles", [
+    (True, ["config.data.root", "no synthetic_dataset.json", "--config.synthetic.enabled=False"]),
+    (False, ["SYSU-MM01 camera folder missing", "re-extract the dataset"]),
+])
+def test_a_data_root_that_is_not_a_dataset_is_refused_untouched(tmp_path, synthetic_enabled,
+                                                               needles):
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  (photos / "holiday.txt").write_text("not a dataset")
+  result = run_py(tiny_args(str(tmp_path), **{"data.root": str(photos),
+                                             "synthetic.enabled": synthetic_enabled})
+                  + [f"--workdir={tmp_path / 'run'}"])
+  one_error_line(result, str(photos), *needles)
+  assert tree_of(str(photos)) == {"holiday.txt": b"not a dataset"}
+  assert sorted(os.listdir(tmp_path)) == ["photos", "run"]  # no partial tree beside it
+
+
+def test_a_missing_regdb_trial_file_is_named(tmp_path):
+  root = str(tmp_path / "RegDB")
+  synthetic.ensure_synthetic(root, "regdb", num_ids=6, images_per_modality=2, height=32,
+                             width=16, num_trials=3)
+  os.remove(os.path.join(root, "idx", "train_visible_3.txt"))
+  result = run_py([f"--config.data.root={root}", f"--config.data.prepared_dir={tmp_path}/tfds",
+                   f"--workdir={tmp_path / 'run'}"], config="configs/regdb.py:trial=3")
+  one_error_line(result, os.path.join(root, "idx", "train_visible_3.txt"))
+
+
+def test_an_extract_folder_without_images_is_refused_before_the_checkpoint(tmp_path):
+  empty = tmp_path / "my_images"
+  empty.mkdir()
+  (empty / ".hidden").write_text("")
+  workdir = tmp_path / "run"
+  result = run_py(tiny_args(str(tmp_path), stage="extract",
+                            **{"extract.query_dir": str(empty)}) + [f"--workdir={workdir}"])
+  one_error_line(result, f"image folder {empty} holds no files", "config.extract.query_dir")
+  assert not (workdir / "extract").exists()
+
+
+@pytest.mark.slow
+def test_read_only_folders_end_in_one_storage_line(tmp_path, data_dir):
+  """The workdir, the checkpoint folder, the stage folder (metrics), the prepared data and the
+  dataset root, each read-only in turn: one line naming what could not be written."""
+  train = tiny_args(data_dir, stage="teacher")
+  cases = {
+      "workdir": (train, "run", "cannot write the config {w}/config.json"),
+      "checkpoints": (train, "run/teacher/checkpoints",
+                      "cannot write the checkpoint in {w}/teacher/checkpoints"),
+      "metrics": (train, "run/teacher", "cannot write the metrics in {w}/teacher"),
+      "prepared": (tiny_args(data_dir, stage="teacher", **{
+          "data.prepared_dir": str(tmp_path / "tfds")}), "tfds",
+                   "cannot write the prepared SYSU-MM01 data in " + str(tmp_path / "tfds")),
+      "root": (tiny_args(data_dir, stage="teacher", **{
+          "data.root": str(tmp_path / "data" / "synthetic")}), "data",
+               "cannot write the synthetic dataset in " + str(tmp_path / "data")),
+  }
+  for name, (args, read_only, expected) in cases.items():
+    base = tmp_path / name
+    workdir = base / "run"
+    if name == "metrics":  # The checkpoint folder stays writable; its parent is not.
+      os.makedirs(workdir / "teacher" / "checkpoints")
+    read_only_folder(str(base / read_only) if name not in ("prepared", "root")
+                     else str(tmp_path / read_only))
+    result = run_py(args + [f"--workdir={workdir}"], restriction="permissions")
+    message = one_error_line(result, expected.format(w=workdir), "Permission denied",
+                             "fix the folder's permissions")
+    assert not any("orbax" in line.lower() for line in result.stderr.splitlines()), name
+    assert ("--config.data.prepared_dir" in message) == (name == "prepared")
+    assert ("--config.data.root" in message) == (name == "root")
+    assert checkpoint_lib.complete_steps(str(workdir / "teacher" / "checkpoints")) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_ends_in_one_line(tmp_path, data_dir):
+  """The training steps run, the checkpoint's array files pass the size limit and fail in
+  Orbax's background writes: one line naming the checkpoint folder, and the run's progress
+  lines fit 80 columns."""
+  workdir = tmp_path / "run"
+  result = run_py(tiny_args(data_dir, stage="teacher") + [f"--workdir={workdir}"],
+                  restriction="small_disk")
+  one_error_line(result, f"cannot write the checkpoint in {workdir}/teacher/checkpoints",
+                 "File too large", "Free disk space")
+  progress = [line for line in result.stderr.splitlines() if line.startswith("teacher step")]
+  assert [line.split(" | ")[0] for line in progress] == ["teacher step 1/2", "teacher step 2/2"]
+  assert all(len(line) <= 79 and line.split(" | ")[1].startswith("loss ") for line in progress)
+  assert checkpoint_lib.complete_steps(str(workdir / "teacher" / "checkpoints")) == []
+
+
+@pytest.mark.slow
+def test_a_read_only_eval_folder_ends_in_one_line_after_the_table(tmp_path, data_dir):
+  config = config_lib.load_config(DEMO, [a[len("--config."):] for a in tiny_args(data_dir)],
+                                  validate_config=False)
+  model = builders.model_from_config(config)
+  weights_file = str(tmp_path / "random.npz")
+  weights.save_variables(builders.init_model_variables(config, model, jax.random.key(0)),
+                         weights_file)
+  workdir = tmp_path / "run"
+  read_only_folder(str(workdir / "eval"))
+  result = run_py(tiny_args(data_dir, stage="eval", **{"eval.checkpoint": weights_file})
+                  + [f"--workdir={workdir}"], restriction="permissions")
+  one_error_line(result, f"cannot write the config {workdir}/eval/config.json",
+                 "Permission denied")
+  assert "sysu_mm01/all/single-shot" in result.stdout  # the results were shown first
+  assert os.listdir(workdir / "eval") == []

@@ -51,11 +51,16 @@ def init_model_variables(config: ml_collections.ConfigDict, model: resnet.ReIDRe
   them), then the weights of model.init_weights if set. Runs outside any jit (files are read on
   the host)."""
   variables = resnet.tie_stems(resnet.init_variables(model, key, image_size(config)))
-  if config.model.init_weights:
-    from dakd_jax.models import weights  # Only when a file is named.
-    variables = weights.load_pretrained(variables, config.model.init_weights,
-                                        depth=config.model.depth)
-  return variables
+  return load_initial_weights(variables, config.model.init_weights, depth=config.model.depth)
+
+
+def load_initial_weights(variables: dict, path: str, *, depth: int) -> dict:
+  """`variables` with the weights file at `path` loaded over them (`weights.load_pretrained`);
+  unchanged when `path` is "". Raises what load_pretrained raises."""
+  if not path:
+    return variables
+  from dakd_jax.models import weights  # Only when a file is named.
+  return weights.load_pretrained(variables, path, depth=depth)
 
 
 def augment_views(config: ml_collections.ConfigDict, stage: str) -> dict:

@@ -9,6 +9,8 @@ workdir:
   <workdir>/teacher/                 teacher checkpoints, metrics.jsonl, TensorBoard events
   <workdir>/student/                 the same for the DAKD student
   <workdir>/eval/                    config.json, results.json, features.npz, pictures
+  <workdir>/stages.json              stage=all: untrained, initial weights, teacher, student on
+                                     one protocol (also printed last)
   <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking
   <workdir>/export/                  stage=export: ONNX and StableHLO files, manifest.json
 
@@ -181,6 +183,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                             teacher_source)
   if config.stage in ("eval", "all"):
     results["eval"] = stages.evaluate_stage(config, workdir, data)
+  if config.stage == "all":
+    results["stages"] = stages.summarize_stages(config, workdir, data,
+                                                initial.model.init_weights)
   return results
 
 

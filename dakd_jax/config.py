@@ -15,11 +15,16 @@ import sys
 from typing import Any, Iterable, Mapping
 
 import ml_collections
+from absl import logging
 
 from dakd_jax.errors import ConfigError
 
 STAGES = ("pretrain", "teacher", "student", "eval", "all", "extract", "export")
 SELECTIONS = ("last", "val", "test_oracle")
+# The method's teacher schedules (method.md 3.4, SYSU-MM01 and RegDB), (epochs, (D1, D2)): 75%
+# and 62.5% of the run at 1% of the rate by design, so start-up does not warn about them.
+METHOD_TEACHER_SCHEDULES = ((160, (20, 40)), (160, (30, 60)))
+MAX_FLOOR_FRACTION = 0.5  # above this fraction of the teacher's epochs at 1%, start-up warns
 CONFIG_FLAG = "config"
 # (field, low, high, low inclusive, high inclusive); None = unbounded.
 RANGES = (
@@ -326,6 +331,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                       f"{config.stage!r} has no seed band (use stage=all)")
   _check_stage_lengths(config)
   _check_pretrain(config)
+  if config.stage in ("teacher", "all"):
+    warning = teacher_schedule_warning(config.teacher.epochs, tuple(config.teacher.decay_epochs),
+                                       config.teacher.warmup_epochs, config.teacher.lr)
+    if warning:
+      logging.warning("%s", warning)
   if config.stage == "extract" and not config.extract.query_dir:
     raise ConfigError("stage=extract needs config.extract.query_dir (a folder of images), e.g. "
                       "--config.extract.query_dir=my_images/")
@@ -336,6 +346,34 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory. Fix the path "
                         f"or leave it empty (--config.{field}='')")
   _check_divisibility(config, num_devices)
+
+
+def floor_epochs(epochs: int, decay_epochs: tuple[int, int], warmup_epochs: int) -> int:
+  """How many of the teacher's `epochs` run at 0.01 x the base rate (method.md 3.4): epoch e
+  (from 0) is there when e >= D2 and e >= warmup (warm-up overrides the decay, as in
+  `builders.teacher_learning_rate`), so max(0, epochs - max(D2, warmup))."""
+  return max(0, epochs - max(decay_epochs[1], warmup_epochs))
+
+
+def teacher_schedule_warning(epochs: int, decay_epochs: tuple[int, int], warmup_epochs: int,
+                             lr: float) -> str | None:
+  """A message when most of the teacher's run would sit at 1% of its rate, else None.
+
+  A schedule written for one run length and reused for a longer one silently stops learning
+  (issue 17: the demo's (4, 5) at 20 steps an epoch froze every step after the 100th at
+  3.5e-6). The method's own schedules (METHOD_TEACHER_SCHEDULES) are exempt.
+  """
+  floor = floor_epochs(epochs, decay_epochs, warmup_epochs)
+  if epochs == 0 or floor / epochs <= MAX_FLOOR_FRACTION or \
+      (epochs, tuple(decay_epochs)) in METHOD_TEACHER_SCHEDULES:
+    return None
+  first, second = decay_epochs
+  return (f"config.teacher.decay_epochs = {tuple(decay_epochs)!r} with config.teacher.epochs = "
+          f"{epochs}: epochs {epochs - floor}..{epochs - 1} ({floor} of {epochs}, "
+          f"{100 * floor / epochs:.0f}% of the run) train at 1% of config.teacher.lr "
+          f"({0.01 * lr:.3g}), where the network barely moves. Decay points are epochs, not "
+          "fractions: when you change teacher.epochs, move them with it, e.g. "
+          f"--config.teacher.decay_epochs='({max(first, epochs // 2)},{max(second, epochs)})'")
 
 
 def _check_stage_lengths(config):

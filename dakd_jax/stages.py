@@ -5,9 +5,11 @@ modules below: the evaluator, the extractor, the report writers, the deployment 
   <workdir>/eval/      config.json, results.json, features.npz, pictures; <workdir>/report.md
   <workdir>/extract/   config.json, embeddings of image folders, a ranking and its picture
   <workdir>/export/    config.json, extractor.onnx, extractor.stablehlo, manifest.json
+  <workdir>/stages.json  stage=all: every stage's network on one protocol (`summarize_stages`)
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -17,11 +19,13 @@ import numpy as np
 
 from dakd_jax import builders
 from dakd_jax import errors
+from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.evaluation import folders
 from dakd_jax.evaluation import report
+from dakd_jax.train import loop
 
 CHECKPOINT_HINT = "train first (--config.stage=all) or set --config.eval.checkpoint"
 
@@ -200,3 +204,83 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"dakd_jax: exported {described['source']} to {out_dir} (extractor.onnx, "
         "extractor.stablehlo, manifest.json)")
   return written
+
+
+STAGES_SUMMARY = "stages.json"
+
+
+def _stage_row(name: str, source: str, step, results: dict) -> dict:
+  return {"name": name, "source": source, "step": step, "results": results}
+
+
+def _difference(row: dict, reference: dict, setting: str) -> str:
+  """'R1 +13.19, mAP +8.68' (percentage points) of row over reference on `setting`."""
+  ours, theirs = row["results"][setting]["mean"], reference["results"][setting]["mean"]
+  return (f"R1 {100 * (ours['cmc'][0] - theirs['cmc'][0]):+.2f}, "
+          f"mAP {100 * (ours['mAP'] - theirs['mAP']):+.2f}, "
+          f"mINP {100 * (ours['mINP'] - theirs['mINP']):+.2f}")
+
+
+def format_stages(summary: dict) -> str:
+  """The printed form of `summarize_stages`' result: its table, then the teacher's difference
+  to the network it started from and the student's difference to the teacher."""
+  setting, rows = summary["setting"], summary["rows"]
+  trials = len(rows[0]["results"][setting]["trials"])
+  table = report.format_table(
+      {row["name"]: row["results"][setting] for row in rows},
+      title=f"every stage on {setting} ({trials} trials; last evaluation of each stage, "
+            "no best-of selection)")
+  by_name = {row["name"].split(" (")[0]: row for row in rows}
+  lines = [table]
+  start = by_name.get("initial weights", by_name["untrained"])
+  if "teacher" in by_name:
+    lines.append(f"teacher - {start['name']}: {_difference(by_name['teacher'], start, setting)}")
+  if "teacher" in by_name and "student" in by_name:
+    difference = _difference(by_name["student"], by_name["teacher"], setting)
+    lines.append(f"student - teacher: {difference}")
+  return "\n".join(lines)
+
+
+def summarize_stages(config: ml_collections.ConfigDict, workdir: str, data: prepare.DataBundle,
+                     initial_weights: str = "") -> dict:
+  """stage=all's closing table: what each stage contributes, all on one protocol.
+
+  The protocol is the training-time one (builders.make_evaluator(during_training=True)), whose
+  first setting is reported, e.g. SYSU-MM01 all-search single-shot over config.eval.num_trials
+  trials. Rows, in order:
+    untrained        the architecture at the teacher's random initialisation (loop.teacher_keys),
+                     where the teacher starts when there are no initial weights;
+    initial weights  `initial_weights` (model.init_weights, or the pretrain stage's backbone.npz),
+                     the start of both the teacher and the student; only when given;
+    teacher, student the stages' last training-time evaluations (loop.LAST_EVALUATION in
+                     <workdir>/teacher and <workdir>/student), not a best-of selection.
+  Prints the table (process 0), writes <workdir>/STAGES_SUMMARY and returns
+  {'setting': name, 'rows': [{'name', 'source', 'step', 'results'}]}, where 'results' is the
+  evaluator's {setting: {'mean', 'trials'}}.
+  """
+  mesh = builders.make_mesh()
+  model = builders.model_from_config(config)
+  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
+  random_config = copy.deepcopy(config)
+  random_config.model.init_weights = ""
+  untrained = builders.init_model_variables(random_config, model, loop.teacher_keys(config)[0])
+  rows = [_stage_row("untrained (random init)", f"random initialisation, seed {config.seed}",
+                     0, evaluator.run(sharding_lib.replicate(untrained, mesh)))]
+  if initial_weights:
+    # Loaded over the untrained variables, as the stages load them (no second initialisation).
+    variables = builders.load_initial_weights(untrained, initial_weights,
+                                              depth=config.model.depth)
+    label = "pretrain" if config.pretrain.enabled else "file"
+    rows.append(_stage_row(f"initial weights ({label})", initial_weights, 0,
+                           evaluator.run(sharding_lib.replicate(variables, mesh))))
+  for stage in ("teacher", "student"):
+    last = loop.read_last_evaluation(os.path.join(workdir, stage))
+    if last is not None:
+      name = f"{stage} ({config.distill.ablation})" if stage == "student" else stage
+      rows.append(_stage_row(f"{name} (step {last['step']})", os.path.join(workdir, stage),
+                             last["step"], last["results"]))
+  summary = {"setting": next(iter(rows[0]["results"])), "rows": rows}
+  if jax.process_index() == 0:
+    report.write_results(os.path.join(workdir, STAGES_SUMMARY), summary)
+    print("\n" + format_stages(summary), flush=True)
+  return summary

@@ -156,3 +156,55 @@ def test_every_shipped_config_validates():
     for arg in ("", ":released_code"):
       config_lib.validate(config_lib.load_config(f"configs/{name}.py{arg}",
                                                  validate_config=False), num_devices=1)
+
+
+@pytest.mark.parametrize("epochs, decay, warmup, expected", [
+    (6, (4, 5), 1, 1),  # the old demo: only epoch 5 at the floor ...
+    (52, (4, 5), 1, 47),  # ... the same points in a longer run: epochs 5..51
+    (160, (20, 40), 10, 120),  # SYSU-MM01 recipe: epochs 40..159
+    (10, (0, 1), 5, 5),  # warm-up (epochs 0..4) overrides the decay
+    (8, (5, 8), 1, 0),  # D2 = epochs: never at the floor
+])
+def test_floor_epochs_counted_by_hand(epochs, decay, warmup, expected):
+  assert config_lib.floor_epochs(epochs, decay, warmup) == expected
+
+
+def test_schedule_warning_names_fields_fraction_rate_and_a_fix():
+  message = config_lib.teacher_schedule_warning(52, (4, 5), 1, 3.5e-4)
+  assert "config.teacher.decay_epochs = (4, 5)" in message
+  assert "config.teacher.epochs = 52" in message
+  assert "(47 of 52, 90% of the run)" in message and "(3.5e-06)" in message
+  # The suggested decay points, applied, leave at most half the run at the floor.
+  suggested = message.split("--config.teacher.decay_epochs='(")[1].split(")")[0]
+  first, second = (int(v) for v in suggested.split(","))
+  assert 0 <= first < second
+  assert config_lib.floor_epochs(52, (first, second), 1) <= 26
+  assert config_lib.teacher_schedule_warning(52, (first, second), 1, 3.5e-4) is None
+
+
+def test_schedule_warning_spares_half_runs_and_the_methods_recipes():
+  assert config_lib.teacher_schedule_warning(10, (2, 5), 1, 1e-3) is None  # exactly 50%
+  assert config_lib.teacher_schedule_warning(10, (2, 4), 1, 1e-3) is not None  # 60%
+  # The method's schedules keep 75% / 62.5% at the floor on purpose (method.md 3.4) ...
+  assert config_lib.floor_epochs(160, (30, 60), 10) / 160 > 0.5
+  for decay in ((20, 40), (30, 60)):
+    assert config_lib.teacher_schedule_warning(160, decay, 10, 3.5e-4) is None
+  # ... but not once the run length changes under them.
+  shortened = config_lib.teacher_schedule_warning(100, (20, 40), 10, 3.5e-4)
+  assert "(60 of 100, 60% of the run)" in shortened
+
+
+def test_shipped_configs_do_not_warn_and_a_longer_demo_does():
+  for name in ("sysu", "regdb", "llcm", "demo"):
+    for arg in ("", ":released_code"):
+      teacher = config_lib.load_config(f"configs/{name}.py{arg}", validate_config=False).teacher
+      assert config_lib.teacher_schedule_warning(
+          teacher.epochs, tuple(teacher.decay_epochs), teacher.warmup_epochs, teacher.lr) is None
+  # What the user sees at start-up: the run goes on, the warning is on stderr.
+  longer = run_cli("--config=configs/demo.py", "--print_config", "--config.teacher.epochs=60")
+  assert longer.returncode == 0, longer.stderr
+  assert "config.teacher.epochs = 60" in longer.stderr
+  assert "(54 of 60, 90% of the run) train at 1%" in longer.stderr
+  evaluating = run_cli("--config=configs/demo.py", "--print_config", "--config.teacher.epochs=60",
+                       "--config.stage=eval")
+  assert "train at 1%" not in evaluating.stderr  # no teacher is trained

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -95,6 +96,20 @@ def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
   return {name: float(np.mean([m[name] for _, m in history])) for name in names}
 
 
+# <stage workdir>/LAST_EVALUATION: the stage's latest training-time evaluation, every trial.
+LAST_EVALUATION = "last_evaluation.json"
+
+
+def read_last_evaluation(stage_workdir: str) -> dict | None:
+  """{'stage', 'step', 'protocol', 'results'} of a stage's latest evaluation, or None if it has
+  not evaluated yet."""
+  path = os.path.join(stage_workdir, LAST_EVALUATION)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 # What a training-time evaluation is for, by checkpoint.select, as its table's title says.
 EVALUATION_ROLES = {"last": "test split, progress only: the last step is kept",
                     "val": "validation identities, selects the checkpoint",
@@ -103,7 +118,8 @@ EVALUATION_ROLES = {"last": "test split, progress only: the last step is kept",
 
 def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writer,
                              step: int, selection: str) -> dict:
-  """Runs the stage's evaluator, logs its headline metrics and prints its table (process 0).
+  """Runs the stage's evaluator, logs its headline metrics, prints its table and writes it to
+  <stage workdir>/LAST_EVALUATION (process 0).
 
   The protocols are the training-time subset (SYSU: single-shot of eval.training_modes; RegDB:
   visible->thermal; LLCM: infrared->visible), or the held-out validation identities with
@@ -115,6 +131,9 @@ def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writ
   if jax.process_index() == 0:
     title = f"[{writer.stage} step {step}] evaluation ({EVALUATION_ROLES[selection]})"
     print("\n" + report.format_table(results, title=title), flush=True)
+    report.write_results(os.path.join(writer.workdir, LAST_EVALUATION), {
+        "stage": writer.stage, "step": step, "protocol": evaluator.settings.describe(),
+        "selection": selection, "results": results})
   return summary
 
 
@@ -144,6 +163,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
       writers.drop_rows_after(os.path.join(workdir, writers.JSONL_NAME), start_step)
+      _drop_later_evaluation(workdir, start_step)
     writer = writers.MetricWriter(workdir, stage=stage.name)
     cleanup.callback(writer.close)
     iterator = pipeline.make_train_iterator(
@@ -224,6 +244,14 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, st
   return best, last_eval
 
 
+def _drop_later_evaluation(workdir: str, start_step: int) -> None:
+  """Removes a LAST_EVALUATION written after `start_step` (a run restarted from an earlier
+  checkpoint, or from scratch), so it never describes a network this run did not reach."""
+  last = read_last_evaluation(workdir)
+  if last is not None and last["step"] > start_step:
+    os.remove(os.path.join(workdir, LAST_EVALUATION))
+
+
 def _maybe_resume(config, workdir, manager, state, mesh):
   """Restores state and metadata in the resume order of checkpoint.py."""
   found = checkpoint_lib.find_resume_checkpoint(os.path.join(workdir, "checkpoints"),
@@ -242,6 +270,11 @@ def _maybe_resume(config, workdir, manager, state, mesh):
   return restored, metadata
 
 
+def teacher_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The teacher's (initialisation, state, memory) keys, from config.seed."""
+  return tuple(jax.random.split(jax.random.key(config.seed), 3))
+
+
 def train_teacher(config: ml_collections.ConfigDict, workdir: str,
                   data: prepare.DataBundle) -> dict:
   """Stage 1 (method.md 3): memory-based teacher. Returns run_stage's summary."""
@@ -250,7 +283,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
   evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
   steps_per_epoch = stage_steps_per_epoch(config.teacher.steps_per_epoch, config, data)
   tx = builders.make_teacher_optimizer(config, steps_per_epoch)
-  key_init, key_state, key_memory = jax.random.split(jax.random.key(config.seed), 3)
+  key_init, key_state, key_memory = teacher_keys(config)
   variables = builders.init_model_variables(config, model, key_init)
   state = state_lib.create_replicated_state(
       variables, tx, key_state, mesh,

@@ -48,8 +48,9 @@ def get_config(arg=None):
   config.teacher.warmup_epochs = 1
   config.teacher.decay_epochs = (4, 6)
   config.teacher.lr = 3.5e-4  # the method's base rate; 1e-3 undoes the pretraining
-  # One evaluation, after the last epoch: the network the student distils from (the best-mAP
-  # checkpoint) is then the one the closing table reports; nothing is picked on the test split.
+  # One evaluation, after the last epoch: the network handed on to the student (the last step,
+  # checkpoint.select=last) is the one the closing table reports; nothing is picked on the test
+  # split.
   config.teacher.eval_every_epochs = 6
   config.teacher.eval_start_epoch = 0
 

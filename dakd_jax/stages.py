@@ -228,7 +228,7 @@ def format_stages(summary: dict) -> str:
   trials = len(rows[0]["results"][setting]["trials"])
   table = report.format_table(
       {row["name"]: row["results"][setting] for row in rows},
-      title=f"every stage on {setting} ({trials} trials; last evaluation of each stage, "
+      title=f"every stage on {setting}, {trials} trials\n(the last evaluation of each stage, "
             "no best-of selection)")
   by_name = {row["name"].split(" (")[0]: row for row in rows}
   lines = [table]

@@ -36,9 +36,10 @@ def test_format_stages_gives_each_stage_and_its_gain_by_hand():
       {"name": "student (full_mlkd) (step 60)", "results": setting_results(0.30, 0.36, 0.25)}]}
   text = stages.format_stages(summary)
   lines = text.splitlines()
-  assert lines[0].startswith(f"every stage on {SETTING} (2 trials")
+  assert lines[0] == f"every stage on {SETTING}, 2 trials"
+  assert max(len(line) for line in lines) <= 80
   # A 2-rank CMC: R1 then no R5/R10/R20; percent; the trial count.
-  assert lines[3].split() == ["untrained", "(random", "init)", "5.00", "-", "-", "-", "11.00",
+  assert lines[4].split() == ["untrained", "(random", "init)", "5.00", "-", "-", "-", "11.00",
                               "7.00", "2"]
   # teacher - its initial weights: 32.5 - 20 = +12.5 R1, 35.5 - 27 = +8.5 mAP, 26 - 21 = +5.
   assert "teacher - initial weights (pretrain): R1 +12.50, mAP +8.50, mINP +5.00" in lines

@@ -260,7 +260,7 @@ def test_demo_end_to_end_teacher_learns_cross_modal_matching(tmp_path):
   assert mean_ap["teacher"] > mean_ap["initial weights"] + 0.03
   assert rank1["teacher"] > 3 * rank1["untrained"]
   assert rank1["teacher"] == pytest.approx(teacher_evals[-1]["eval_rank1"])
-  assert "every stage on sysu_mm01/all/single-shot (10 trials" in output
+  assert "every stage on sysu_mm01/all/single-shot, 10 trials" in output
   assert "teacher - initial weights (pretrain): R1 +" in output
 
   # The pretrain stage wrote its weights and evaluated itself; the student was evaluated on

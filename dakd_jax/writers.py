@@ -183,7 +183,9 @@ def format_duration(seconds: float) -> str:
 
 
 def device_memory_text(device: Any = None) -> str:
-  """Returns "mem <in use>/<peak> GiB" for a device, "" when it reports no statistics (CPU)."""
+  """Returns "mem <in use> GiB (peak <peak>)" for a device (default: the first local one), ""
+  when it reports no statistics (CPU). The peak is the allocator's high-water mark since the
+  process started, the number to compare with the device's capacity."""
   try:
     stats = (device or jax.local_devices()[0]).memory_stats()
   except Exception:  # pylint: disable=broad-except  # some backends raise instead of None
@@ -192,7 +194,7 @@ def device_memory_text(device: Any = None) -> str:
     return ""
   gib = 1024 ** 3
   peak = stats.get("peak_bytes_in_use", stats["bytes_in_use"])
-  return f"mem {stats['bytes_in_use'] / gib:.2f}/{peak / gib:.2f} GiB"
+  return f"mem {stats['bytes_in_use'] / gib:.2f} GiB (peak {peak / gib:.2f})"
 
 
 class ProgressLine:

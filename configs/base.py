@@ -39,7 +39,9 @@ def get_config(arg=None):
   config.data.image_width = 128  # pixels; SYSU-MM01 128, RegDB 144
   config.data.ids_per_batch = 8  # P: identities per batch [5.1]
   config.data.images_per_id = 4  # K: images per identity per modality (SYSU 4, RegDB 5)
-  config.data.num_workers = 2  # Grain worker processes for loading (0 = in the main process)
+  # Grain worker processes for loading: 0 = in the main process; -1 = from the host's CPU count
+  # (0 below 8 CPUs, where in-process loading is faster; printed at start-up)
+  config.data.num_workers = -1
   # checkpoint.select=val on a dataset without a shipped validation split (RegDB, LLCM): the
   # share of training identities held out (seeded by `seed`); SYSU-MM01 holds out exp/val_id.txt
   config.data.val_fraction = 0.1
@@ -77,6 +79,12 @@ def get_config(arg=None):
   config.model.gem_p = 3.0  # initial GeM exponent (learnable) [2.1]
   config.model.compute_dtype = "float32"  # float32 | bfloat16 (params and BN stats stay float32)
   config.model.init_weights = ""  # torchvision ResNet file (.safetensors/.npz/.pth); "" = random
+  # Parts recomputed in the backward pass instead of stored (same values and gradients):
+  # () | ("stem",) | ("non_local",) | ("stem", "non_local"). Off: on XLA:CPU it left the teacher
+  # step's temporary buffer unchanged (1.58 GiB, ResNet-50, 24 images of 192x96; XLA schedules
+  # the recomputation before the memory peak); measure on an accelerator with
+  # benchmarks/gpu_report.py --remat stem,non_local before turning it on.
+  config.model.remat = ()
 
   config.augment = ml_collections.ConfigDict()
   # CutSwap on visible views where the dataset's recipe has it (SYSU-MM01, LLCM; never RegDB)
@@ -133,7 +141,14 @@ def get_config(arg=None):
   # Released code computes the T=2,6 "strong" terms on the infrared branch [4.5].
   config.distill.strong_uses_weak_at_2_6 = preset == "released_code"
   config.distill.ablation = "full_mlkd"  # only_kd | mlkd_no_instance | mlkd_no_class | full_mlkd
-  config.distill.double_bn_update = preset == "released_code"  # released quirk [4.7]
+  # Released quirk [4.7]: BN running averages updated twice per step (computed in closed form,
+  # no extra forward pass).
+  config.distill.double_bn_update = preset == "released_code"
+  # Per-modality BN statistics of the student [4.1]: "grouped" = one call on [visible; infrared]
+  # with two BN groups, "two_calls" = the released two calls; same values, gradients and running
+  # averages. Grouped by default: 8-11% less CPU time per student step on 2 CPU cores
+  # (benchmarks/train_step.py --compare), and one call of twice the batch suits accelerators.
+  config.distill.student_forward = "grouped"
   config.distill.eval_every_epochs = 1
 
   config.eval = ml_collections.ConfigDict()

@@ -30,6 +30,15 @@ from dakd_jax.losses import alignment
 from dakd_jax.losses import distill
 from dakd_jax.models import resnet
 
+# data.num_workers = AUTO_WORKERS picks the loader worker processes from the host's CPU count.
+AUTO_WORKERS = -1
+# Below this many CPUs, in-process loading wins: on 2 cores benchmarks/input_pipeline.py gives
+# 14k images/s in-process and 3.3k with 2 workers, which compete with the main process for the
+# cores and add inter-process copies. Above it, workers overlap decoding with the device step
+# (inferred, not yet measured on such a host).
+AUTO_WORKERS_MIN_CPUS = 8
+AUTO_WORKERS_MAX = 8
+
 # Fields that must match between a checkpoint that is loaded and the config that loads it.
 ARCHITECTURE_FIELDS = ("model.depth", "model.width", "model.modality_specific_stem",
                        "model.non_local", "data.dataset", "data.trial")
@@ -61,6 +70,38 @@ def load_initial_weights(variables: dict, path: str, *, depth: int) -> dict:
     return variables
   from dakd_jax.models import weights  # Only when a file is named.
   return weights.load_pretrained(variables, path, depth=depth)
+
+
+def resolve_num_workers(value: int, cpu_count: int) -> int:
+  """Loader worker processes for config value `value` on a host with `cpu_count` CPUs.
+
+  value >= 0 is used as given; AUTO_WORKERS (-1) gives 0 below AUTO_WORKERS_MIN_CPUS CPUs
+  (in-process loading is faster there), else a quarter of the CPUs, at most AUTO_WORKERS_MAX.
+  Raises ValueError for a value below -1.
+  """
+  if value < AUTO_WORKERS:
+    raise ValueError(f"data.num_workers must be >= {AUTO_WORKERS} ({AUTO_WORKERS} = auto), "
+                     f"got {value}")
+  if value != AUTO_WORKERS:
+    return value
+  if cpu_count < AUTO_WORKERS_MIN_CPUS:
+    return 0
+  return min(AUTO_WORKERS_MAX, cpu_count // 4)
+
+
+def num_workers(config: ml_collections.ConfigDict) -> int:
+  """config.data.num_workers resolved for this host (`resolve_num_workers`)."""
+  return resolve_num_workers(config.data.num_workers, os.cpu_count() or 1)
+
+
+def describe_num_workers(config: ml_collections.ConfigDict) -> str:
+  """One start-up line saying how many loader workers run and why."""
+  chosen = num_workers(config)
+  if config.data.num_workers != AUTO_WORKERS:
+    return f"data.num_workers={chosen} (as configured)"
+  reason = (f"fewer than {AUTO_WORKERS_MIN_CPUS} CPUs: loading in the main process is faster"
+            if chosen == 0 else f"a quarter of the CPUs, at most {AUTO_WORKERS_MAX}")
+  return f"data.num_workers=auto -> {chosen} ({os.cpu_count()} CPUs; {reason})"
 
 
 def augment_views(config: ml_collections.ConfigDict, stage: str) -> dict:

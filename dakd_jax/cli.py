@@ -207,6 +207,9 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     print(f"dakd_jax: stage={config.stage} workdir={workdir} ({jax.device_count()} device(s), "
           f"{jax.process_count()} process(es))", flush=True)
+    if config.stage in TRAINING_STAGES:
+      from dakd_jax import builders  # Deferred like run_stages' imports.
+      print(f"dakd_jax: {builders.describe_num_workers(config)}", flush=True)
   return run_stages(config, workdir)
 
 

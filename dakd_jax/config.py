@@ -41,7 +41,7 @@ RANGES = (
     ("data.image_width", 1, None, True, None),
     ("data.ids_per_batch", 2, None, True, None),
     ("data.images_per_id", 1, None, True, None),
-    ("data.num_workers", 0, None, True, None),
+    ("data.num_workers", -1, None, True, None),  # -1 = from the host's CPU count
     ("model.width", 1, None, True, None),
     ("model.gem_p", 0.0, None, False, None),
     ("teacher.epochs", 0, None, True, None),
@@ -93,6 +93,7 @@ def _choices() -> dict[str, tuple]:
   from dakd_jax.data import llcm
   from dakd_jax.data import specs
   from dakd_jax.losses import distill
+  from dakd_jax.models import batch_norm
   from dakd_jax.models import resnet
   return {
       "stage": STAGES,
@@ -103,6 +104,7 @@ def _choices() -> dict[str, tuple]:
       "distill.mask_keep": distill.MASK_KEEP,
       "distill.mask_mode": distill.MASK_MODES,
       "distill.ablation": distill.ABLATIONS,
+      "distill.student_forward": batch_norm.STUDENT_FORWARDS,
       "extract.query_modality": modalities.MODALITIES,
       "extract.gallery_modality": modalities.MODALITIES,
       "eval.llcm_vis_to_ir": llcm.VIS_TO_IR_VARIANTS,
@@ -293,16 +295,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   from dakd_jax.data import specs  # Deferred like _choices.
   dataset = specs.get_spec(config.data.dataset)
   tuple_choices = {**_tuple_choices(), "eval.directions": dataset.directions}
+  from dakd_jax.models import resnet  # Deferred like _choices.
+  tuple_choices["model.remat"] = resnet.REMAT_PARTS
+  # () = every direction of the dataset; nothing recomputed.
+  may_be_empty = ("eval.directions", "model.remat")
   for field, choices in tuple_choices.items():
-    if field == "eval.directions" and not get_field(config, field):
-      continue  # () = every direction of the dataset.
     values = get_field(config, field)
     bad = [v for v in values if v not in choices]
-    if bad or not values:
+    if bad or not (values or field in may_be_empty):
+      need = " (or none)" if field in may_be_empty else " and at least one is needed"
       # A tuple is written as Python (quoted for the shell); 'a,b' would be one string.
       example = "(" + ",".join(repr(choice) for choice in choices) + ",)"
-      raise ConfigError(f"config.{field} = {values!r}: each entry must be one of {choices} "
-                        f"and at least one is needed; write the tuple in double quotes, e.g. "
+      raise ConfigError(f"config.{field} = {values!r}: each entry must be one of {choices}"
+                        f"{need}; write the tuple in double quotes, e.g. "
                         f"--config.{field}=\"{example}\"")
   temperatures = config.distill.temperatures
   if not temperatures or any(t <= 0 for t in temperatures):

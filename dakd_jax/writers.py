@@ -196,7 +196,9 @@ def format_duration(seconds: float) -> str:
 
 
 def device_memory_text(device: Any = None) -> str:
-  """Returns "mem <in use>/<peak> GiB" for a device, "" when it reports no statistics (CPU)."""
+  """Returns "mem <in use>/<peak> GiB" for a device (default: the first local one), "" when it
+  reports no statistics (CPU). The peak is the allocator's high-water mark since the process
+  started, the number to compare with the device's capacity."""
   try:
     stats = (device or jax.local_devices()[0]).memory_stats()
   except Exception:  # pylint: disable=broad-except  # some backends raise instead of None
@@ -205,14 +207,15 @@ def device_memory_text(device: Any = None) -> str:
     return ""
   gib = 1024 ** 3
   peak = stats.get("peak_bytes_in_use", stats["bytes_in_use"])
-  return f"mem {stats['bytes_in_use'] / gib:.2f}/{peak / gib:.2f} GiB"
+  return f"mem {stats['bytes_in_use'] / gib:.1f}/{peak / gib:.1f} GiB"
 
 
 class ProgressLine:
   """A stage's progress as one line that fits the terminal.
 
-  The line leads with the stage, step/total, the loss, images/s and the ETA; the other loss
-  terms, the epoch, step and data time and device memory follow, as many as fit in `width`
+  The line leads with the stage, step/total, the loss, images/s and the ETA; device memory (on
+  accelerators), the other loss terms, the epoch, step and data time follow, as many as fit in
+  `width`
   columns (`shutil.get_terminal_size`, 80 when unknown; metrics.jsonl holds every term).
 
   On a terminal the line is redrawn in place at most every `min_interval_s` (default 0.5 s);
@@ -308,7 +311,10 @@ class ProgressLine:
     lead = [f"{self.stage} step {self._last_step}/{self.total_steps}".strip()]
     if "loss" in values:
       lead.append(f"loss {values.pop('loss'):.4g}")
-    tail = [f"{name} {value:.4g}" for name, value in values.items()]
+    tail = []
+    if self._show_memory and (memory := device_memory_text()):
+      tail.append(memory)  # First of the optional parts: on a GPU it matters most.
+    tail += [f"{name} {value:.4g}" for name, value in values.items()]
     if epoch is None and self.steps_per_epoch:
       epoch = max(1, math.ceil(self._last_step / self.steps_per_epoch))
     if epoch is not None:
@@ -322,8 +328,6 @@ class ProgressLine:
       tail.append(f"step {step_time:.3f}s data {self._data_time / steps:.3f}s")
     else:  # Nothing ran since the clock restarted: no rate yet.
       lead += ["? img/s", "ETA ?"]
-    if self._show_memory and (memory := device_memory_text()):
-      tail.append(memory)
     self.restart_clock(self._last_step)
     return fit_parts(lead, tail, self.columns())
 

@@ -83,6 +83,12 @@ def test_load_config_parses_strings_by_field_type():
     ({"model.init_weights": "/no/such/weights.safetensors"}, "no such file or directory"),
     ({"data.trial": 11}, "config.data.trial = 11 is out of range: must be in [1, 10]"),
     ({"distill.temperatures": (4.0, 3.0)}, "strong_uses_weak_at_2_6 = True needs 5"),
+    ({"data.num_workers": -2}, "config.data.num_workers = -2 is out of range: must be in [-1,"),
+    ({"distill.student_forward": "one_call"},
+     "config.distill.student_forward = 'one_call' is not allowed: choose one of ('grouped', "
+     "'two_calls')"),
+    ({"model.remat": ("stem", "blocks")}, "config.model.remat = ('stem', 'blocks'): each entry "
+                                          "must be one of ('stem', 'non_local')"),
 ])
 def test_validate_names_the_field(overrides, expected):
   if "strong_uses_weak_at_2_6" in expected:
@@ -91,6 +97,14 @@ def test_validate_names_the_field(overrides, expected):
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(config, num_devices=1)
   assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"data.num_workers": -1}, {"model.remat": ()}, {"model.remat": ("stem", "non_local")},
+    {"distill.student_forward": "two_calls"}])
+def test_validate_accepts_auto_workers_remat_parts_and_student_forwards(overrides):
+  config = config_lib.load_config("configs/sysu.py", overrides, validate_config=False)
+  config_lib.validate(config, num_devices=1)
 
 
 def test_eval_batch_must_divide_devices():

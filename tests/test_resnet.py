@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from dakd_jax.models import batch_norm
 from dakd_jax.models import resnet
 
 HEIGHT, WIDTH = 64, 48
@@ -150,7 +151,7 @@ def test_masked_batch_norm_matches_numpy():
   rng = np.random.default_rng(3)
   x = rng.normal(2.0, 3.0, size=(5, 3, 2, 4)).astype(np.float32)
   mask = np.array([True, False, True, True, False])
-  bn = resnet.MaskedBatchNorm()
+  bn = batch_norm.GroupedBatchNorm()
   variables = bn.init(jax.random.key(0), x, mask, train=False)
   scale, bias = rng.uniform(0.5, 1.5, 4), rng.normal(size=4)
   variables = {"params": {"scale": jnp.asarray(scale, jnp.float32),
@@ -298,3 +299,30 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match=r"images must be \[n, H, W, 3\]"):
     jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                    images[..., :1], jnp.zeros((2,), jnp.int32))
+  variables = resnet.init_variables(model, jax.random.key(0), (HEIGHT, WIDTH))
+  with pytest.raises(ValueError, match="bn_groups must be >= 1 and divide the batch of 2"):
+    model.apply(variables, images, jnp.zeros((2,), jnp.int32), train=True, bn_groups=3,
+                mutable=["batch_stats"])
+  with pytest.raises(ValueError, match=r"remat parts must be among .*\['blocks'\]"):
+    model.clone(remat=("blocks",)).apply(variables, images, jnp.zeros((2,), jnp.int32))
+
+
+def test_remat_recomputes_the_same_values_and_gradients(net):
+  model, _, variables, images = net
+  remat = model.clone(remat=resnet.REMAT_PARTS)
+
+  def grads(model):
+    def loss(params):
+      out, state = model.apply({**variables, "params": params}, images, MODALITY, train=True,
+                               mutable=["batch_stats"])
+      return jnp.sum(out["features"] * jnp.arange(out["features"].shape[1])), state
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+  (plain, plain_state), (recomputed, recomputed_state) = grads(model), grads(remat)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, recomputed)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, plain_state, recomputed_state)
+  # Same variables: checkpoints and weight files fit either way.
+  shape_of = lambda leaf: leaf.shape
+  assert (jax.tree_util.tree_map(shape_of, remat.init(jax.random.key(0), images, MODALITY))
+          == jax.tree_util.tree_map(shape_of, variables))

@@ -5,6 +5,7 @@ with a width-8 ResNet-18 at 96x48 (the last stage stays 6x3 for XLA:CPU's fast p
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,9 +297,12 @@ def test_demo_end_to_end_teacher_learns_cross_modal_matching(tmp_path):
 
 
 def test_student_without_teacher_fails_clearly(tmp_path):
-  process = run_py(tiny_overrides(str(tmp_path), stage="student"), str(tmp_path / "run"))
+  process = run_py(tiny_overrides(str(tmp_path), stage="student", **{"data.num_workers": -1}),
+                   str(tmp_path / "run"))
   output, _ = process.communicate(timeout=600)
   assert process.returncode == 1
+  # The loader worker count chosen for this host is printed once at start-up.
+  assert len(re.findall(r"dakd_jax: data\.num_workers=auto -> \d+ \(\d+ CPUs; ", output)) == 1
   assert "no checkpoint in" in output and "train the teacher first" in output
   assert "Traceback" not in output
 

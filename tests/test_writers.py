@@ -136,7 +136,7 @@ def test_format_duration_and_memory_text():
 
   gib = 1024 ** 3
   busy = FakeDevice({"bytes_in_use": 1.5 * gib, "peak_bytes_in_use": 3 * gib})
-  assert writers.device_memory_text(busy) == "mem 1.50/3.00 GiB"
+  assert writers.device_memory_text(busy) == "mem 1.5/3.0 GiB"
   assert writers.device_memory_text(FakeDevice(None)) == ""
 
 
@@ -321,3 +321,28 @@ def test_drop_rows_after_names_the_log_it_cannot_rewrite(tmp_path, monkeypatch):
     writers.drop_rows_after(path, 1)
   with open(path) as f:
     assert f.read() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_progress_line_shows_device_memory_once_per_line(monkeypatch):
+  gib = 1024 ** 3
+  peaks = iter([2.0, 2.5, 3.0])
+
+  class FakeAccelerator:
+    def memory_stats(self):  # The peak rises between lines, as on a GPU.
+      return {"bytes_in_use": 1.0 * gib, "peak_bytes_in_use": next(peaks) * gib}
+
+  monkeypatch.setattr(writers.jax, "local_devices", lambda: [FakeAccelerator()])
+  clock = [0.0]
+  stream = io.StringIO()
+  line = writers.ProgressLine(3, stage="teacher", stream=stream, min_interval_s=0.0,
+                              clock=lambda: clock[0])
+  for step in range(1, 4):
+    clock[0] += 1.0
+    line.update(step, {"loss": 1.0}, images=8)
+  line.close()
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 3
+  for text, peak in zip(lines, ("2.0", "2.5", "3.0")):
+    # Memory leads the optional part of the line, so it shows whenever anything does.
+    assert text.count("mem ") == 1 and text.count("GiB") == 1
+    assert text.split(" | ")[4] == f"mem 1.0/{peak} GiB"

@@ -14,13 +14,15 @@ the released single shared network and `modality` is ignored.
 Routing is per sample: both stems run on the whole batch and each image keeps the output of its
 own stem, so one compiled step serves any visible/infrared mix (the cost is one extra stem
 convolution, about 3% of the ResNet-50 FLOPs). Each stem's BatchNorm takes its batch statistics
-from its own images only (`MaskedBatchNorm`). Both stems share one max-pool because it has no
-parameters.
+from its own images only (`GroupedBatchNorm` with a mask). Both stems share one max-pool because
+it has no parameters. The DAKD student calls the network once on [visible; infrared] with
+`bn_groups=2`: every BN then normalises each half with its own statistics, as two calls would.
 
 Numerics: convolutions run in `dtype` (float32 or bfloat16); parameters are float32; every
 BatchNorm computes its statistics and the normalisation in float32; GeM, the BNNeck and all
-outputs are float32. BN: momentum 0.9, epsilon 1e-5, running variance updated with the biased
-batch variance (method.md 2.3).
+outputs are float32 (float64 throughout for a float64 model, which tests use to check
+equalities beyond float32 rounding). BN: momentum 0.9, epsilon 1e-5, running variance updated
+with the biased batch variance (method.md 2.3).
 
 Under `jax.jit` with the batch sharded over a device mesh, BatchNorm batch statistics are means
 over the global (sharded) batch: XLA's SPMD partitioner inserts the cross-device reductions, so no
@@ -37,14 +39,17 @@ import jax
 import jax.numpy as jnp
 
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
+from dakd_jax.models.batch_norm import BN_EPSILON, BN_MOMENTUM, GroupedBatchNorm
+from dakd_jax.models.batch_norm import at_least_float32
 
 # Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 BOTTLENECK_DEPTHS = (50,)
 # Non-local blocks follow the last k blocks of a stage (method.md 2.1); stages 1 and 4 have none.
 NON_LOCAL_COUNTS = {1: 0, 2: 2, 3: 3, 4: 0}
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+# Parts of the network a ReIDResNet may recompute in the backward pass instead of storing
+# (config model.remat): the stems with the max-pool, the non-local blocks.
+REMAT_PARTS = ("stem", "non_local")
 # config model.compute_dtype -> the dtype convolutions run in.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -87,62 +92,31 @@ def _conv(features, kernel, stride, dtype, name):
                  param_dtype=jnp.float32, kernel_init=_conv_init, name=name)
 
 
-def _batch_norm(train, dtype, name, **kwargs):
+def _batch_norm(train, dtype, name, groups=1, **kwargs):
+  """A BN layer called as bn(x): Flax's BatchNorm, or with `groups` > 1 in training the grouped
+  one with the same formula (per-group statistics, one running-average move per group)."""
+  if train and groups > 1:
+    bn = GroupedBatchNorm(groups=groups, use_fast_variance=True, dtype=dtype, name=name, **kwargs)
+    return lambda x: bn(x, None, True)
   # Flax promotes the statistics and the normalisation to float32 and casts the result to dtype.
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                       dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
 
 
-class MaskedBatchNorm(nn.Module):
-  """BatchNorm over channels whose batch statistics come from the masked samples only.
-
-  Used in the per-modality stems. Same variables as `nn.BatchNorm` (params `scale`, `bias`;
-  batch_stats `mean`, `var`) so ImageNet weights load identically. In training, mean and biased
-  variance are taken over the H*W positions of the samples with `mask` true and the running
-  averages move by `r <- 0.9 r + 0.1 stat`; if no sample is masked in, the running statistics
-  stay unchanged and the output (finite, meaningless) must not be used.
-  """
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, train: bool):
-    """x: [n, H, W, C]; mask: [n] bool or None (all samples); returns [n, H, W, C] in dtype."""
-    channels = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    if not train:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      if mask is None:
-        mask = jnp.ones(x.shape[:1], bool)
-      weights = mask.astype(jnp.float32)[:, None, None, None]
-      count = jnp.sum(weights) * x.shape[1] * x.shape[2]
-      # Clamp the count so that an empty mask yields zeros rather than NaNs.
-      denom = jnp.maximum(count, 1.0)
-      mean = jnp.sum(x32 * weights, axis=(0, 1, 2)) / denom
-      var = jnp.sum(jnp.square(x32 - mean) * weights, axis=(0, 1, 2)) / denom
-      if not self.is_initializing():
-        has_samples = count > 0
-        ra_mean.value = jnp.where(
-            has_samples, BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean, ra_mean.value)
-        ra_var.value = jnp.where(
-            has_samples, BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var, ra_var.value)
-    y = (x32 - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
-    return y.astype(self.dtype)
-
-
 class Stem(nn.Module):
-  """conv1 (7x7/2, no bias) -> bn1 -> ReLU; the max-pool is applied by the caller."""
+  """conv1 (7x7/2, no bias) -> bn1 -> ReLU; the max-pool is applied by the caller.
+
+  bn1 takes its statistics from the samples with `mask` true (all when None), per BN group.
+  """
   width: int
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
     x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
-    x = MaskedBatchNorm(dtype=self.dtype, name="bn1")(x, mask, train)
+    x = GroupedBatchNorm(groups=self.bn_groups if train else 1, dtype=self.dtype,
+                         name="bn1")(x, mask, train)
     return nn.relu(x)
 
 
@@ -151,14 +125,15 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
-    out = nn.relu(_batch_norm(train, self.dtype, "bn1")(out))
+    out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups)(out))
     out = _conv(self.planes, 3, 1, self.dtype, "conv2")(out)
-    out = _batch_norm(train, self.dtype, "bn2")(out)
-    return nn.relu(out + _shortcut(x, self.planes, self.stride, train, self.dtype))
+    out = _batch_norm(train, self.dtype, "bn2", self.bn_groups)(out)
+    return nn.relu(out + _shortcut(x, self.planes, self.stride, train, self.dtype, self.bn_groups))
 
 
 class Bottleneck(nn.Module):
@@ -166,19 +141,21 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
-    out = nn.relu(_batch_norm(train, self.dtype, "bn1")(out))
+    out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups)(out))
     out = _conv(self.planes, 3, self.stride, self.dtype, "conv2")(out)
-    out = nn.relu(_batch_norm(train, self.dtype, "bn2")(out))
+    out = nn.relu(_batch_norm(train, self.dtype, "bn2", self.bn_groups)(out))
     out = _conv(4 * self.planes, 1, 1, self.dtype, "conv3")(out)
-    out = _batch_norm(train, self.dtype, "bn3")(out)
-    return nn.relu(out + _shortcut(x, 4 * self.planes, self.stride, train, self.dtype))
+    out = _batch_norm(train, self.dtype, "bn3", self.bn_groups)(out)
+    return nn.relu(out + _shortcut(x, 4 * self.planes, self.stride, train, self.dtype,
+                                    self.bn_groups))
 
 
-def _shortcut(x, features, stride, train, dtype):
+def _shortcut(x, features, stride, train, dtype, groups):
   """Identity, or 1x1 projection + BN when the stride or channel count changes.
 
   Called inside a block's compact `__call__`, so the projection's modules belong to that block.
@@ -188,7 +165,7 @@ def _shortcut(x, features, stride, train, dtype):
   x = nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False,
               dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
               name="downsample_conv")(x)
-  return _batch_norm(train, dtype, "downsample_bn")(x)
+  return _batch_norm(train, dtype, "downsample_bn", groups)(x)
 
 
 class NonLocalBlock(nn.Module):
@@ -200,6 +177,7 @@ class NonLocalBlock(nn.Module):
   uniform(+-1/sqrt(fan_in)) initialisation for weights and biases.
   """
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -210,14 +188,14 @@ class NonLocalBlock(nn.Module):
       return nn.Conv(features, (1, 1), use_bias=True, dtype=self.dtype,
                      param_dtype=jnp.float32, kernel_init=init, bias_init=init, name=name)
 
-    theta = conv(1, channels, "theta")(x).astype(jnp.float32)
-    phi = conv(1, channels, "phi")(x).astype(jnp.float32)
-    val = conv(1, channels, "val")(x).astype(jnp.float32)
+    theta = at_least_float32(conv(1, channels, "theta")(x))
+    phi = at_least_float32(conv(1, channels, "phi")(x))
+    val = at_least_float32(conv(1, channels, "val")(x))
     # Scalar per sample in float32: s = (1/N) sum_q phi_q val_q.
     s = jnp.mean(phi * val, axis=(1, 2, 3), keepdims=True)
     y = (theta * s).astype(self.dtype)
     y = conv(channels, 1, "out")(y)
-    y = _batch_norm(train, self.dtype, "out_bn", scale_init=nn.initializers.zeros,
+    y = _batch_norm(train, self.dtype, "out_bn", self.bn_groups, scale_init=nn.initializers.zeros,
                     bias_init=nn.initializers.zeros)(y)
     return x + y
 
@@ -233,7 +211,7 @@ class GeM(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.param("p", nn.initializers.constant(self.p_init), (), jnp.float32)
-    x = jnp.maximum(x.astype(jnp.float32), self.eps)
+    x = jnp.maximum(at_least_float32(x), self.eps)
     return jnp.power(jnp.mean(jnp.power(x, p), axis=(1, 2)), 1.0 / p)
 
 
@@ -241,10 +219,15 @@ class ReIDResNet(nn.Module):
   """Re-ID ResNet (method.md 2). Call as
 
     model.apply(variables, images, modality, train=True, mutable=["batch_stats"])
+    model.apply(variables, images, modality, train=True, bn_groups=2, mutable=["batch_stats"])
     model.apply(variables, images, modality, train=False)
 
   images: [n, H, W, 3] normalised float; modality: [n] int32, 0 visible / 1 infrared (only these
   two values are valid; ignored when `modality_specific_stem` is false).
+  bn_groups (training only): every BN takes its batch statistics from each of `bn_groups` equal
+  consecutive parts of the batch separately and moves its running averages once per part, in
+  order, so one call on [x_1; x_2] equals consecutive calls on x_1 and x_2 (values, gradients,
+  running averages); the DAKD student's per-modality statistics (method.md 4.1).
   Returns a dict of float32 arrays, C_out = `output_features(depth, width)`:
     'pooled': [n, C_out] GeM feature f (before the BNNeck);
     'features': [n, C_out] BNNeck output g (batch statistics when training, running otherwise);
@@ -252,7 +235,10 @@ class ReIDResNet(nn.Module):
     'feature_map': [n, H/16, W/16, C_out] layer4 output, only if return_feature_map.
   The BNNeck has a scale (init 1) and no shift: the released shift is initialised to 0 and frozen,
   which is the same as having none (and keeps it out of the optimiser and weight decay).
-  Raises ValueError for an unsupported depth or a modality of the wrong shape.
+  `remat` names parts (REMAT_PARTS) recomputed in the backward pass instead of stored: same
+  values and gradients, less memory, a little more compute.
+  Raises ValueError for an unsupported depth, a modality of the wrong shape, a bn_groups that
+  does not divide the batch or an unknown remat part.
   """
   depth: int = 50
   width: int = 64
@@ -261,49 +247,71 @@ class ReIDResNet(nn.Module):
   gem_p_init: float = 3.0
   last_stride: int = 1
   dtype: Any = jnp.float32
+  remat: tuple[str, ...] = ()  # parts of REMAT_PARTS recomputed in the backward pass
 
   @nn.compact
-  def __call__(self, images, modality, train: bool = False, return_feature_map: bool = False):
+  def __call__(self, images, modality, train: bool = False, return_feature_map: bool = False,
+               bn_groups: int = 1):
     if self.depth not in STAGE_SIZES:
       raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [n, H, W, 3], got shape {images.shape}")
-    x = self._stem(images.astype(self.dtype), modality, train)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = self._stages(x, train)
+    if unknown := set(self.remat) - set(REMAT_PARTS):
+      raise ValueError(f"remat parts must be among {REMAT_PARTS}, got {sorted(unknown)}")
+    groups = bn_groups if train else 1
+    if groups < 1 or images.shape[0] % groups:
+      raise ValueError(f"bn_groups must be >= 1 and divide the batch of {images.shape[0]} "
+                       f"images, got {bn_groups}")
+    stem = nn.remat(_stem_and_pool, static_argnums=(3, 4)) if "stem" in self.remat \
+        else _stem_and_pool
+    x = stem(self, images.astype(self.dtype), modality, train, groups)
+    x = self._stages(x, train, groups)
     pooled = GeM(p_init=self.gem_p_init, name="gem")(x)
-    features = _batch_norm(train, jnp.float32, "bnneck", use_bias=False)(pooled)
+    features = _batch_norm(train, jnp.promote_types(self.dtype, jnp.float32), "bnneck", groups,
+                           use_bias=False)(pooled)
     outputs = {"pooled": pooled, "features": features}
     if not train:
       norm = jnp.linalg.norm(features, axis=-1, keepdims=True)
       outputs["embedding"] = features / jnp.maximum(norm, 1e-12)
     if return_feature_map:
-      outputs["feature_map"] = x.astype(jnp.float32)
+      outputs["feature_map"] = at_least_float32(x)
     return outputs
 
-  def _stem(self, images, modality, train):
-    if not self.modality_specific_stem:
-      return Stem(self.width, self.dtype, name="stem")(images, None, train)
-    modality = jnp.asarray(modality)
-    if modality.shape != images.shape[:1]:
-      raise ValueError(f"modality must have shape [n] = {images.shape[:1]}, got {modality.shape}")
-    is_infrared = modality == INFRARED_CODE
-    visible = Stem(self.width, self.dtype, name="stem_visible")(images, ~is_infrared, train)
-    infrared = Stem(self.width, self.dtype, name="stem_infrared")(images, is_infrared, train)
-    return jnp.where(is_infrared[:, None, None, None], infrared, visible)
-
-  def _stages(self, x, train):
+  def _stages(self, x, train, groups):
     block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+    non_local_cls = nn.remat(NonLocalBlock, static_argnums=(2,)) if "non_local" in self.remat \
+        else NonLocalBlock
     for stage, blocks in enumerate(STAGE_SIZES[self.depth], start=1):
       planes = self.width * 2 ** (stage - 1)
       first_stride = 1 if stage == 1 else (self.last_stride if stage == 4 else 2)
       with_non_local = non_local_positions(self.depth, stage) if self.non_local else ()
       for index in range(blocks):
         stride = first_stride if index == 0 else 1
-        x = block_cls(planes, stride, self.dtype, name=f"layer{stage}_{index}")(x, train)
+        x = block_cls(planes, stride, self.dtype, groups, name=f"layer{stage}_{index}")(x, train)
         if index in with_non_local:
-          x = NonLocalBlock(self.dtype, name=f"non_local{stage}_{index}")(x, train)
+          x = non_local_cls(self.dtype, groups, name=f"non_local{stage}_{index}")(x, train)
     return x
+
+
+def _stem_and_pool(model: ReIDResNet, images, modality, train: bool, groups: int):
+  """The stem(s) and the shared max-pool of `model`: [n, H, W, 3] -> [n, H/4, W/4, width].
+
+  A function of the model (not a method) so that `nn.remat` can wrap it whole: with
+  model.remat including "stem" only the max-pool output is kept for the backward pass.
+  """
+  if not model.modality_specific_stem:
+    x = Stem(model.width, model.dtype, groups, name="stem")(images, None, train)
+  else:
+    modality = jnp.asarray(modality)
+    if modality.shape != images.shape[:1]:
+      raise ValueError(f"modality must have shape [n] = {images.shape[:1]}, got {modality.shape}")
+    is_infrared = modality == INFRARED_CODE
+    visible = Stem(model.width, model.dtype, groups, name="stem_visible")(images, ~is_infrared,
+                                                                          train)
+    infrared = Stem(model.width, model.dtype, groups, name="stem_infrared")(images, is_infrared,
+                                                                            train)
+    x = jnp.where(is_infrared[:, None, None, None], infrared, visible)
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 ResNet18 = functools.partial(ReIDResNet, depth=18)
@@ -313,7 +321,7 @@ ResNet50 = functools.partial(ReIDResNet, depth=50)
 
 def create_model(depth: int = 50, width: int = 64, **kwargs) -> ReIDResNet:
   """Builds a `ReIDResNet`; kwargs are its other fields (modality_specific_stem, non_local,
-  gem_p_init, last_stride, dtype). Raises ValueError for an unsupported depth or width."""
+  gem_p_init, last_stride, dtype, remat). Raises ValueError for an unsupported depth or width."""
   if depth not in STAGE_SIZES:
     raise ValueError(f"model depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
   if width < 1:
@@ -323,8 +331,8 @@ def create_model(depth: int = 50, width: int = 64, **kwargs) -> ReIDResNet:
 
 def model_from_settings(settings) -> ReIDResNet:
   """The network described by a config's `model` section (a mapping or ConfigDict with depth,
-  width, modality_specific_stem, non_local, gem_p, compute_dtype), e.g. the one stored in a
-  checkpoint. Raises ValueError for an unsupported depth, width or dtype."""
+  width, modality_specific_stem, non_local, gem_p, compute_dtype, optionally remat), e.g. the
+  one stored in a checkpoint. Raises ValueError for an unsupported depth, width or dtype."""
   if settings["compute_dtype"] not in COMPUTE_DTYPES:
     raise ValueError(f"model compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
                      f"{settings['compute_dtype']!r}")
@@ -332,7 +340,9 @@ def model_from_settings(settings) -> ReIDResNet:
       depth=settings["depth"], width=settings["width"],
       modality_specific_stem=settings["modality_specific_stem"],
       non_local=settings["non_local"], gem_p_init=settings["gem_p"],
-      dtype=COMPUTE_DTYPES[settings["compute_dtype"]])
+      dtype=COMPUTE_DTYPES[settings["compute_dtype"]],
+      # Settings stored before the field existed have no remat (it changes no variable).
+      remat=tuple(settings.get("remat", ())))
 
 
 def tie_stems(variables: dict) -> dict:

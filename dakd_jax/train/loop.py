@@ -170,7 +170,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         data.train_source, data.train_meta, seed=config.seed,
         ids_per_batch=config.data.ids_per_batch, images_per_id=config.data.images_per_id,
         start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers)
+        process_count=jax.process_count(), num_workers=builders.num_workers(config))
     if hasattr(iterator, "close"):  # Stops Grain worker processes.
       cleanup.callback(iterator.close)
     progress = writers.ProgressLine(total_steps, stage=stage.name,
@@ -347,7 +347,8 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare
   state = state_lib.create_replicated_state(variables, tx, key_state, mesh)
   step = steps_lib.make_student_step(
       model, tx, builders.distill_settings(config), builders.augment_views(config, "student"),
-      double_bn_update=config.distill.double_bn_update)
+      double_bn_update=config.distill.double_bn_update,
+      student_forward=config.distill.student_forward)
   compiled = jit_step(step, mesh, num_extra=1)
   stage = Stage(
       name="student", epochs=config.distill.epochs, steps_per_epoch=steps_per_epoch,

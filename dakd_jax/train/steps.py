@@ -19,7 +19,11 @@ from dakd_jax.losses import alignment
 from dakd_jax.losses import distill
 from dakd_jax.losses import memory as memory_lib
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
+from dakd_jax.models import batch_norm
 from dakd_jax.train.state import TrainState
+
+
+STUDENT_FORWARDS = batch_norm.STUDENT_FORWARDS
 
 
 @flax.struct.dataclass
@@ -81,47 +85,92 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
   return teacher_step
 
 
+def teacher_embeddings(model, variables, visible: jax.Array,
+                       infrared: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The frozen teacher's unit embeddings of both views from ONE inference-mode call.
+
+  visible, infrared: [n, H, W, 3] normalised images. Returns (t_v, t_i), each [n, D] float32.
+  Inference mode uses the running statistics, so each image's embedding does not depend on the
+  others in the batch: one call on [visible; infrared] equals two calls (method.md 4.1).
+  """
+  n = visible.shape[0]
+  codes = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
+  embedding = model.apply(variables, jnp.concatenate([visible, infrared]), codes,
+                          train=False)["embedding"]
+  return embedding[:n], embedding[n:]
+
+
+def student_features(model, variables: dict, visible: jax.Array, infrared: jax.Array, *,
+                     forward: str = "grouped") -> tuple[jax.Array, jax.Array, Any]:
+  """The student's training-mode BNNeck features with BN statistics per modality.
+
+  variables: {'params', 'batch_stats'}; visible, infrared: [n, H, W, 3] normalised images.
+  forward: "two_calls" runs the network on the visible then the infrared batch, as the released
+  code does; "grouped" runs it once on [visible; infrared] with `bn_groups=2`, which gives the
+  same features, gradients and running averages (the visible half moves them first).
+  Returns (s_v [n, D], s_i [n, D], the updated batch_stats). Raises ValueError for another
+  `forward`.
+  """
+  n = visible.shape[0]
+  if forward == "grouped":
+    codes = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
+    outputs, updates = model.apply(variables, jnp.concatenate([visible, infrared]), codes,
+                                   train=True, bn_groups=2, mutable=["batch_stats"])
+    features = outputs["features"]
+    return features[:n], features[n:], updates["batch_stats"]
+  if forward != "two_calls":
+    raise ValueError(f"student forward must be one of {STUDENT_FORWARDS}, got {forward!r}")
+  batch_stats = variables["batch_stats"]
+  features = []
+  for images, code in ((visible, VISIBLE_CODE), (infrared, INFRARED_CODE)):
+    outputs, updates = model.apply({"params": variables["params"], "batch_stats": batch_stats},
+                                   images, modality_codes(n, code), train=True,
+                                   mutable=["batch_stats"])
+    features.append(outputs["features"])
+    batch_stats = updates["batch_stats"]
+  return features[0], features[1], batch_stats
+
+
 def make_student_step(model, tx: optax.GradientTransformation,
                       settings: distill.DistillSettings, views: dict,
-                      *, double_bn_update: bool = False) -> Callable:
+                      *, double_bn_update: bool = False,
+                      student_forward: str = "grouped") -> Callable:
   """Returns student_step(state, teacher, batch) -> (state, metrics) (method.md 4).
 
-  The student runs separately on the visible ("strong") and infrared ("weak") views, so BN
-  statistics are per modality; the frozen teacher sees the same augmented tensors in inference
-  mode. `double_bn_update` reproduces the released code's extra forward pass, which only
-  updates the BN running averages a second time with the same batch (knob
-  distill.double_bn_update).
+  The student normalises the visible ("strong") and infrared ("weak") views with separate BN
+  statistics (`student_features`, `student_forward` = "grouped" or "two_calls"); the frozen
+  teacher embeds the same augmented tensors in one inference-mode call. `double_bn_update`
+  reproduces the released code's extra forward pass, whose only effect is a second update of
+  the BN running averages with the same batch (knob distill.double_bn_update); it is computed
+  in closed form from this step's own update (`batch_norm.repeat_running_average_update`),
+  without running the network again.
   """
-
-  def forward(params, batch_stats, images, code):
-    outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                   modality_codes(images.shape[0], code), train=True,
-                                   mutable=["batch_stats"])
-    return outputs["features"], updates["batch_stats"]
+  if student_forward not in STUDENT_FORWARDS:
+    raise ValueError(f"student_forward must be one of {STUDENT_FORWARDS}, got "
+                     f"{student_forward!r}")
 
   def student_step(state: TrainState, teacher: FrozenTeacher, batch: dict):
     key = jax.random.fold_in(state.key, state.step)
     key_v, key_i = jax.random.split(key)
     visible = augment.augment_batch(key_v, batch["visible"], views["visible"])
     infrared = augment.augment_batch(key_i, batch["infrared"], views["infrared"])
-    n = visible.shape[0]
-    teacher_v = model.apply(teacher.variables, visible, modality_codes(n, VISIBLE_CODE),
-                            train=False)["embedding"]
-    teacher_i = model.apply(teacher.variables, infrared, modality_codes(n, INFRARED_CODE),
-                            train=False)["embedding"]
-    batch_stats = state.batch_stats
-    if double_bn_update:
-      _, batch_stats = forward(state.params, batch_stats, visible, VISIBLE_CODE)
-      _, batch_stats = forward(state.params, batch_stats, infrared, INFRARED_CODE)
+    teacher_v, teacher_i = teacher_embeddings(model, teacher.variables, visible, infrared)
 
     def loss_fn(params):
-      student_v, stats = forward(params, batch_stats, visible, VISIBLE_CODE)
-      student_i, stats = forward(params, stats, infrared, INFRARED_CODE)
+      student_v, student_i, stats = student_features(
+          model, {"params": params, "batch_stats": state.batch_stats}, visible, infrared,
+          forward=student_forward)
       loss, terms = distill.dakd_loss(student_v, student_i, teacher_v, teacher_i,
                                       teacher.centres_visible, teacher.centres_infrared, settings)
       return loss, (terms, stats)
 
     (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if double_bn_update:
+      def update(batch_stats):
+        return student_features(model, {"params": state.params, "batch_stats": batch_stats},
+                                visible, infrared, forward=student_forward)[2]
+      new_stats = batch_norm.repeat_running_average_update(update, state.batch_stats,
+                                                           new_stats)
     new_state = state.apply_gradients(tx, grads, batch_stats=new_stats)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics

@@ -1,0 +1,152 @@
+"""Batch normalisation with statistics per group of samples and, optionally, per sample mask.
+
+Part of the model (`resnet.py`): the per-modality stems normalise each image with statistics of
+its own modality's images only (the mask), and the DAKD student normalises the visible and the
+infrared half of one `[visible; infrared]` batch separately (the groups), which is the released
+code's two separate forward passes done in one call (method.md 4.1). Conventions of method.md
+2.3: momentum 0.9, epsilon 1e-5, biased batch variance, statistics and normalisation in float32.
+
+The running averages move once per group, in group order, exactly as consecutive calls on the
+groups would move them: for groups (v, i), `r <- m (m r + (1-m) s_v) + (1-m) s_i`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+# How the DAKD student gets per-modality BN statistics (config distill.student_forward): one
+# call with two BN groups, or the released two calls.
+STUDENT_FORWARDS = ("grouped", "two_calls")
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """x in float32, or in float64 if it is (a float64 model checks equalities beyond float32
+  rounding in the tests)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def group_statistics(x: jax.Array, groups: int, mask: jax.Array | None,
+                     use_fast_variance: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mean, biased variance and sample count of each group of consecutive samples.
+
+  Args:
+    x: [n, ..., C] float32, n divisible by `groups`; statistics over every axis but the last.
+    groups: number of equal consecutive groups of samples.
+    mask: [n] bool (only the true samples count) or None (all samples).
+    use_fast_variance: E[x^2] - E[x]^2 clamped at 0 (Flax's BatchNorm formula, one pass);
+      otherwise the two-pass E[(x - mean)^2]. Only without a mask.
+  Returns:
+    mean [groups, C], var [groups, C], count [groups] (positions counted; 0 for an empty group,
+    whose mean and var are then 0).
+  """
+  grouped = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+  axes = tuple(range(1, grouped.ndim - 1))
+  positions = 1
+  for size in x.shape[1:-1]:
+    positions *= size
+  if mask is None and use_fast_variance:
+    mean = jnp.mean(grouped, axis=axes)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(grouped), axis=axes) - jnp.square(mean))
+    count = jnp.full((groups,), grouped.shape[1] * positions, jnp.float32)
+    return mean, var, count
+  if mask is None:
+    mask = jnp.ones(x.shape[:1], bool)
+  per_group = mask.astype(jnp.float32).reshape(groups, x.shape[0] // groups)
+  weights = per_group.reshape(per_group.shape + (1,) * (x.ndim - 1))
+  count = jnp.sum(per_group, axis=1) * positions
+  # Clamp the count so that an empty group yields zeros rather than NaNs.
+  denom = jnp.maximum(count, 1.0)[:, None]
+  mean = jnp.sum(grouped * weights, axis=axes) / denom
+  centred = grouped - _expand(mean, grouped.ndim)
+  var = jnp.sum(jnp.square(centred) * weights, axis=axes) / denom
+  return mean, var, count
+
+
+def _expand(per_group: jax.Array, ndim: int) -> jax.Array:
+  """[groups, C] -> [groups, 1, ..., 1, C] broadcastable against a grouped [g, m, ..., C]."""
+  return per_group.reshape(per_group.shape[:1] + (1,) * (ndim - 2) + per_group.shape[1:])
+
+
+class GroupedBatchNorm(nn.Module):
+  """BatchNorm over channels with batch statistics per group of samples and per sample mask.
+
+  Same variables as `nn.BatchNorm` (params `scale`, `bias`; batch_stats `mean`, `var`), so
+  weights and checkpoints load identically whichever BN a layer uses. In training, the batch
+  `[n, ..., C]` is cut into `groups` equal consecutive groups; each group is normalised with the
+  mean and biased variance of its samples with `mask` true, and the running averages move once
+  per group in group order, `r <- 0.9 r + 0.1 stat` (a group without masked samples leaves them
+  unchanged; its output is finite and meaningless and must not be used). In inference the
+  running averages are used for every sample.
+  """
+  groups: int = 1
+  use_fast_variance: bool = False  # nn.BatchNorm's one-pass variance; only without a mask
+  use_bias: bool = True
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, train: bool):
+    """x: [n, ..., C]; mask: [n] bool or None (all samples); returns x's shape in dtype.
+
+    Raises ValueError when training on a batch that `groups` does not divide.
+    """
+    channels = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
+    bias = self.param("bias", self.bias_init, (channels,), jnp.float32) if self.use_bias \
+        else None
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    x32 = at_least_float32(x)
+    if not train:
+      return _normalize(x32, ra_mean.value, ra_var.value, scale, bias).astype(self.dtype)
+    if x.shape[0] % self.groups:
+      raise ValueError(f"a batch of {x.shape[0]} samples cannot be cut into {self.groups} equal "
+                       "BN groups; use a batch divisible by the number of groups")
+    mean, var, count = group_statistics(x32, self.groups, mask,
+                                        self.use_fast_variance and mask is None)
+    if not self.is_initializing():
+      for group in range(self.groups):
+        moved_mean = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean[group]
+        moved_var = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var[group]
+        if mask is not None:
+          moved_mean = jnp.where(count[group] > 0, moved_mean, ra_mean.value)
+          moved_var = jnp.where(count[group] > 0, moved_var, ra_var.value)
+        ra_mean.value, ra_var.value = moved_mean, moved_var
+    grouped = x32.reshape((self.groups, x.shape[0] // self.groups) + x.shape[1:])
+    y = _normalize(grouped, _expand(mean, grouped.ndim), _expand(var, grouped.ndim), scale, bias)
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def _normalize(x, mean, var, scale, bias):
+  """(x - mean) * rsqrt(var + eps) * scale + bias in float32, Flax's order of operations."""
+  y = (x - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale)
+  return y if bias is None else y + bias
+
+
+def repeat_running_average_update(update: Callable[[Any], Any], before: Any, after: Any) -> Any:
+  """The running averages after applying a training-mode BN update a second time.
+
+  `update` maps a batch_stats tree to the tree after one training-mode pass (or sequence of
+  passes) on fixed inputs and parameters; `after = update(before)`. Training-mode outputs and
+  batch statistics do not depend on the running averages, so per element `update` is affine,
+  `r -> a r + d` with `a = m^k` for a leaf moved k times (k = 0, 1, 2 ... depending on the
+  layer: a stem BN that saw no sample of its modality has k = 0). Hence
+  `update(after) = a after + d = after + a (after - before)`, with no further forward pass: `a`
+  is the derivative of `update` along a tangent of ones, whose trace touches only the
+  running-average arithmetic (the forward pass it carries is unused, and XLA removes it).
+  This is the released code's duplicated forward pass (method.md 4.7, distill.double_bn_update).
+
+  Args:
+    update: batch_stats -> batch_stats (same tree), as above.
+    before, after: the trees before and after one update.
+  Returns:
+    The tree update(update(before)), leaves of `after`'s dtypes.
+  """
+  _, slope = jax.jvp(update, (before,), (jax.tree.map(jnp.ones_like, before),))
+  return jax.tree.map(lambda old, new, a: new + a * (new - old), before, after, slope)

@@ -9,8 +9,8 @@
 Small ResNet-18 (width 4) on 48 x 48 inputs (layer4 map 3 x 3). Model-level tests use random BN
 affine parameters (and running statistics where training ignores them) so that every BN,
 including the non-local output BNs, acts; step-level tests start from the initial variables.
-In float32 this small random network amplifies rounding (reordering the samples of one batch
-moves its gradients by about 1e-4 relative), so exactness is checked in float64.
+The grouped BN runs, per group, the operations a separate call runs; float64 shows the
+agreement to 1e-10, float32 to its rounding (see the test's docstring).
 """
 import jax
 import jax.numpy as jnp
@@ -98,15 +98,30 @@ def test_one_teacher_call_equals_two_calls(modality_specific_stem):
     assert np.abs(np.asarray(teacher_i - run(variables, infrared, codes(0)))).max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32,
+                                   pytest.param(jnp.float64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("modality_specific_stem", [True, False])
-def test_grouped_student_call_equals_two_calls_exactly_in_float64(modality_specific_stem):
-  """Same function: values, gradients and running averages agree to float64 rounding."""
-  with jax.enable_x64(True):
+def test_grouped_student_call_equals_two_calls(modality_specific_stem, dtype):
+  """Same function: values, gradients and running averages agree.
+
+  float64, random BN parameters (every BN acts, non-local blocks included): to 1e-10. float32
+  from the initial variables (the training start): values and running averages to 1e-5 (the
+  per-group operations are those of a separate call), gradients to 1e-4 of their size (the
+  weight gradients sum the batch in another order). With random BN parameters the non-local
+  output BNs normalise a nearly constant map and amplify float32 rounding to 1e-3, for any
+  change of batch, so float32 is checked where the network is well conditioned.
+  """
+  is_float64 = dtype == jnp.float64
+  with jax.enable_x64(is_float64):
     model = resnet.create_model(18, 4, modality_specific_stem=modality_specific_stem,
-                                dtype=jnp.float64)
-    variables = randomised_variables(model, 2, jnp.float64)
-    visible, infrared = images(3, jnp.float64)
-    weights = jnp.asarray(np.random.default_rng(4).normal(size=(2, N, 32)))
+                                dtype=dtype)
+    if is_float64:
+      variables = randomised_variables(model, 2, dtype)
+    else:
+      variables = resnet.tie_stems(resnet.init_variables(model, jax.random.key(2),
+                                                         (SIZE, SIZE)))
+    visible, infrared = images(3, dtype)
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=(2, N, 32)), dtype)
 
     def loss_and_stats(forward):
       def loss(params):
@@ -118,10 +133,10 @@ def test_grouped_student_call_equals_two_calls_exactly_in_float64(modality_speci
         lambda v: released_two_calls(model, v, visible, infrared))
     (_, actual), actual_grads = loss_and_stats(
         lambda v: steps_lib.student_features(model, v, visible, infrared, forward="grouped"))
-    assert actual[0].dtype == jnp.float64
-    # float64 rounding, amplified by the network about as much as float32 rounding is (1e-4).
-    assert largest_difference(expected, actual, relative=True) < 1e-8
-    assert largest_difference(expected_grads, actual_grads, relative=True) < 1e-8
+    assert actual[0].dtype == dtype
+    assert largest_difference(expected, actual) <= (1e-10 if is_float64 else 1e-5)
+    assert largest_difference(expected_grads, actual_grads, relative=True) <= (
+        1e-10 if is_float64 else 1e-4)
     # The two modalities' statistics really differ, so the grouping matters.
     joint, _ = model.apply(variables, jnp.concatenate([visible, infrared]),
                            jnp.concatenate([codes(0), codes(1)]), train=True,
@@ -295,8 +310,7 @@ def test_student_step_grouped_equals_two_calls_in_float32(student_setup, student
       student_steps[name] for name in ("grouped", "two_calls"))
   assert largest_difference(two_state.batch_stats, grouped_state.batch_stats) <= 1e-5
   np.testing.assert_allclose(grouped["loss"], two["loss"], rtol=1e-5)
-  # A norm over every float32 gradient: rounding of the sum of squares.
-  np.testing.assert_allclose(grouped["grad_norm"], two["grad_norm"], rtol=5e-5)
+  np.testing.assert_allclose(grouped["grad_norm"], two["grad_norm"], rtol=1e-5)
   assert np.isfinite(float(grouped["loss"])) and float(grouped["loss"]) > 0
   config, model, tx, _, _, _ = student_setup[True]
   with pytest.raises(ValueError, match="student_forward must be one of"):

@@ -30,46 +30,35 @@ def at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def group_statistics(x: jax.Array, groups: int, mask: jax.Array | None,
+def batch_statistics(x: jax.Array, mask: jax.Array | None,
                      use_fast_variance: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Mean, biased variance and sample count of each group of consecutive samples.
+  """Mean, biased variance and count of the positions of one group of samples.
 
   Args:
-    x: [n, ..., C] float32, n divisible by `groups`; statistics over every axis but the last.
-    groups: number of equal consecutive groups of samples.
-    mask: [n] bool (only the true samples count) or None (all samples).
+    x: [m, ..., C] float32; statistics over every axis but the last.
+    mask: [m] bool (only the true samples count) or None (all samples).
     use_fast_variance: E[x^2] - E[x]^2 clamped at 0 (Flax's BatchNorm formula, one pass);
       otherwise the two-pass E[(x - mean)^2]. Only without a mask.
   Returns:
-    mean [groups, C], var [groups, C], count [groups] (positions counted; 0 for an empty group,
-    whose mean and var are then 0).
+    mean [C], var [C], count (a scalar: positions counted; for an empty mask 0, and mean and var
+    are then 0).
   """
-  grouped = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
-  axes = tuple(range(1, grouped.ndim - 1))
-  positions = 1
-  for size in x.shape[1:-1]:
-    positions *= size
+  axes = tuple(range(x.ndim - 1))
   if mask is None and use_fast_variance:
-    mean = jnp.mean(grouped, axis=axes)
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(grouped), axis=axes) - jnp.square(mean))
-    count = jnp.full((groups,), grouped.shape[1] * positions, jnp.float32)
-    return mean, var, count
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean))
+    return mean, var, jnp.asarray(x.size // x.shape[-1], jnp.float32)
   if mask is None:
     mask = jnp.ones(x.shape[:1], bool)
-  per_group = mask.astype(jnp.float32).reshape(groups, x.shape[0] // groups)
-  weights = per_group.reshape(per_group.shape + (1,) * (x.ndim - 1))
-  count = jnp.sum(per_group, axis=1) * positions
-  # Clamp the count so that an empty group yields zeros rather than NaNs.
-  denom = jnp.maximum(count, 1.0)[:, None]
-  mean = jnp.sum(grouped * weights, axis=axes) / denom
-  centred = grouped - _expand(mean, grouped.ndim)
-  var = jnp.sum(jnp.square(centred) * weights, axis=axes) / denom
+  weights = mask.astype(jnp.float32).reshape(x.shape[:1] + (1,) * (x.ndim - 1))
+  count = jnp.sum(weights)
+  for size in x.shape[1:-1]:
+    count = count * size
+  # Clamp the count so that an empty mask yields zeros rather than NaNs.
+  denom = jnp.maximum(count, 1.0)
+  mean = jnp.sum(x * weights, axis=axes) / denom
+  var = jnp.sum(jnp.square(x - mean) * weights, axis=axes) / denom
   return mean, var, count
-
-
-def _expand(per_group: jax.Array, ndim: int) -> jax.Array:
-  """[groups, C] -> [groups, 1, ..., 1, C] broadcastable against a grouped [g, m, ..., C]."""
-  return per_group.reshape(per_group.shape[:1] + (1,) * (ndim - 2) + per_group.shape[1:])
 
 
 class GroupedBatchNorm(nn.Module):
@@ -108,19 +97,25 @@ class GroupedBatchNorm(nn.Module):
     if x.shape[0] % self.groups:
       raise ValueError(f"a batch of {x.shape[0]} samples cannot be cut into {self.groups} equal "
                        "BN groups; use a batch divisible by the number of groups")
-    mean, var, count = group_statistics(x32, self.groups, mask,
-                                        self.use_fast_variance and mask is None)
-    if not self.is_initializing():
-      for group in range(self.groups):
-        moved_mean = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean[group]
-        moved_var = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var[group]
-        if mask is not None:
-          moved_mean = jnp.where(count[group] > 0, moved_mean, ra_mean.value)
-          moved_var = jnp.where(count[group] > 0, moved_var, ra_var.value)
+    # Each group is normalised by the very operations a call on it alone would run, so one
+    # group is the plain BN and two groups repeat a two-call computation.
+    parts = jnp.split(x32, self.groups) if self.groups > 1 else [x32]
+    masks = [None] * self.groups if mask is None else (
+        jnp.split(mask, self.groups) if self.groups > 1 else [mask])
+    outputs = []
+    for part, part_mask in zip(parts, masks):
+      mean, var, count = batch_statistics(part, part_mask,
+                                          self.use_fast_variance and mask is None)
+      if not self.is_initializing():
+        moved_mean = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
+        moved_var = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
+        if part_mask is not None:
+          moved_mean = jnp.where(count > 0, moved_mean, ra_mean.value)
+          moved_var = jnp.where(count > 0, moved_var, ra_var.value)
         ra_mean.value, ra_var.value = moved_mean, moved_var
-    grouped = x32.reshape((self.groups, x.shape[0] // self.groups) + x.shape[1:])
-    y = _normalize(grouped, _expand(mean, grouped.ndim), _expand(var, grouped.ndim), scale, bias)
-    return y.reshape(x.shape).astype(self.dtype)
+      outputs.append(_normalize(part, mean, var, scale, bias))
+    y = outputs[0] if self.groups == 1 else jnp.concatenate(outputs)
+    return y.astype(self.dtype)
 
 
 def _normalize(x, mean, var, scale, bias):

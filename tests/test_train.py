@@ -20,6 +20,7 @@ from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import config as config_lib
 from dakd_jax import writers
+from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.train import loop
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
@@ -313,6 +314,8 @@ def test_training_time_table_fits_80_columns(tmp_path, capsys):
   long_name, short_name = "llcm/visible_to_infrared/deen_test_script", "sysu_mm01/all/single-shot"
 
   class FixedEvaluator:
+    settings = evaluator_lib.EvalSettings()
+
     def run(self, variables):
       del variables
       return {long_name: {"mean": {"cmc": [0.25] + [0.5] * 19, "mAP": 0.4, "mINP": 0.3},

@@ -11,11 +11,12 @@ config's (SYSU-MM01: 384x128, 8 ids x 4 images, ResNet-50 width 64):
     the student, plus the frozen teacher's inference on the same 2n), the latter also with the
     other distill.student_forward at x1 (grouped one call or two calls: which is faster here);
   - evaluation extraction (inference-mode unit embeddings) at eval.batch_size x1/x2/x4;
-and prints, per row: images/s, step time, compile time, XLA's peak memory for the step, the
-device's peak memory so far, XLA's FLOPs per step and the model FLOP utilisation (MFU = FLOPs
-per step / step time / the device's peak FLOP/s from PEAK_TFLOPS below). Writes the table with
-the device name to BENCHMARKS.md. Rows run in order of importance (x1 first) and a row is
-skipped when the time budget (--budget-s) would be exceeded, so the run ends in time.
+and prints, per row: images/s, step time, compile time, the memory XLA plans for the step
+(arguments, outputs and temporaries), the device's peak memory so far, XLA's FLOPs per step and
+the model FLOP utilisation (MFU = FLOPs per step / step time / the device's peak FLOP/s from
+PEAK_TFLOPS below). Writes the table with the device name to BENCHMARKS.md. Rows run in order
+of importance (x1 first) and a row is skipped when the time budget (--budget-s) would be
+exceeded, so the run ends in time.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ PEAK_TFLOPS = (
 TINY = {"model.depth": 18, "model.width": 4, "data.image_height": 48, "data.image_width": 48,
         "data.ids_per_batch": 2, "data.images_per_id": 2, "eval.batch_size": 8}
 GIB = 1024 ** 3
-COLUMNS = ("what", "dtype", "batch", "img/s", "step ms", "compile s", "XLA peak GiB",
+COLUMNS = ("what", "dtype", "batch", "img/s", "step ms", "compile s", "XLA GiB",
            "device peak GiB", "GFLOP/step", "MFU %")
 
 
@@ -130,8 +131,12 @@ def measure(jitted, args, steps: int, images: int, peak: float) -> dict:
     jax.block_until_ready(out)
     durations.append(time.perf_counter() - started)
   step_s = statistics.median(durations)
+  # What the step needs on the device: its arguments, outputs and temporaries, less the outputs
+  # written over donated arguments.
+  step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   return {"img/s": images / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
-          "XLA peak GiB": getattr(memory, "peak_memory_in_bytes", 0) / GIB,
+          "XLA GiB": step_bytes / GIB,
           "device peak GiB": device_peak_gib(), "GFLOP/step": flops / 1e9,
           "MFU %": 100.0 * flops / step_s / (peak * 1e12) if peak > 0 and flops else None}
 
@@ -243,10 +248,11 @@ def markdown(rows, skipped, sources, header: dict) -> str:
   lines += ["", "Columns: batch = images through the trained network per step (teacher 3n: "
             "visible, infrared, channel view; student 2n, plus the frozen teacher's inference "
             "on the same 2n; 'student grouped' = one call with two BN groups, 'student "
-            "two_calls' = the released two calls, same values) or per extraction call; step ms = median over the timed calls; "
-            "compile s = lowering and compiling; XLA peak = the compiled step's peak memory "
-            "(memory_analysis); device peak = the allocator's high-water mark of the process so "
-            "far; GFLOP/step = XLA's cost analysis of the compiled step; MFU = GFLOP/step / "
+            "two_calls' = the released two calls, same values) or per extraction call; "
+            "step ms = median over the timed calls; compile s = lowering and compiling; "
+            "XLA GiB = the compiled step's arguments + outputs + temporaries - donated "
+            "(memory_analysis); device peak = the allocator's high-water mark of the process "
+            "so far; GFLOP/step = XLA's cost analysis of the compiled step; MFU = GFLOP/step / "
             "step time / the device's peak."]
   lines += [f"- peak FLOP/s for {dtype}: {source}" for dtype, source in sources.items()]
   if skipped:

@@ -114,7 +114,7 @@ class GroupedBatchNorm(nn.Module):
                  for part, (mean, var, _) in zip(parts, statistics)]
       return jnp.concatenate(outputs).astype(self.dtype)
     # Unmasked: the normalisation is elementwise, so it runs once on a [groups, m, ..., C] view
-    # without copying the groups apart and back together (as fast as one plain BN).
+    # without copying the groups apart and back together.
     grouped = x32.reshape((self.groups, x.shape[0] // self.groups) + x.shape[1:])
     per_group = (1,) * (x.ndim - 1) + (x.shape[-1],)
     mean = jnp.stack([m.reshape(per_group) for m, _, _ in statistics])

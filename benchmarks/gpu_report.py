@@ -8,13 +8,15 @@ Measures, on random uint8 batches through the real compiled steps (augmentation,
 backward, update; see train_step.py), for float32 and bfloat16 and batches x1/x2/x4 of the
 config's (SYSU-MM01: 384x128, 8 ids x 4 images, ResNet-50 width 64):
   - the teacher step (3n images through the network) and the student step (2n images through
-    the student, plus the frozen teacher's inference on the same 2n);
+    the student, plus the frozen teacher's inference on the same 2n), the latter also with the
+    other distill.student_forward at x1 (grouped one call or two calls: which is faster here);
   - evaluation extraction (inference-mode unit embeddings) at eval.batch_size x1/x2/x4;
-and prints, per row: images/s, step time, compile time, XLA's peak memory for the step, the
-device's peak memory so far, XLA's FLOPs per step and the model FLOP utilisation (MFU = FLOPs
-per step / step time / the device's peak FLOP/s from PEAK_TFLOPS below). Writes the table with
-the device name to BENCHMARKS.md. Rows run in order of importance (x1 first) and a row is
-skipped when the time budget (--budget-s) would be exceeded, so the run ends in time.
+and prints, per row: images/s, step time, compile time, the memory XLA plans for the step
+(arguments, outputs and temporaries), the device's peak memory so far, XLA's FLOPs per step and
+the model FLOP utilisation (MFU = FLOPs per step / step time / the device's peak FLOP/s from
+PEAK_TFLOPS below). Writes the table with the device name to BENCHMARKS.md. Rows run in order
+of importance (x1 first) and a row is skipped when the time budget (--budget-s) would be
+exceeded, so the run ends in time.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from dakd_jax import builders  # noqa: E402
 from dakd_jax import config as config_lib  # noqa: E402
 from dakd_jax import sharding as sharding_lib  # noqa: E402
 from dakd_jax.evaluation import extract  # noqa: E402
+from dakd_jax.train.steps import STUDENT_FORWARDS  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s per device kind: (substring of jax's device_kind, bfloat16,
 # float32 at JAX's default precision, source). On NVIDIA Ampere and later, XLA's default
@@ -60,7 +63,7 @@ PEAK_TFLOPS = (
 TINY = {"model.depth": 18, "model.width": 4, "data.image_height": 48, "data.image_width": 48,
         "data.ids_per_batch": 2, "data.images_per_id": 2, "eval.batch_size": 8}
 GIB = 1024 ** 3
-COLUMNS = ("what", "dtype", "batch", "img/s", "step ms", "compile s", "XLA peak GiB",
+COLUMNS = ("what", "dtype", "batch", "img/s", "step ms", "compile s", "XLA GiB",
            "device peak GiB", "GFLOP/step", "MFU %")
 
 
@@ -128,21 +131,28 @@ def measure(jitted, args, steps: int, images: int, peak: float) -> dict:
     jax.block_until_ready(out)
     durations.append(time.perf_counter() - started)
   step_s = statistics.median(durations)
+  # What the step needs on the device: its arguments, outputs and temporaries, less the outputs
+  # written over donated arguments.
+  step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   return {"img/s": images / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
-          "XLA peak GiB": getattr(memory, "peak_memory_in_bytes", 0) / GIB,
+          "XLA GiB": step_bytes / GIB,
           "device peak GiB": device_peak_gib(), "GFLOP/step": flops / 1e9,
           "MFU %": 100.0 * flops / step_s / (peak * 1e12) if peak > 0 and flops else None}
 
 
-def step_row(stage, config, model, variables, mesh, multiplier, steps, peak):
-  """Measures the teacher or student step at batch x`multiplier`."""
+def step_row(what, config, model, variables, mesh, steps, peak):
+  """Measures the teacher step, or the student step with the forward named in `what`
+  ("student grouped" / "student two_calls"), at config's batch."""
   rng = np.random.default_rng(0)
-  make = train_step.make_teacher_runner if stage == "teacher" else \
-      train_step.make_student_runner
-  jitted, extra, state = make(config, model, variables, mesh, rng)
+  if what == "teacher step":
+    jitted, extra, state = train_step.make_teacher_runner(config, model, variables, mesh, rng)
+  else:
+    jitted, extra, state = train_step.make_student_runner(
+        config, model, variables, mesh, rng, student_forward=what.split()[1])
   batch = sharding_lib.host_to_global(train_step.random_batch(config, rng), mesh)
   n = train_step.pairs_per_step(config)
-  images = 3 * n if stage == "teacher" else 2 * n
+  images = 3 * n if what == "teacher step" else 2 * n
   return measure(jitted, (state, *extra, batch), steps, images, peak), images
 
 
@@ -157,10 +167,14 @@ def extraction_row(model, variables, mesh, batch_size, image_size, steps, peak):
   return measure(embed, args, steps, batch_size, peak), batch_size
 
 
-def planned_rows(dtypes, multipliers):
-  """(what, dtype, multiplier) in order of importance: every dtype at x1 first."""
-  return [(what, dtype, m) for m in multipliers for dtype in dtypes
-          for what in ("teacher step", "student step", "extraction")]
+def planned_rows(dtypes, multipliers, student_forward):
+  """(what, dtype, multiplier) in order of importance: every dtype at x1 first, then the
+  student's other forward (distill.student_forward) at x1, to choose it on this device."""
+  other = next(f for f in STUDENT_FORWARDS if f != student_forward)
+  main = ("teacher step", f"student {student_forward}", "extraction")
+  rows = [(what, dtype, multipliers[0]) for dtype in dtypes for what in main]
+  rows += [(f"student {other}", dtype, multipliers[0]) for dtype in dtypes]
+  return rows + [(what, dtype, m) for m in multipliers[1:] for dtype in dtypes for what in main]
 
 
 def run_rows(args, base_config, mesh, kind, started):
@@ -168,7 +182,8 @@ def run_rows(args, base_config, mesh, kind, started):
   rows, skipped, sources, models = [], [], {}, {}
   dtypes, multipliers = args.dtypes.split(","), [int(m) for m in args.multipliers.split(",")]
   longest = 0.0
-  for what, dtype, multiplier in planned_rows(dtypes, multipliers):
+  for what, dtype, multiplier in planned_rows(dtypes, multipliers,
+                                              base_config.distill.student_forward):
     elapsed = time.perf_counter() - started
     if rows and elapsed + 1.5 * longest > args.budget_s:
       skipped.append(f"{what} {dtype} x{multiplier}")
@@ -186,8 +201,7 @@ def run_rows(args, base_config, mesh, kind, started):
                                          config.eval.batch_size * multiplier,
                                          builders.image_size(config), args.steps, peak)
       else:
-        numbers, images = step_row(what.split()[0], config, model, variables, mesh,
-                                   multiplier, args.steps, peak)
+        numbers, images = step_row(what, config, model, variables, mesh, args.steps, peak)
     except Exception as error:  # pylint: disable=broad-except  # e.g. out of memory: go on
       skipped.append(f"{what} {dtype} x{multiplier} ({type(error).__name__}: "
                      f"{str(error).splitlines()[0][:120]})")
@@ -217,7 +231,7 @@ def format_value(value) -> str:
 
 
 def column_width(column: str) -> int:
-  return {"what": 12, "dtype": 8}.get(column, max(len(column), 6))
+  return {"what": 17, "dtype": 8}.get(column, max(len(column), 6))
 
 
 def format_row(row: dict) -> str:
@@ -233,10 +247,12 @@ def markdown(rows, skipped, sources, header: dict) -> str:
   lines += ["| " + " | ".join(format_value(row[c]) for c in COLUMNS) + " |" for row in rows]
   lines += ["", "Columns: batch = images through the trained network per step (teacher 3n: "
             "visible, infrared, channel view; student 2n, plus the frozen teacher's inference "
-            "on the same 2n) or per extraction call; step ms = median over the timed calls; "
-            "compile s = lowering and compiling; XLA peak = the compiled step's peak memory "
-            "(memory_analysis); device peak = the allocator's high-water mark of the process so "
-            "far; GFLOP/step = XLA's cost analysis of the compiled step; MFU = GFLOP/step / "
+            "on the same 2n; 'student grouped' = one call with two BN groups, 'student "
+            "two_calls' = the released two calls, same values) or per extraction call; "
+            "step ms = median over the timed calls; compile s = lowering and compiling; "
+            "XLA GiB = the compiled step's arguments + outputs + temporaries - donated "
+            "(memory_analysis); device peak = the allocator's high-water mark of the process "
+            "so far; GFLOP/step = XLA's cost analysis of the compiled step; MFU = GFLOP/step / "
             "step time / the device's peak."]
   lines += [f"- peak FLOP/s for {dtype}: {source}" for dtype, source in sources.items()]
   if skipped:

@@ -146,9 +146,10 @@ def get_config(arg=None):
   config.distill.double_bn_update = preset == "released_code"
   # Per-modality BN statistics of the student [4.1]: "grouped" = one call on [visible; infrared]
   # with two BN groups, "two_calls" = the released two calls; same values, gradients and running
-  # averages. Grouped by default: 8-11% less CPU time per student step on 2 CPU cores
-  # (benchmarks/train_step.py --compare), and one call of twice the batch suits accelerators.
-  config.distill.student_forward = "grouped"
+  # averages. two_calls by default: on 2 CPU cores grouped is no faster (CPU time per student
+  # step 0.98-1.2x two_calls', benchmarks/train_step.py --compare); benchmarks/gpu_report.py
+  # times both on an accelerator, where one call on twice the batch may win.
+  config.distill.student_forward = "two_calls"
   config.distill.eval_every_epochs = 1
 
   config.eval = ml_collections.ConfigDict()

@@ -23,8 +23,8 @@ def table_rows(text, columns):
   rows = {}
   for line in text.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) == len(columns) and cells[0] in ("teacher step", "student step",
-                                                   "extraction"):
+    if len(cells) == len(columns) and cells[0] in ("teacher step", "student grouped",
+                                                   "student two_calls", "extraction"):
       rows[(cells[0], cells[1])] = dict(zip(columns, cells))
   return rows
 
@@ -39,7 +39,8 @@ def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys)
   written_text = output.read_text()
   written = table_rows(written_text, report.COLUMNS)
   pairs = 2 * 2
-  expected_batch = {"teacher step": 3 * pairs, "student step": 2 * pairs, "extraction": 8}
+  expected_batch = {"teacher step": 3 * pairs, "student grouped": 2 * pairs,
+                    "student two_calls": 2 * pairs, "extraction": 8}
   assert set(printed) == {(what, dtype) for what in expected_batch
                           for dtype in ("float32", "bfloat16")}
   assert written == printed
@@ -51,11 +52,13 @@ def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys)
     assert numbers["img/s"] == pytest.approx(numbers["batch"] / step_s, rel=0.02)
     assert numbers["MFU %"] == pytest.approx(
         100 * numbers["GFLOP/step"] * 1e9 / step_s / (PEAK_TFLOPS * 1e12), rel=0.02)
-    assert numbers["compile s"] > 0 and numbers["XLA peak GiB"] > 0
+    assert numbers["compile s"] > 0 and numbers["XLA GiB"] > 0
     assert row["device peak GiB"] == "n/a"  # The CPU reports no allocator statistics.
   # XLA's FLOPs count the real work: a training step (forward + backward, about 3 forwards)
-  # costs 2-4x the inference of as many images.
+  # costs 2-4x the inference of as many images; both student forwards do the same work.
   for dtype in ("float32", "bfloat16"):
+    assert float(printed[("student grouped", dtype)]["GFLOP/step"]) == pytest.approx(
+        float(printed[("student two_calls", dtype)]["GFLOP/step"]), rel=0.05)
     per_image = float(printed[("extraction", dtype)]["GFLOP/step"]) / 8
     teacher = float(printed[("teacher step", dtype)]["GFLOP/step"])
     assert 2 * 3 * pairs * per_image < teacher < 4 * 3 * pairs * per_image
@@ -73,7 +76,8 @@ def test_rows_beyond_the_time_budget_are_skipped_and_listed(tmp_path, capsys):
                "--budget-s", "0", "--output", str(output)])
   written = output.read_text()
   assert list(table_rows(written, report.COLUMNS)) == [("teacher step", "float32")]
-  assert "Skipped: student step float32 x1; extraction float32 x1." in written
+  assert ("Skipped: student two_calls float32 x1; extraction float32 x1; student grouped "
+          "float32 x1." in written)
   assert "no peak known for 'cpu'" in written  # MFU needs a known peak: n/a here.
   assert "(0 skipped)" not in capsys.readouterr().out
 

@@ -275,10 +275,12 @@ def student_steps(student_setup):
   settings = builders.distill_settings(config)
   views = builders.augment_views(config, "student")
   steps = {
-      "grouped": steps_lib.make_student_step(model, tx, settings, views),
+      "grouped": steps_lib.make_student_step(model, tx, settings, views,
+                                             student_forward="grouped"),
       "two_calls": steps_lib.make_student_step(model, tx, settings, views,
                                                student_forward="two_calls"),
-      "double": steps_lib.make_student_step(model, tx, settings, views, double_bn_update=True),
+      "double": steps_lib.make_student_step(model, tx, settings, views, double_bn_update=True,
+                                            student_forward="grouped"),
       "released": released_double_update_step(model, tx, settings, views)}
   compiled = {name: jax.jit(step).lower(state, teacher, batch).compile()
               for name, step in steps.items()}

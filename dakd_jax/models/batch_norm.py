@@ -97,25 +97,42 @@ class GroupedBatchNorm(nn.Module):
     if x.shape[0] % self.groups:
       raise ValueError(f"a batch of {x.shape[0]} samples cannot be cut into {self.groups} equal "
                        "BN groups; use a batch divisible by the number of groups")
-    # Each group is normalised by the very operations a call on it alone would run, so one
-    # group is the plain BN and two groups repeat a two-call computation.
-    parts = jnp.split(x32, self.groups) if self.groups > 1 else [x32]
-    masks = [None] * self.groups if mask is None else (
-        jnp.split(mask, self.groups) if self.groups > 1 else [mask])
-    outputs = []
-    for part, part_mask in zip(parts, masks):
-      mean, var, count = batch_statistics(part, part_mask,
-                                          self.use_fast_variance and mask is None)
-      if not self.is_initializing():
-        moved_mean = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
-        moved_var = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
-        if part_mask is not None:
-          moved_mean = jnp.where(count > 0, moved_mean, ra_mean.value)
-          moved_var = jnp.where(count > 0, moved_var, ra_var.value)
-        ra_mean.value, ra_var.value = moved_mean, moved_var
-      outputs.append(_normalize(part, mean, var, scale, bias))
-    y = outputs[0] if self.groups == 1 else jnp.concatenate(outputs)
-    return y.astype(self.dtype)
+    if self.groups == 1:
+      mean, var, count = batch_statistics(x32, mask, self.use_fast_variance and mask is None)
+      self._move_running_averages(ra_mean, ra_var, [(mean, var, count)], mask is not None)
+      return _normalize(x32, mean, var, scale, bias).astype(self.dtype)
+    # Each group's statistics come from the reductions a call on that group alone would run.
+    parts = jnp.split(x32, self.groups)
+    masks = [None] * self.groups if mask is None else jnp.split(mask, self.groups)
+    statistics = [batch_statistics(part, part_mask, self.use_fast_variance and mask is None)
+                  for part, part_mask in zip(parts, masks)]
+    self._move_running_averages(ra_mean, ra_var, statistics, mask is not None)
+    if mask is not None:
+      # Masked (the stems): XLA fuses a slice that only feeds the masked reductions into them
+      # in another order (1 ulp off a separate call); normalising the slices keeps them exact.
+      outputs = [_normalize(part, mean, var, scale, bias)
+                 for part, (mean, var, _) in zip(parts, statistics)]
+      return jnp.concatenate(outputs).astype(self.dtype)
+    # Unmasked: the normalisation is elementwise, so it runs once on a [groups, m, ..., C] view
+    # without copying the groups apart and back together.
+    grouped = x32.reshape((self.groups, x.shape[0] // self.groups) + x.shape[1:])
+    per_group = (1,) * (x.ndim - 1) + (x.shape[-1],)
+    mean = jnp.stack([m.reshape(per_group) for m, _, _ in statistics])
+    var = jnp.stack([v.reshape(per_group) for _, v, _ in statistics])
+    y = _normalize(grouped, mean, var, scale, bias)
+    return y.reshape(x.shape).astype(self.dtype)
+
+  def _move_running_averages(self, ra_mean, ra_var, statistics, is_masked: bool) -> None:
+    """r <- 0.9 r + 0.1 stat once per group, in order; a group without samples leaves r."""
+    if self.is_initializing():
+      return
+    for mean, var, count in statistics:
+      moved_mean = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
+      moved_var = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
+      if is_masked:
+        moved_mean = jnp.where(count > 0, moved_mean, ra_mean.value)
+        moved_var = jnp.where(count > 0, moved_var, ra_var.value)
+      ra_mean.value, ra_var.value = moved_mean, moved_var
 
 
 def _normalize(x, mean, var, scale, bias):

@@ -101,7 +101,7 @@ def teacher_embeddings(model, variables, visible: jax.Array,
 
 
 def student_features(model, variables: dict, visible: jax.Array, infrared: jax.Array, *,
-                     forward: str = "grouped") -> tuple[jax.Array, jax.Array, Any]:
+                     forward: str = "two_calls") -> tuple[jax.Array, jax.Array, Any]:
   """The student's training-mode BNNeck features with BN statistics per modality.
 
   variables: {'params', 'batch_stats'}; visible, infrared: [n, H, W, 3] normalised images.
@@ -134,7 +134,7 @@ def student_features(model, variables: dict, visible: jax.Array, infrared: jax.A
 def make_student_step(model, tx: optax.GradientTransformation,
                       settings: distill.DistillSettings, views: dict,
                       *, double_bn_update: bool = False,
-                      student_forward: str = "grouped") -> Callable:
+                      student_forward: str = "two_calls") -> Callable:
   """Returns student_step(state, teacher, batch) -> (state, metrics) (method.md 4).
 
   The student normalises the visible ("strong") and infrared ("weak") views with separate BN

@@ -1,21 +1,16 @@
 """benchmarks/gpu_report.py at its tiny size on the CPU: the table it prints and the
 BENCHMARKS.md it writes hold the measured fields, consistent with each other and with the
 batch sizes worked out here from the tiny settings (2 ids x 2 images = 4 pairs)."""
-import importlib.util
-import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.benchmark_scripts import load_benchmark
+
 PEAK_TFLOPS = 0.05  # a made-up peak, so that MFU is computed on the CPU
 
 
 def load_report():
-  spec = importlib.util.spec_from_file_location(
-      "gpu_report", os.path.join(REPO, "benchmarks", "gpu_report.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("gpu_report")
 
 
 def table_rows(text, columns):

@@ -1,19 +1,13 @@
 """benchmarks/step_memory.py: its parsing of JAX's residual listing against hand-worked lines,
 and a small run in which rematerialising the stem removes exactly the stem's activations."""
-import importlib.util
-import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.benchmark_scripts import load_benchmark
 
 
 def load_step_memory():
-  spec = importlib.util.spec_from_file_location(
-      "step_memory", os.path.join(REPO, "benchmarks", "step_memory.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("step_memory")
 
 
 def test_residual_lines_are_sized_from_dtype_and_shape():

@@ -6,7 +6,10 @@
 Two views of the same question, for each model.remat setting in --remats:
   1. XLA's memory analysis of the compiled teacher step (the real step of train_step.py:
      augmentation, three views through the network, losses, backward, update): arguments,
-     outputs, temporaries, and the bytes of outputs written over donated arguments;
+     outputs, temporaries, the bytes of outputs written over donated arguments, and the
+     convolutions in the compiled program (a rematerialisation the compiler kept adds the
+     recomputed part's forward convolutions; XLA:CPU folds them back, so there the count and
+     the memory do not change);
   2. the activations the backward pass keeps (jax.ad_checkpoint.print_saved_residuals of the
      network's training forward on the step's 3n images), summed by resolution (the stem at
      H/2, the max-pool and layer1 at H/4, layer2 at H/8, layer3 and layer4 at H/16 with the
@@ -111,10 +114,15 @@ def saved_residuals(config, model, variables, images, modality):
 
 
 def step_memory(config, model, variables, mesh, rng):
-  """XLA's memory analysis of the compiled teacher step."""
+  """(XLA's memory analysis of the compiled teacher step, convolutions in its compiled HLO).
+
+  The convolution count shows whether the backend kept a rematerialisation: recomputing a part
+  adds its forward convolutions to the backward pass, unless the compiler folds them back.
+  """
   jitted, extra, state = train_step.make_teacher_runner(config, model, variables, mesh, rng)
   batch = sharding_lib.host_to_global(train_step.random_batch(config, rng), mesh)
-  return jitted.lower(state, *extra, batch).compile().memory_analysis()
+  compiled = jitted.lower(state, *extra, batch).compile()
+  return compiled.memory_analysis(), compiled.as_text().count(" convolution(")
 
 
 def report(args, remat: tuple[str, ...], mesh):
@@ -122,7 +130,7 @@ def report(args, remat: tuple[str, ...], mesh):
   model = builders.model_from_config(config)
   variables = builders.init_model_variables(config, model, jax.random.key(0))
   rng = np.random.default_rng(0)
-  memory = step_memory(config, model, variables, mesh, rng)
+  memory, convolutions = step_memory(config, model, variables, mesh, rng)
   images = 3 * args.pairs
   batch = jnp.asarray(rng.normal(size=(images, args.height, args.width, 3)), jnp.float32)
   modality = jnp.asarray(np.arange(images) % 2, jnp.int32)
@@ -133,7 +141,7 @@ def report(args, remat: tuple[str, ...], mesh):
   print(f"\nmodel.remat = {name}: teacher step (XLA) temporaries "
         f"{memory.temp_size_in_bytes / GIB:.2f} GiB, arguments "
         f"{memory.argument_size_in_bytes / GIB:.2f}, outputs {memory.output_size_in_bytes / GIB:.2f}"
-        f", donated {memory.alias_size_in_bytes / GIB:.2f}")
+        f", donated {memory.alias_size_in_bytes / GIB:.2f}; {convolutions} convolutions compiled")
   print(f"  activations kept for the backward pass ({images} images): {total / GIB:.2f} GiB in "
         f"{len(activations)} arrays")
   by_part = collections.Counter()
@@ -146,11 +154,12 @@ def report(args, remat: tuple[str, ...], mesh):
   print("  by producing operation:")
   for made_by, size in by_producer.most_common(args.top):
     print(f"    {made_by:42s} {size / GIB:6.3f} GiB  {100 * size / max(total, 1):5.1f}%")
-  return memory.temp_size_in_bytes, by_part
+  return memory.temp_size_in_bytes, by_part, convolutions
 
 
 def main(argv=None):
-  """Prints the report; returns {remat setting: (XLA temporary bytes, {part: kept bytes})}."""
+  """Prints the report; returns {remat setting: (XLA temporary bytes, {part: kept bytes},
+  convolutions in the compiled step)}."""
   args = parse_args(argv)
   mesh = sharding_lib.make_mesh()
   print(f"device {jax.devices()[0].device_kind}, {args.config}, {args.pairs} pairs of "
@@ -159,13 +168,14 @@ def main(argv=None):
   for setting in args.remats.split(";"):
     remat = tuple(part for part in setting.split(",") if part)
     results[",".join(remat) or "none"] = report(args, remat, mesh)
-  base_temp, base_parts = results[next(iter(results))]
+  base_temp, base_parts, _ = results[next(iter(results))]
   base_kept = sum(base_parts.values())
-  print("\nsummary (ratios to the first setting): remat | XLA temporaries | kept activations")
-  for name, (temp, parts) in results.items():
+  print("\nsummary (ratios to the first setting): remat | XLA temporaries | kept activations | "
+        "compiled convolutions")
+  for name, (temp, parts, convolutions) in results.items():
     kept = sum(parts.values())
     print(f"  {name:18s} {temp / GIB:6.2f} GiB x{temp / base_temp:.2f} | "
-          f"{kept / GIB:6.2f} GiB x{kept / max(base_kept, 1):.2f}")
+          f"{kept / GIB:6.2f} GiB x{kept / max(base_kept, 1):.2f} | {convolutions}")
   return results
 
 

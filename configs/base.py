@@ -80,10 +80,11 @@ def get_config(arg=None):
   config.model.compute_dtype = "float32"  # float32 | bfloat16 (params and BN stats stay float32)
   config.model.init_weights = ""  # torchvision ResNet file (.safetensors/.npz/.pth); "" = random
   # Parts recomputed in the backward pass instead of stored (same values and gradients):
-  # () | ("stem",) | ("non_local",) | ("stem", "non_local"). Off: on XLA:CPU both parts remove
-  # 16% of the activations kept for the backward pass but leave the teacher step's temporary
-  # buffer unchanged (1.58 GiB, ResNet-50, 24 images of 192x96: benchmarks/step_memory.py);
-  # measure on an accelerator with benchmarks/gpu_report.py --remat stem,non_local first.
+  # () | ("stem",) | ("non_local",) | ("stem", "non_local"). Off: both parts remove 16% of the
+  # activations JAX keeps for the backward pass, but XLA:CPU folds the recomputation back (same
+  # compiled convolutions), so the teacher step's temporaries stay 1.58 GiB (ResNet-50, 24
+  # images of 192x96: benchmarks/step_memory.py); measure on an accelerator with
+  # benchmarks/gpu_report.py --remat stem,non_local before turning it on.
   config.model.remat = ()
 
   config.augment = ml_collections.ConfigDict()

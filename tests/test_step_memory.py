@@ -39,8 +39,12 @@ def test_stem_remat_drops_the_stem_activations_and_nothing_else(capsys):
   step_memory = load_step_memory()
   results = step_memory.main(["--config", "configs/demo.py", "--height", "48", "--width", "48",
                               "--pairs", "4", "--remats", ";stem"])
-  (temp_plain, plain), (temp_remat, remat) = results["none"], results["stem"]
+  (temp_plain, plain, convs_plain), (temp_remat, remat, convs_remat) = (results["none"],
+                                                                       results["stem"])
   assert temp_plain > 0 and temp_remat > 0
+  # ResNet-18: 20 convolutions per stem pass and stages forward, more backward; a kept remat
+  # can only add convolutions.
+  assert convs_remat >= convs_plain > 20
   # The demo stem (width 16) keeps at least its conv output, [12 images, 24, 24, 16] float32.
   assert plain["stem (H/2)"] >= 12 * 24 * 24 * 16 * 4
   assert "stem (H/2)" not in remat

@@ -14,10 +14,9 @@ Two views of the same question, for each model.remat setting in --remats:
      network's training forward on the step's 3n images), summed by resolution (the stem at
      H/2, the max-pool and layer1 at H/4, layer2 at H/8, layer3 and layer4 at H/16 with the
      default last stride 1) and by the operation that produced them.
-The residuals are what the forward pass must hand to the backward pass; XLA's temporary buffer
-holds them plus the gradients in flight, so when the two move together the memory is the
-activations', and rematerialising a part only helps if XLA's schedule frees its residuals before
-the peak.
+The residuals are what the forward pass hands to the backward pass before XLA's fusion; the
+temporaries are what the compiled step really plans. Rematerialisation lowers the first; it
+lowers the second only where the compiler keeps the recomputation (see the convolution count).
 """
 import argparse
 import collections

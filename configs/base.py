@@ -147,9 +147,10 @@ def get_config(arg=None):
   config.distill.double_bn_update = preset == "released_code"
   # Per-modality BN statistics of the student [4.1]: "grouped" = one call on [visible; infrared]
   # with two BN groups, "two_calls" = the released two calls; same values, gradients and running
-  # averages. two_calls by default: on 2 CPU cores grouped is no faster (CPU time per student
-  # step 0.98-1.2x two_calls', benchmarks/train_step.py --compare); benchmarks/gpu_report.py
-  # times both on an accelerator, where one call on twice the batch may win.
+  # averages. two_calls by default: on 2 CPU cores grouped is slower (ResNet-50, 8 pairs of
+  # 192x96: 2.14 s against 1.86 s per student step, CPU time 1.10x; benchmarks/train_step.py
+  # --compare); benchmarks/gpu_report.py times both on an accelerator, where one call on twice
+  # the batch may win.
   config.distill.student_forward = "two_calls"
   config.distill.eval_every_epochs = 1
 

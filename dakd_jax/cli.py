@@ -73,9 +73,15 @@ def check_output_folders(config: ml_collections.ConfigDict, workdir: str) -> Non
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses, before anything is written, a run whose stage checkpoints hold another config."""
+  """Refuses, before anything is written, a run whose stage checkpoints hold another config.
+
+  The teacher and student store the config they ran with: with pretraining, the one whose
+  model.init_weights is the pretrain stage's file, so that is the config compared.
+  """
   from dakd_jax import checkpoint as checkpoint_lib  # Deferred: pulls in Orbax.
   from dakd_jax import stage_checkpoints
+  from dakd_jax.train import pretrain
+  expected = pretrain.pretrained_init(config, os.path.join(workdir, "pretrain")).to_dict()
   stages = {"all": ("pretrain", "teacher", "student")}.get(config.stage, (config.stage,))
   for stage in stages:
     if stage == "pretrain":
@@ -84,7 +90,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     steps = checkpoint_lib.complete_steps(directory)
     if steps and not config.checkpoint.allow_config_change:
       stored = stage_checkpoints.read_step_metadata(directory, steps[-1]).get("config", {})
-      checkpoint_lib.check_config_change(stored, config.to_dict(), False,
+      checkpoint_lib.check_config_change(stored, expected, False,
                                          source=f"checkpoint {directory}/{steps[-1]}")
 
 

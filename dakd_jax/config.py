@@ -331,6 +331,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
     raise ConfigError(f"config.seeds = {tuple(config.seeds)!r}: non-negative integers, e.g. "
                       "--config.seeds='(0,1,2)', or () for one run with config.seed")
+  if len(set(config.seeds)) != len(config.seeds):
+    raise ConfigError(f"config.seeds = {tuple(config.seeds)!r} repeats a seed: each seed runs "
+                      "once, in <workdir>/seed_<s>; give distinct seeds, e.g. "
+                      "--config.seeds='(0,1,2)'")
   if config.seeds and config.stage not in ("all", "teacher", "student", "eval"):
     raise ConfigError(f"config.seeds runs training and evaluation per seed; stage="
                       f"{config.stage!r} has no seed band (use stage=all)")

@@ -21,7 +21,9 @@ import pytest
 
 from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import cli
 from dakd_jax import config as config_lib
+from dakd_jax import errors
 from dakd_jax.data import synthetic
 from dakd_jax.models import weights
 
@@ -182,6 +184,23 @@ def test_resume_with_a_changed_config_is_refused_first_and_leaves_config_json(tm
   assert result.stderr.splitlines() == [message] and result.stdout == ""
   assert tree_of(str(workdir)) == before  # config.json and the checkpoint as they were
   assert checkpoint_lib.complete_steps(str(checkpoints)) == [4]
+
+
+def test_rerun_with_pretraining_resumes_from_checkpoints_of_the_derived_config(tmp_path):
+  """With pretraining, the teacher stores the config it ran with: model.init_weights names the
+  pretrain stage's file. The same command again (after a crash, or to re-evaluate) is not a
+  changed config; a real change still is."""
+  args = tiny_args(str(tmp_path), stage="all", **{"pretrain.enabled": True})
+  config = config_lib.load_config(DEMO, [a[len("--config."):] for a in args],
+                                  validate_config=False)
+  workdir = tmp_path / "run"
+  ran_with = config.copy_and_resolve_references()
+  ran_with.model.init_weights = str(workdir / "pretrain" / "backbone.npz")
+  stage_checkpoint(workdir / "teacher" / "checkpoints", ran_with, "teacher")
+  cli.check_resumable(config, str(workdir))  # the README command run twice: accepted
+  config.teacher.lr = 0.01
+  with pytest.raises(errors.UserError, match="teacher.lr: 0.00035 -> 0.01"):
+    cli.check_resumable(config, str(workdir))
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "student"])

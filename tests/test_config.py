@@ -89,6 +89,7 @@ def test_load_config_parses_strings_by_field_type():
      "'two_calls')"),
     ({"model.remat": ("stem", "blocks")}, "config.model.remat = ('stem', 'blocks'): each entry "
                                           "must be one of ('stem', 'non_local')"),
+    ({"seeds": (1, 2, 1)}, "config.seeds = (1, 2, 1) repeats a seed"),
 ])
 def test_validate_names_the_field(overrides, expected):
   if "strong_uses_weak_at_2_6" in expected:

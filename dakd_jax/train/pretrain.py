@@ -67,19 +67,28 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return derived
 
 
-def with_pretrained_init(config: ml_collections.ConfigDict,
-                         stage_workdir: str) -> ml_collections.ConfigDict:
+def pretrained_init(config: ml_collections.ConfigDict,
+                    stage_workdir: str) -> ml_collections.ConfigDict:
   """config unchanged without pretraining; else a copy whose model.init_weights is the file the
-  pretrain stage wrote in `stage_workdir`. Raises CheckpointNotFoundError when it is missing."""
+  pretrain stage writes in `stage_workdir` (the config the teacher and student run with, and
+  store in their checkpoints), whether the file exists yet or not."""
   if not config.pretrain.enabled:
     return config
-  path = weights_path(stage_workdir)
-  if not os.path.isfile(path):
+  derived = copy.deepcopy(config)
+  derived.model.init_weights = weights_path(stage_workdir)
+  return derived
+
+
+def with_pretrained_init(config: ml_collections.ConfigDict,
+                         stage_workdir: str) -> ml_collections.ConfigDict:
+  """`pretrained_init`, once the pretrain stage has written its weights. Raises
+  CheckpointNotFoundError when they are missing."""
+  derived = pretrained_init(config, stage_workdir)
+  path = derived.model.init_weights
+  if config.pretrain.enabled and not os.path.isfile(path):
     raise CheckpointNotFoundError(
         f"config.pretrain.enabled is set but {path} does not exist: run the pretrain stage "
         "first (--config.stage=pretrain or all), or set --config.pretrain.enabled=False")
-  derived = copy.deepcopy(config)
-  derived.model.init_weights = path
   return derived
 
 

@@ -37,6 +37,7 @@ from dakd_jax import errors
 
 TRAINING_STAGES = ("pretrain", "teacher", "student", "all")
 EXIT_CONFIG, EXIT_RUN = 2, 1
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 
 
 def default_workdir(config_args: Iterable[str]) -> str:
@@ -233,6 +234,15 @@ def report_error(error: BaseException, verbose: bool) -> int:
   return EXIT_CONFIG if isinstance(user_error, errors.ConfigError) else EXIT_RUN
 
 
+def report_interrupt(verbose: bool) -> int:
+  """Ctrl-C: one line saying how to go on (the traceback only when verbose); exit code 130."""
+  if verbose:
+    traceback.print_exc()
+  print("dakd_jax: interrupted: each stage keeps its last saved checkpoint; run the same "
+        "command again to resume from it", file=sys.stderr)
+  return EXIT_INTERRUPTED
+
+
 class BackgroundFailures:
   """Collects storage failures raised in library threads (TensorBoard's event writer), which
   would otherwise print a thread traceback; the run then reports the first as its message.
@@ -290,6 +300,8 @@ def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
       start(config, workdir or default_workdir(config_args))
+    except KeyboardInterrupt:
+      return report_interrupt(verbose)
     except Exception as error:  # pylint: disable=broad-except  # report_error re-raises bugs.
       return report_error(error, verbose)
     if background.found:

@@ -186,6 +186,20 @@ def test_resume_with_a_changed_config_is_refused_first_and_leaves_config_json(tm
   assert checkpoint_lib.complete_steps(str(checkpoints)) == [4]
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys, verbose):
+  def interrupted(config, workdir):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cli, "start", interrupted)
+  code = cli.main_from_args([f"--config={DEMO}"], str(tmp_path / "run"), verbose=verbose)
+  lines = capsys.readouterr().err.splitlines()
+  assert code == 130
+  assert lines[-1] == ("dakd_jax: interrupted: each stage keeps its last saved checkpoint; "
+                       "run the same command again to resume from it")
+  assert (lines[0] == "Traceback (most recent call last):") == verbose == (len(lines) > 1)
+
+
 def test_rerun_with_pretraining_resumes_from_checkpoints_of_the_derived_config(tmp_path):
   """With pretraining, the teacher stores the config it ran with: model.init_weights names the
   pretrain stage's file. The same command again (after a crash, or to re-evaluate) is not a

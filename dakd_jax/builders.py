@@ -255,7 +255,8 @@ def check_evaluation(config: ml_collections.ConfigDict, data: prepare.DataBundle
 def check_architecture(stored_config: dict, config: ml_collections.ConfigDict,
                        where: str) -> None:
   """Raises CheckpointError naming every architecture/data field a checkpoint differs in; a
-  model of another training trial is refused unless eval.allow_trial_mismatch says so."""
+  model of another training trial is refused unless eval.allow_trial_mismatch says so; another
+  input size than the one trained on is run, with a warning."""
   problems = []
   spec = specs.get_spec(config.data.dataset)
   for field in ARCHITECTURE_FIELDS:
@@ -270,7 +271,17 @@ def check_architecture(stored_config: dict, config: ml_collections.ConfigDict,
     raise CheckpointError(
         f"the checkpoint {where} does not fit this config (" + "; ".join(problems) + "). Use "
         "the checkpoint's values (--config.<field>=...) or a checkpoint of this architecture.")
-  trained_on = stored_config.get("data", {}).get("trial")
+  stored_data = stored_config.get("data", {})
+  trained_size = (stored_data.get("image_height"), stored_data.get("image_width"))
+  size = (config.data.image_height, config.data.image_width)
+  if None not in trained_size and trained_size != size:
+    # The network is fully convolutional, so this runs; the user should know it differs.
+    print(f"dakd_jax: warning: {where} was trained on {trained_size[0]}x{trained_size[1]} "
+          f"images; this run feeds it {size[0]}x{size[1]} (data.image_height/width), so its "
+          f"numbers are not those of the trained size. To match: "
+          f"--config.data.image_height={trained_size[0]} "
+          f"--config.data.image_width={trained_size[1]}")
+  trained_on = stored_data.get("trial")
   if spec.trials and trained_on is not None and trained_on != config.data.trial:
     message = (f"{where} was trained on {spec.title} trial {trained_on}; evaluating or "
                f"distilling it on trial {config.data.trial} mixes its training identities into "

@@ -82,6 +82,19 @@ def test_trial_mismatch_is_refused_unless_allowed(capsys):
   builders.check_architecture(other, sysu, "w/teacher step 10")
 
 
+def test_another_input_size_than_trained_is_run_with_a_warning_naming_both(capsys):
+  config = config_lib.load_config(os.path.join(REPO, "configs", "sysu.py"),
+                                  {"data.image_height": 256}, validate_config=False)
+  stored = config.to_dict()
+  builders.check_architecture(stored, config, "w/teacher step 10")
+  assert capsys.readouterr().out == ""  # same size: nothing to say
+  stored["data"]["image_height"] = 384
+  builders.check_architecture(stored, config, "w/teacher step 10")
+  printed = capsys.readouterr().out
+  assert printed.startswith("dakd_jax: warning: w/teacher step 10 was trained on 384x128 images;")
+  assert "feeds it 256x128" in printed and "--config.data.image_height=384" in printed
+
+
 @pytest.fixture(scope="module")
 def sysu_tree(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("sysu") / "tree")

@@ -37,6 +37,7 @@ import train_step  # noqa: E402  benchmarks/train_step.py: the step runners
 from dakd_jax import builders  # noqa: E402
 from dakd_jax import config as config_lib  # noqa: E402
 from dakd_jax import sharding as sharding_lib  # noqa: E402
+from dakd_jax import writers  # noqa: E402
 from dakd_jax.evaluation import extract  # noqa: E402
 from dakd_jax.train.steps import STUDENT_FORWARDS  # noqa: E402
 
@@ -97,15 +98,6 @@ def peak_tflops(device_kind: str, dtype: str, override: float) -> tuple[float, s
   return 0.0, f"no peak known for {device_kind!r} (pass --peak-tflops)"
 
 
-def device_peak_gib() -> float | None:
-  """The allocator's high-water mark since the process started (None where not reported)."""
-  try:
-    stats = jax.local_devices()[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except  # some backends raise instead of None
-    return None
-  return stats.get("peak_bytes_in_use", stats.get("bytes_in_use")) / GIB if stats else None
-
-
 def measure(jitted, args, steps: int, images: int, peak: float) -> dict:
   """Compiles jitted(*args), then times `steps` calls after one warm-up call.
 
@@ -131,13 +123,15 @@ def measure(jitted, args, steps: int, images: int, peak: float) -> dict:
     jax.block_until_ready(out)
     durations.append(time.perf_counter() - started)
   step_s = statistics.median(durations)
+  device_memory = writers.device_memory_bytes()
   # What the step needs on the device: its arguments, outputs and temporaries, less the outputs
   # written over donated arguments.
   step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   return {"img/s": images / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
           "XLA GiB": step_bytes / GIB,
-          "device peak GiB": device_peak_gib(), "GFLOP/step": flops / 1e9,
+          "device peak GiB": None if device_memory is None else device_memory[1] / GIB,
+          "GFLOP/step": flops / 1e9,
           "MFU %": 100.0 * flops / step_s / (peak * 1e12) if peak > 0 and flops else None}
 
 

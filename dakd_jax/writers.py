@@ -195,19 +195,26 @@ def format_duration(seconds: float) -> str:
   return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
 
 
-def device_memory_text(device: Any = None) -> str:
-  """Returns "mem <in use>/<peak> GiB" for a device (default: the first local one), "" when it
+def device_memory_bytes(device: Any = None) -> tuple[int, int] | None:
+  """(bytes in use, peak bytes) of a device (default: the first local one), None when it
   reports no statistics (CPU). The peak is the allocator's high-water mark since the process
   started, the number to compare with the device's capacity."""
   try:
     stats = (device or jax.local_devices()[0]).memory_stats()
   except Exception:  # pylint: disable=broad-except  # some backends raise instead of None
-    return ""
+    return None
   if not stats or "bytes_in_use" not in stats:
+    return None
+  return stats["bytes_in_use"], stats.get("peak_bytes_in_use", stats["bytes_in_use"])
+
+
+def device_memory_text(device: Any = None) -> str:
+  """Returns "mem <in use>/<peak> GiB" (`device_memory_bytes`), "" without statistics."""
+  memory = device_memory_bytes(device)
+  if memory is None:
     return ""
   gib = 1024 ** 3
-  peak = stats.get("peak_bytes_in_use", stats["bytes_in_use"])
-  return f"mem {stats['bytes_in_use'] / gib:.1f}/{peak / gib:.1f} GiB"
+  return f"mem {memory[0] / gib:.1f}/{memory[1] / gib:.1f} GiB"
 
 
 class ProgressLine:

@@ -26,6 +26,7 @@ from dakd_jax import config as config_lib
 from dakd_jax import errors
 from dakd_jax.data import synthetic
 from dakd_jax.models import weights
+from tests.file_trees import tree_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -92,17 +93,6 @@ def data_dir(tmp_path_factory):
   overrides = [arg[len("--config."):] for arg in tiny_args(base)]
   builders.prepare_data(config_lib.load_config(DEMO, overrides, validate_config=False))
   return base
-
-
-def tree_of(folder):
-  """{relative path: bytes} of every file under `folder` (what a refused run must not touch)."""
-  files = {}
-  for parent, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(parent, name)
-      with open(path, "rb") as f:
-        files[os.path.relpath(path, folder)] = f.read()
-  return files
 
 
 @pytest.mark.parametrize("config, args, code, needles", [
@@ -177,12 +167,12 @@ def test_resume_with_a_changed_config_is_refused_first_and_leaves_config_json(tm
   checkpoints = workdir / "teacher" / "checkpoints"
   stage_checkpoint(checkpoints, config, "teacher")
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-  before = tree_of(str(workdir))
+  before = tree_bytes(str(workdir))
   result = run_py(args + ["--config.teacher.lr=0.01", f"--workdir={workdir}"])
   message = one_error_line(result, f"checkpoint {checkpoints}/4", "teacher.lr: 0.00035 -> 0.01",
                            "--config.checkpoint.allow_config_change=True")
   assert result.stderr.splitlines() == [message] and result.stdout == ""
-  assert tree_of(str(workdir)) == before  # config.json and the checkpoint as they were
+  assert tree_bytes(str(workdir)) == before  # config.json and the checkpoint as they were
   assert checkpoint_lib.complete_steps(str(checkpoints)) == [4]
 
 
@@ -284,7 +274,7 @@ def test_a_data_root_that_is_not_a_dataset_is_refused_untouched(tmp_path, synthe
                                              "synthetic.enabled": synthetic_enabled})
                   + [f"--workdir={tmp_path / 'run'}"])
   one_error_line(result, str(photos), *needles)
-  assert tree_of(str(photos)) == {"holiday.txt": b"not a dataset"}
+  assert tree_bytes(str(photos)) == {"holiday.txt": b"not a dataset"}
   assert sorted(os.listdir(tmp_path)) == ["photos", "run"]  # no partial tree beside it
 
 

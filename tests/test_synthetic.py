@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dakd_jax.data import synthetic
+from tests.file_trees import tree_bytes
 
 SMALL_SYSU = dict(num_train_ids=4, num_val_ids=1, num_test_ids=3, images_per_camera=2,
                   height=48, width=24)
@@ -24,17 +25,6 @@ SMALL_LLCM = dict(num_train_ids=4, num_test_ids=5, images_per_camera=2, height=4
 LLCM_NAME = re.compile(r"^(\d{4})_c(\d{2})_s\d{6}_f\d+_(vis|nir)\.jpg$")
 WRITERS = {"sysu": synthetic.write_sysu_tree, "regdb": synthetic.write_regdb_tree,
            "llcm": synthetic.write_llcm_tree}
-
-
-def tree_bytes(root):
-  """{relative path: file bytes} for every file under root."""
-  found = {}
-  for folder, _, files in os.walk(root):
-    for name in files:
-      path = os.path.join(folder, name)
-      with open(path, "rb") as file:
-        found[os.path.relpath(path, root)] = file.read()
-  return found
 
 
 def file_stamps(root):

@@ -138,6 +138,9 @@ def test_format_duration_and_memory_text():
   busy = FakeDevice({"bytes_in_use": 1.5 * gib, "peak_bytes_in_use": 3 * gib})
   assert writers.device_memory_text(busy) == "mem 1.5/3.0 GiB"
   assert writers.device_memory_text(FakeDevice(None)) == ""
+  # Without a peak statistic the bytes in use are the peak so far.
+  assert writers.device_memory_bytes(FakeDevice({"bytes_in_use": 7})) == (7, 7)
+  assert writers.device_memory_bytes(FakeDevice({})) is None
 
 
 def terminal_screen(text):

@@ -85,6 +85,13 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
   return teacher_step
 
 
+def both_views(visible: jax.Array, infrared: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One batch [visible; infrared] ([2n, H, W, 3]) and its modality codes ([2n] int32)."""
+  n = visible.shape[0]
+  codes = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
+  return jnp.concatenate([visible, infrared]), codes
+
+
 def teacher_embeddings(model, variables, visible: jax.Array,
                        infrared: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The frozen teacher's unit embeddings of both views from ONE inference-mode call.
@@ -94,9 +101,7 @@ def teacher_embeddings(model, variables, visible: jax.Array,
   others in the batch: one call on [visible; infrared] equals two calls (method.md 4.1).
   """
   n = visible.shape[0]
-  codes = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
-  embedding = model.apply(variables, jnp.concatenate([visible, infrared]), codes,
-                          train=False)["embedding"]
+  embedding = model.apply(variables, *both_views(visible, infrared), train=False)["embedding"]
   return embedding[:n], embedding[n:]
 
 
@@ -113,9 +118,8 @@ def student_features(model, variables: dict, visible: jax.Array, infrared: jax.A
   """
   n = visible.shape[0]
   if forward == "grouped":
-    codes = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
-    outputs, updates = model.apply(variables, jnp.concatenate([visible, infrared]), codes,
-                                   train=True, bn_groups=2, mutable=["batch_stats"])
+    outputs, updates = model.apply(variables, *both_views(visible, infrared), train=True,
+                                   bn_groups=2, mutable=["batch_stats"])
     features = outputs["features"]
     return features[:n], features[n:], updates["batch_stats"]
   if forward != "two_calls":

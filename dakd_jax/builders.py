@@ -213,15 +213,11 @@ def eval_settings(config: ml_collections.ConfigDict) -> evaluator_lib.EvalSettin
       aqe_alpha=e.aqe_alpha, tpr_fprs=tuple(float(f) for f in e.tpr_fprs))
 
 
-def protocol_options(config: ml_collections.ConfigDict, *,
-                     during_training: bool = False) -> ProtocolOptions:
-  """Which protocols config.eval asks for (the lighter training-time set when during_training:
-  eval.training_modes)."""
-  e = config.eval
-  return ProtocolOptions(
-      modes=tuple(e.training_modes if during_training else e.modes), shots=tuple(e.shots),
-      num_trials=e.num_trials, directions=tuple(e.directions), trial=config.data.trial,
-      variant=e.llcm_vis_to_ir)
+def protocol_options(config: ml_collections.ConfigDict) -> ProtocolOptions:
+  """Which protocols config.eval asks for: the trials, and the dataset's own options (its
+  spec's eval_options, e.g. SYSU-MM01's modes and shots)."""
+  return specs.get_spec(config.data.dataset).protocol_options(
+      config.eval, num_trials=config.eval.num_trials, trial=config.data.trial)
 
 
 def make_evaluator(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
@@ -237,7 +233,7 @@ def make_evaluator(config: ml_collections.ConfigDict, model: resnet.ReIDResNet,
     if config.checkpoint.select == "val":
       return evaluator_lib.Evaluator.on_validation(model, data, settings, mesh)
   protocols = data.spec.make_protocols(
-      protocol_options(config, during_training=during_training),
+      protocol_options(config),
       during_training=during_training)
   return evaluator_lib.Evaluator(model, data, protocols, settings, mesh)
 
@@ -247,7 +243,7 @@ def check_evaluation(config: ml_collections.ConfigDict, data: prepare.DataBundle
   """Refuses at a stage's start what its evaluation would refuse after training (a missing
   protocol file, eval.max_rank longer than a gallery can fill); reads file lists only."""
   protocols = data.spec.make_protocols(
-      protocol_options(config, during_training=during_training),
+      protocol_options(config),
       during_training=during_training)
   evaluator_lib.lookup_rows(data, protocols, config.eval.max_rank)
 

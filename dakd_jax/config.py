@@ -90,7 +90,6 @@ def _choices() -> dict[str, tuple]:
   """Allowed values of the enumerated fields, from the modules that define them."""
   from dakd_jax import augment  # Deferred: these pull in JAX.
   from dakd_jax import modalities
-  from dakd_jax.data import llcm
   from dakd_jax.data import specs
   from dakd_jax.losses import distill
   from dakd_jax.models import batch_norm
@@ -107,16 +106,9 @@ def _choices() -> dict[str, tuple]:
       "distill.student_forward": batch_norm.STUDENT_FORWARDS,
       "extract.query_modality": modalities.MODALITIES,
       "extract.gallery_modality": modalities.MODALITIES,
-      "eval.llcm_vis_to_ir": llcm.VIS_TO_IR_VARIANTS,
       "eval.analysis_method": ("pca", "tsne"),
       "checkpoint.select": SELECTIONS,
   }
-
-
-def _tuple_choices() -> dict[str, tuple]:
-  from dakd_jax.data import sysu  # Deferred like _choices.
-  return {"eval.modes": tuple(sysu.MODES), "eval.training_modes": tuple(sysu.MODES),
-          "eval.shots": tuple(sysu.SHOTS)}
 
 
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -293,22 +285,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for spec in RANGES:
     _check_range(config, *spec)
   from dakd_jax.data import specs  # Deferred like _choices.
-  dataset = specs.get_spec(config.data.dataset)
-  tuple_choices = {**_tuple_choices(), "eval.directions": dataset.directions}
-  from dakd_jax.models import resnet  # Deferred like _choices.
-  tuple_choices["model.remat"] = resnet.REMAT_PARTS
-  # () = every direction of the dataset; nothing recomputed.
-  may_be_empty = ("eval.directions", "model.remat")
-  for field, choices in tuple_choices.items():
-    values = get_field(config, field)
-    bad = [v for v in values if v not in choices]
-    if bad or not (values or field in may_be_empty):
-      need = " (or none)" if field in may_be_empty else " and at least one is needed"
-      # A tuple is written as Python (quoted for the shell); 'a,b' would be one string.
-      example = "(" + ",".join(repr(choice) for choice in choices) + ",)"
-      raise ConfigError(f"config.{field} = {values!r}: each entry must be one of {choices}"
-                        f"{need}; write the tuple in double quotes, e.g. "
-                        f"--config.{field}=\"{example}\"")
+  from dakd_jax.data.records import EvalOption
+  from dakd_jax.models import resnet
+  # The dataset's own evaluation options are declared and checked by its module.
+  problem = specs.get_spec(config.data.dataset).eval_option_problem(config.eval) or \
+      EvalOption("remat", resnet.REMAT_PARTS, (), may_be_empty=True).problem(
+          config.model.remat, field="model.remat")  # () = nothing recomputed
+  if problem:
+    raise ConfigError(problem)
   temperatures = config.distill.temperatures
   if not temperatures or any(t <= 0 for t in temperatures):
     raise ConfigError(f"config.distill.temperatures = {temperatures!r}: need at least one "

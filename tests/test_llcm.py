@@ -354,7 +354,7 @@ def test_describe_counts_per_camera(tree):
 def test_protocol_entry_point_and_settings(tree):
   """protocols.query_gallery(Protocol("llcm", t, direction=...)) is llcm_query_gallery; the
   variant is part of the setting name, so every result says which reading it is."""
-  options = ProtocolOptions(num_trials=2, variant="deen_test_script")
+  options = ProtocolOptions(num_trials=2, values={"llcm_vis_to_ir": "deen_test_script"})
   made = llcm.make_protocols(options)
   assert [p.name for p in made] == [
       "llcm/infrared_to_visible/trial-0", "llcm/infrared_to_visible/trial-1",

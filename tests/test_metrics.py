@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dakd_jax.data.records import CameraRule
 from dakd_jax.evaluation import rank_metrics
 
 
@@ -322,3 +323,36 @@ def test_bad_inputs():
   # LLCM: the only match is in the query's own camera -> no valid query.
   with pytest.raises(ValueError, match="no query has a true match"):
     rank_metrics(distmat[:1], [2], [1, 2, 3], [4], [1, 4, 4], protocol="llcm")
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_a_new_datasets_camera_rule_is_ranked_without_changes_to_the_metrics(distinct):
+  """A fourth dataset declares its rule (two camera pairs, the same-identity same-camera filter,
+  either CMC) and rank_metrics follows it: checked against a one-query-at-a-time loop."""
+  rule = CameraRule("fourth", removed_camera_pairs=((3, 2), (6, 4)),
+                    removes_same_identity_same_camera=True, distinct_identity_cmc=distinct)
+  distmat, query_ids, gallery_ids, query_cams, gallery_cams = random_problem(5, levels=6)
+  gallery_cams = np.where(np.arange(gallery_cams.size) % 5 == 0, 3, gallery_cams)
+  max_rank = 8
+  hits, average_precisions, inverse_precisions = np.zeros(max_rank), [], []
+  for i in range(distmat.shape[0]):
+    ranked = [g for g in np.argsort(distmat[i], kind="stable")
+              if not (query_cams[i] == 3 and gallery_cams[g] == 2)
+              and not (query_cams[i] == 6 and gallery_cams[g] == 4)
+              and not (gallery_ids[g] == query_ids[i] and gallery_cams[g] == query_cams[i])]
+    positions = [p + 1 for p, g in enumerate(ranked) if gallery_ids[g] == query_ids[i]]
+    if not positions:
+      continue
+    average_precisions.append(np.mean([j / p for j, p in enumerate(positions, start=1)]))
+    inverse_precisions.append(len(positions) / positions[-1])
+    order = list(dict.fromkeys(gallery_ids[g] for g in ranked)) if distinct else None
+    first_hit = order.index(query_ids[i]) + 1 if distinct else positions[0]
+    hits += np.arange(1, max_rank + 1) >= first_hit
+  expected = {"cmc": hits / len(average_precisions), "mAP": np.mean(average_precisions),
+              "mINP": np.mean(inverse_precisions), "num_valid_queries": len(average_precisions)}
+  result = rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
+                        protocol=rule, max_rank=max_rank, query_chunk_size=7)
+  assert_same(result, expected)
+  removed = rule.removed_pairs(query_ids, query_cams, gallery_ids, gallery_cams)
+  assert removed[query_cams == 6][:, gallery_cams == 4].all()
+  assert not removed[query_cams == 3][:, gallery_cams == 4].any()

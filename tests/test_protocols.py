@@ -244,9 +244,8 @@ def test_protocol_names_and_lists():
   assert [p.name for p in regdb.make_protocols(ProtocolOptions(trial=7),
                                                during_training=True)] == [
       "regdb/visible_to_thermal/trial-7"]
-  assert [p.name for p in sysu.make_protocols(ProtocolOptions(modes=("indoor",),
-                                                              shots=("multi",),
-                                                              num_trials=3))][2:] == [
+  assert [p.name for p in sysu.make_protocols(ProtocolOptions(
+      num_trials=3, values={"modes": ("indoor",), "shots": ("multi",)}))][2:] == [
       "sysu_mm01/indoor/multi-shot/trial-2"]
   training = sysu.make_protocols(ProtocolOptions(num_trials=2), during_training=True)
   assert [p.name for p in training] == [

@@ -23,7 +23,8 @@ import os
 import random
 import re
 from dakd_jax.data.records import INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
-from dakd_jax.data.records import Protocol, ProtocolOptions, parse_list_line
+from dakd_jax.data.records import CameraRule, EvalOption, Protocol, ProtocolOptions
+from dakd_jax.data.records import parse_list_line
 
 DATASET_NAME = "llcm"
 SPLITS = ("train", "test")
@@ -33,10 +34,19 @@ TEST_FOLDERS = {VISIBLE: "test_vis", INFRARED: "test_nir"}
 TRAIN_LISTS = {VISIBLE: "train_vis.txt", INFRARED: "train_nir.txt"}
 TRIALS = tuple(range(10))
 DIRECTIONS = ("infrared_to_visible", "visible_to_infrared")
+# Camera k records both modalities: a query never sees its own identity from its own camera
+# number; CMC counts distinct identities (llcm.md 3.3).
+CAMERA_RULE = CameraRule("llcm", removes_same_identity_same_camera=True,
+                         distinct_identity_cmc=True)
 # What "visible_to_infrared" means (llcm.md 3.2, 6.1): "plain" = all visible queries against the
 # sampled near-infrared gallery; "deen_test_script" = what DEEN's and AGW's test.py compute:
 # sampled near-infrared queries against all visible images.
 VIS_TO_IR_VARIANTS = ("plain", "deen_test_script")
+# Its evaluation settings (config eval.<name>): the query directions (() = both) and the
+# visible->infrared reading.
+DIRECTIONS_OPTION = EvalOption("directions", DIRECTIONS, (), may_be_empty=True)
+VIS_TO_IR_OPTION = EvalOption("llcm_vis_to_ir", VIS_TO_IR_VARIANTS, "plain")
+EVAL_OPTIONS = (DIRECTIONS_OPTION, VIS_TO_IR_OPTION)
 # Camera of a training image whose file name does not carry one (the lists give none).
 UNKNOWN_CAMERA = 0
 # Accepted in an id/camera folder; anything else is refused rather than skipped, because the
@@ -398,9 +408,11 @@ def make_protocols(options: ProtocolOptions, *, during_training: bool = False) -
   """LLCM protocols: per direction, trials 0..num_trials-1; visible->infrared carries the
   configured variant. During training: infrared->visible only (the reference's training-time
   direction), all trials."""
-  directions = DIRECTIONS[:1] if during_training else (options.directions or DIRECTIONS)
+  directions = (DIRECTIONS[:1] if during_training
+                else (options.value(DIRECTIONS_OPTION) or DIRECTIONS))
+  variant = options.value(VIS_TO_IR_OPTION)
   return [Protocol(DATASET_NAME, trial, direction=direction,
-                   variant=options.variant if direction == "visible_to_infrared" else None)
+                   variant=variant if direction == "visible_to_infrared" else None)
           for direction in directions for trial in range(options.num_trials)]
 
 

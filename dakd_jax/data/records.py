@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -205,6 +205,46 @@ def coverage_warning(records: Sequence[ImageRecord], listed: Iterable[int] | Non
 
 
 @dataclasses.dataclass(frozen=True)
+class CameraRule:
+  """How a dataset's protocol ranks: which gallery images a query never sees, how CMC counts.
+
+  Declared by each dataset's module (`sysu.CAMERA_RULE`, ...) and read by the metrics, the
+  pictures and the verification, so a new dataset brings its rule with it.
+
+  name: a short name for messages and `rank_metrics(protocol=...)` ("sysu", "regdb", "llcm").
+  removed_camera_pairs: (query camera, gallery camera) pairs: a query from the first camera
+    never sees gallery images from the second, whatever their identity (SYSU-MM01: (3, 2)).
+  removes_same_identity_same_camera: a query never sees images of its own identity taken by its
+    own camera number (LLCM, where camera k records both modalities).
+  distinct_identity_cmc: CMC ranks distinct identities (the ranked list collapsed to each
+    identity's first image) instead of images.
+  """
+  name: str
+  removed_camera_pairs: tuple[tuple[int, int], ...] = ()
+  removes_same_identity_same_camera: bool = False
+  distinct_identity_cmc: bool = False
+
+  @property
+  def needs_cameras(self) -> bool:
+    """Whether the rule reads camera numbers (then every query and gallery image needs one)."""
+    return bool(self.removed_camera_pairs) or self.removes_same_identity_same_camera
+
+  def removed_pairs(self, query_ids, query_cams, gallery_ids, gallery_cams) -> np.ndarray:
+    """bool [Q, G]: the gallery images each query ignores (the plain statement of the rule)."""
+    query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
+    removed = np.zeros((query_ids.size, gallery_ids.size), bool)
+    if not self.needs_cameras:
+      return removed
+    query_cams, gallery_cams = np.asarray(query_cams), np.asarray(gallery_cams)
+    for query_camera, gallery_camera in self.removed_camera_pairs:
+      removed |= (query_cams == query_camera)[:, None] & (gallery_cams == gallery_camera)[None, :]
+    if self.removes_same_identity_same_camera:
+      removed |= ((query_ids[:, None] == gallery_ids[None, :])
+                  & (query_cams[:, None] == gallery_cams[None, :]))
+    return removed
+
+
+@dataclasses.dataclass(frozen=True)
 class Protocol:
   """One evaluation setting; which fields apply depends on the dataset (its module checks them).
 
@@ -243,19 +283,51 @@ class Protocol:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProtocolOptions:
-  """Which protocols an evaluation runs (config `eval.*`); each dataset uses the fields it has.
+class EvalOption:
+  """A dataset's own evaluation setting, config `eval.<name>`, declared by the dataset's module.
 
-  modes: SYSU-MM01 search modes ("all", "indoor").
-  shots: SYSU-MM01 gallery shots ("single", "multi").
-  num_trials: gallery draws (trials 0..num_trials-1) where the gallery is drawn.
-  directions: query directions; () = every direction of the dataset.
-  trial: the training trial of a dataset whose splits depend on it (RegDB 1..10).
-  variant: LLCM visible->infrared reading, "plain" or "deen_test_script".
+  name: the config field under `eval` (e.g. SYSU-MM01 "modes", LLCM "llcm_vis_to_ir").
+  choices: the accepted values (of each entry, for a tuple field).
+  default: the value when none is given (a tuple for a tuple field).
+  may_be_empty: a tuple field may be () (the dataset says what that means).
   """
-  modes: tuple[str, ...] = ("all", "indoor")
-  shots: tuple[str, ...] = ("single", "multi")
+  name: str
+  choices: tuple
+  default: Any
+  may_be_empty: bool = False
+
+  def problem(self, value, field: str | None = None) -> str | None:
+    """Why `value` is not accepted (a message naming config.<field>, default eval.<name>, and
+    the fix), or None."""
+    field = field or f"eval.{self.name}"
+    if not isinstance(self.default, tuple):
+      if value in self.choices:
+        return None
+      return f"config.{field} = {value!r} is not allowed: choose one of {self.choices}"
+    bad = [entry for entry in value if entry not in self.choices]
+    if not bad and (value or self.may_be_empty):
+      return None
+    need = " (or none)" if self.may_be_empty else " and at least one is needed"
+    # A tuple is written as Python (quoted for the shell); 'a,b' would be one string.
+    example = "(" + ",".join(repr(choice) for choice in self.choices) + ",)"
+    return (f"config.{field} = {tuple(value)!r}: each entry must be one of "
+            f"{self.choices}{need}; write the tuple in double quotes, e.g. "
+            f"--config.{field}=\"{example}\"")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolOptions:
+  """Which protocols an evaluation runs: the common settings and the dataset's own.
+
+  num_trials: gallery draws (trials 0..num_trials-1) where the gallery is drawn.
+  trial: the training trial of a dataset whose splits depend on it (RegDB 1..10).
+  values: the dataset's `EvalOption` values by name (config `eval.<name>`); a missing one takes
+    the option's default (`value`).
+  """
   num_trials: int = 10
-  directions: tuple[str, ...] = ()
   trial: int = 1
-  variant: str = "plain"
+  values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def value(self, option: EvalOption):
+    """The value of a dataset's option: given in `values`, else its default."""
+    return self.values.get(option.name, option.default)

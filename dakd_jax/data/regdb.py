@@ -18,13 +18,18 @@ import os
 
 from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, ImageRecord, Protocol
 from dakd_jax.data.records import parse_list_line
-from dakd_jax.data.records import ProtocolOptions
+from dakd_jax.data.records import CameraRule, EvalOption, ProtocolOptions
 
 DATASET_NAME = "regdb"
 TRIALS = tuple(range(1, 11))
 SPLITS = ("train", "test")
 # Query direction; the first is the released training-time evaluation.
 DIRECTIONS = ("visible_to_thermal", "thermal_to_visible")
+# One camera per modality: nothing is removed, CMC counts images (method.md 7.3).
+CAMERA_RULE = CameraRule("regdb")
+# Its evaluation settings (config eval.<name>): the query directions, () = both.
+DIRECTIONS_OPTION = EvalOption("directions", DIRECTIONS, (), may_be_empty=True)
+EVAL_OPTIONS = (DIRECTIONS_OPTION,)
 # Index-file spelling of each modality -> (record modality, camera number).
 MODALITY_FILES = {"visible": (VISIBLE, 1), "thermal": (INFRARED, 2)}
 # Accept the record spelling too, so callers can pass `records.INFRARED`.
@@ -178,7 +183,8 @@ def make_protocols(options: ProtocolOptions, *, during_training: bool = False) -
 
   During training: visible->thermal only, as the released training-time evaluation.
   """
-  directions = DIRECTIONS[:1] if during_training else (options.directions or DIRECTIONS)
+  directions = (DIRECTIONS[:1] if during_training
+                else (options.value(DIRECTIONS_OPTION) or DIRECTIONS))
   return [Protocol(DATASET_NAME, options.trial, direction=direction) for direction in directions]
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 from dakd_jax.data import llcm
 from dakd_jax.data import regdb
 from dakd_jax.data import sysu
-from dakd_jax.data.records import INFRARED, VISIBLE, ImageRecord, Protocol, ProtocolOptions
+from dakd_jax.data.records import INFRARED, VISIBLE, CameraRule, ImageRecord, Protocol
+from dakd_jax.data.records import EvalOption, ProtocolOptions
 from dakd_jax.data.records import held_out_identities
 from dakd_jax.errors import ConfigError
 
@@ -54,8 +55,11 @@ class DatasetSpec:
   visible_cameras, infrared_cameras: camera numbers per modality.
   image_size: default (height, width) of the method's recipe.
   trials: the training trials when the splits depend on one (RegDB 1..10), else ().
-  directions: accepted `eval.directions` values (() when the protocol has no direction).
-  metric_rule: `rank_metrics` protocol: which gallery images a query ignores and how CMC counts.
+  directions: the query directions of its protocol (() when it has none).
+  eval_options: its own evaluation settings (config `eval.<name>`), validated at start-up by
+    `eval_option_problem` and handed to make_protocols in ProtocolOptions.values.
+  camera_rule: which gallery images a query ignores and how CMC counts (declared by the
+    dataset's module, read by `rank_metrics`).
   augment: the augmentation recipe.
   synthetic_kind: `synthetic.ensure_synthetic` kind of the generated stand-in tree.
   synthetic_params: SyntheticSizes -> keyword arguments of that writer.
@@ -78,7 +82,8 @@ class DatasetSpec:
   image_size: tuple[int, int]
   trials: tuple[int, ...]
   directions: tuple[str, ...]
-  metric_rule: str
+  camera_rule: CameraRule
+  eval_options: tuple[EvalOption, ...]
   augment: AugmentRecipe
   synthetic_kind: str
   synthetic_params: Callable[[SyntheticSizes], dict]
@@ -92,6 +97,21 @@ class DatasetSpec:
   # selection; default: a seeded share of the training identities.
   validation_ids: Callable[..., list[int]] = None
   listed_identities: Callable[[str, str, int | None], list[int]] | None = None
+
+  def eval_option_problem(self, values) -> str | None:
+    """The first of `values` (config.eval, or any mapping by option name) that this dataset's
+    options refuse, as a message naming the field and the fix; None when all are accepted."""
+    for option in self.eval_options:
+      problem = option.problem(values[option.name])
+      if problem:
+        return problem
+    return None
+
+  def protocol_options(self, values, *, num_trials: int, trial: int) -> ProtocolOptions:
+    """ProtocolOptions holding this dataset's option values taken from `values` (config.eval)."""
+    return ProtocolOptions(num_trials=num_trials, trial=trial, values={
+        option.name: (tuple(values[option.name]) if isinstance(option.default, tuple)
+                      else values[option.name]) for option in self.eval_options})
 
   def split_trial(self, trial: int) -> int | None:
     """The trial the splits are read with: `trial` where they depend on it, else None."""
@@ -122,7 +142,7 @@ def _regdb_synthetic(sizes: SyntheticSizes) -> dict:
 SYSU_MM01 = DatasetSpec(
     name=sysu.DATASET_NAME, title="SYSU-MM01", visible_cameras=sysu.VISIBLE_CAMERAS,
     infrared_cameras=sysu.INFRARED_CAMERAS, image_size=(384, 128), trials=(), directions=(),
-    metric_rule="sysu", augment=AugmentRecipe(), synthetic_kind="sysu",
+    camera_rule=sysu.CAMERA_RULE, eval_options=sysu.EVAL_OPTIONS, augment=AugmentRecipe(), synthetic_kind="sysu",
     synthetic_params=_sysu_synthetic, read_split=sysu.read_split,
     make_protocols=sysu.make_protocols, check_protocol=sysu.check_protocol,
     query_gallery=sysu.query_gallery, split_files=sysu.split_files,
@@ -133,7 +153,7 @@ SYSU_MM01 = DatasetSpec(
 REGDB = DatasetSpec(
     name=regdb.DATASET_NAME, title="RegDB", visible_cameras=(1,), infrared_cameras=(2,),
     image_size=(288, 144), trials=regdb.TRIALS, directions=regdb.DIRECTIONS,
-    metric_rule="regdb",
+    camera_rule=regdb.CAMERA_RULE, eval_options=regdb.EVAL_OPTIONS,
     augment=AugmentRecipe(grey_pad_flip_first=True, cutswap_on_visible=False,
                           adaptive_gray_on_infrared=False),
     synthetic_kind="regdb", synthetic_params=_regdb_synthetic, read_split=regdb.read_split,
@@ -152,7 +172,8 @@ def _llcm_synthetic(sizes: SyntheticSizes) -> dict:
 LLCM = DatasetSpec(
     name=llcm.DATASET_NAME, title="LLCM", visible_cameras=llcm.MODALITY_CAMERAS[VISIBLE],
     infrared_cameras=llcm.MODALITY_CAMERAS[INFRARED], image_size=(384, 128), trials=(),
-    directions=llcm.DIRECTIONS, metric_rule="llcm", augment=AugmentRecipe(),
+    directions=llcm.DIRECTIONS, camera_rule=llcm.CAMERA_RULE, augment=AugmentRecipe(),
+    eval_options=llcm.EVAL_OPTIONS,
     synthetic_kind="llcm", synthetic_params=_llcm_synthetic, read_split=llcm.read_split,
     make_protocols=llcm.make_protocols, check_protocol=llcm.check_protocol,
     query_gallery=llcm.query_gallery, split_files=llcm.split_files,
@@ -169,6 +190,16 @@ def get_spec(name: str) -> DatasetSpec:
     raise ConfigError(f"unknown dataset {name!r}: choose one of {DATASET_NAMES} "
                       "(--config.data.dataset=...)")
   return SPECS[name]
+
+
+def camera_rule(name: str) -> CameraRule:
+  """The camera rule named `name`: a rule's own name ("sysu") or its dataset's ("sysu_mm01").
+  Raises ValueError naming the accepted names."""
+  for spec in SPECS.values():
+    if name in (spec.name, spec.camera_rule.name):
+      return spec.camera_rule
+  accepted = sorted({n for spec in SPECS.values() for n in (spec.name, spec.camera_rule.name)})
+  raise ValueError(f"unknown camera rule {name!r}; expected one of {accepted}.")
 
 
 def make_protocols(name: str, options: ProtocolOptions, *,

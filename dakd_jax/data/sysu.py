@@ -16,13 +16,16 @@ import os
 import random
 
 from dakd_jax.data.records import INFRARED, SHOT_NAMES, VISIBLE, DatasetError, ImageRecord
-from dakd_jax.data.records import Protocol, ProtocolOptions, records_of
+from dakd_jax.data.records import CameraRule, EvalOption, Protocol, ProtocolOptions, records_of
 
 DATASET_NAME = "sysu_mm01"
 CAMERAS = (1, 2, 3, 4, 5, 6)
 VISIBLE_CAMERAS = (1, 2, 4, 5)
 INDOOR_CAMERAS = (1, 2)
 INFRARED_CAMERAS = (3, 6)
+# The protocol (method.md 7.2): camera-3 queries never see camera-2 gallery images (the two
+# share a room); CMC counts distinct identities.
+CAMERA_RULE = CameraRule("sysu", removed_camera_pairs=((3, 2),), distinct_identity_cmc=True)
 CAMERA_MODALITY = {camera: (INFRARED if camera in INFRARED_CAMERAS else VISIBLE)
                    for camera in CAMERAS}
 SPLIT_FILES = {"train": ("train_id.txt", "val_id.txt"), "test": ("test_id.txt",),
@@ -203,6 +206,12 @@ def validation_ids(root: str, trial, train_records, fraction: float, seed: int) 
 MODES = {"all": VISIBLE_CAMERAS, "indoor": INDOOR_CAMERAS}
 SHOTS = {"single": 1, "multi": 10}
 TRIALS = tuple(range(10))
+# Its evaluation settings (config eval.<name>); no direction: infrared queries a visible gallery.
+MODES_OPTION = EvalOption("modes", tuple(MODES), ("all", "indoor"))
+TRAINING_MODES_OPTION = EvalOption("training_modes", tuple(MODES), ("all", "indoor"))
+SHOTS_OPTION = EvalOption("shots", tuple(SHOTS), ("single", "multi"))
+EVAL_OPTIONS = (MODES_OPTION, TRAINING_MODES_OPTION, SHOTS_OPTION,
+                EvalOption("directions", (), (), may_be_empty=True))
 
 
 def query(root: str) -> list[ImageRecord]:
@@ -282,11 +291,12 @@ def check_protocol(protocol: Protocol) -> None:
 def make_protocols(options: ProtocolOptions, *, during_training: bool = False) -> list[Protocol]:
   """SYSU-MM01 protocols ordered mode, then shots, then trial (the headline setting first).
 
-  During training: single-shot only (the released training-time evaluation), same modes.
+  During training: single-shot only (the released training-time evaluation), the training modes.
   """
-  shots = ("single",) if during_training else options.shots
+  shots = ("single",) if during_training else options.value(SHOTS_OPTION)
+  modes = options.value(TRAINING_MODES_OPTION if during_training else MODES_OPTION)
   return [Protocol(DATASET_NAME, trial, mode=mode, shots=SHOTS[shot])
-          for mode in options.modes for shot in shots for trial in range(options.num_trials)]
+          for mode in modes for shot in shots for trial in range(options.num_trials)]
 
 
 def query_gallery(protocol: Protocol, root: str) -> tuple[list[ImageRecord], list[ImageRecord]]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from dakd_jax.data import prepare
 from dakd_jax.data import protocols as protocols_lib
+from dakd_jax.data.records import CameraRule
 from dakd_jax.errors import ConfigError
 from dakd_jax.evaluation import extract
 from dakd_jax.evaluation import metrics as metrics_lib
@@ -71,10 +72,10 @@ def score_distances(query: np.ndarray, gallery: np.ndarray, rerank: bool) -> np.
   return -(query @ gallery.T)
 
 
-def ranks_a_gallery_can_fill(rule: str, gallery_identities: np.ndarray) -> int:
+def ranks_a_gallery_can_fill(rule: CameraRule, gallery_identities: np.ndarray) -> int:
   """The longest CMC a gallery supports: distinct identities where the ranking is collapsed to
   identities (SYSU-MM01 and LLCM rules), else the number of gallery images."""
-  if metrics_lib.PROTOCOLS[rule] in metrics_lib.COLLAPSED_CMC:
+  if rule.distinct_identity_cmc:
     return len(np.unique(gallery_identities))
   return len(gallery_identities)
 
@@ -95,7 +96,7 @@ def lookup_rows(data: prepare.DataBundle, protocols: Iterable[protocols_lib.Prot
     query, gallery = protocols_lib.query_gallery(protocol, data.root)
     rows[protocol] = (np.array([data.test_index_of(r) for r in query]),
                       np.array([data.test_index_of(r) for r in gallery]))
-    fill = ranks_a_gallery_can_fill(data.spec.metric_rule, identity[rows[protocol][1]])
+    fill = ranks_a_gallery_can_fill(data.spec.camera_rule, identity[rows[protocol][1]])
     if max_rank > fill:
       raise ConfigError(
           f"config.eval.max_rank = {max_rank} is longer than the gallery of {protocol.name} "
@@ -147,7 +148,7 @@ class Evaluator:
                       np.flatnonzero(modality == VISIBLE_CODE))
     protocol = protocols_lib.Protocol(data.dataset, 0, direction="infrared_to_visible",
                                       variant=VALIDATION)
-    fill = ranks_a_gallery_can_fill(data.spec.metric_rule, data.val_meta["identity"][gallery])
+    fill = ranks_a_gallery_can_fill(data.spec.camera_rule, data.val_meta["identity"][gallery])
     settings = dataclasses.replace(settings, max_rank=min(settings.max_rank, fill), tpr_fprs=())
     return cls(model, data, [protocol], settings, mesh, split="val",
                rows={protocol: (query, gallery)})
@@ -190,7 +191,7 @@ class Evaluator:
     return results
 
   def _score_protocol(self, embeddings, protocol, query_rows, gallery_rows, rerank) -> dict:
-    meta, rule = self.meta, self.data.spec.metric_rule
+    meta, rule = self.meta, self.data.spec.camera_rule
     identity, camera = np.asarray(meta["identity"]), np.asarray(meta["camera"])
     query, gallery = embeddings[query_rows], embeddings[gallery_rows]
     needs_mask = self.settings.query_expansion or self.settings.tpr_fprs

@@ -2,9 +2,11 @@
 
 Last step of evaluation: embeddings -> distance matrix -> (optional k-reciprocal re-ranking,
 `rerank.py`) -> `rank_metrics` -> report. It reproduces the AGW baseline's `eval_sysu` and
-`eval_regdb` and the LLCM reference's `eval_llcm` (SYSU camera filter or LLCM same-identity
-same-camera filter, distinct-identity CMC on SYSU and LLCM, mAP and mINP on the full kept ranking)
-without a per-query Python loop, in bounded memory (chunks of queries).
+`eval_regdb` and the LLCM reference's `eval_llcm` without a per-query Python loop, in bounded
+memory (chunks of queries). What differs between datasets is the dataset's `CameraRule`
+(`dakd_jax.data.records`, declared in each dataset's module): the gallery images a query never
+sees (SYSU's camera filter, LLCM's same-identity same-camera filter) and whether CMC counts
+distinct identities; nothing here names a dataset.
 
 Tie rule: the baseline ranks with `np.argsort(distmat, axis=1)` (introsort, not stable), so its
 order among equal distances is unspecified. Here equal distances are ranked by gallery index
@@ -14,16 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# Accepted `protocol` values; "sysu_mm01" is the dataset's full name used in configs.
-PROTOCOLS = {"sysu": "sysu", "sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llcm"}
-# Protocols whose filter needs the cameras, and what they are used for (for error messages).
-_CAMERA_RULES = {"sysu": "cameras 1..6 as on disk, for the camera-3/camera-2 filter",
-                 "llcm": "cameras as on disk, for the same-identity same-camera filter"}
-# Protocols whose CMC counts distinct identities (the ranked list collapsed to first hits).
-COLLAPSED_CMC = ("sysu", "llcm")
-# SYSU-MM01 filter (method.md 7.2): queries from camera 3 never see gallery camera 2.
-SYSU_FILTERED_QUERY_CAMERA = 3
-SYSU_FILTERED_GALLERY_CAMERA = 2
+from dakd_jax.data import specs
+from dakd_jax.data.records import CameraRule
+
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 # Peak working bytes of one chunk, per distmat element: uint32 keys (4), match mask (1), a
 # sorted copy (4) and the row-tagged uint64 copy (8), temporaries (3); per true match: its
@@ -41,15 +36,15 @@ def rank_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=
   """CMC, mAP and mINP of a cross-modal retrieval (method.md 7.4, llcm.md 3.3; the references'
   `eval_sysu`, `eval_regdb`, `eval_llcm`).
 
-  Each query's gallery is ranked by increasing distance (ties by gallery index). On SYSU every
-  gallery image from camera 2 is dropped for a query from camera 3; on LLCM every gallery image
-  with the query's identity and the query's camera number is dropped (camera k records both
-  modalities), and nothing else; RegDB drops nothing. With `p_1 < ... < p_G` the 1-based
+  Each query's gallery is ranked by increasing distance (ties by gallery index), without the
+  images the camera rule removes (SYSU: camera-2 images for camera-3 queries; LLCM: images with
+  the query's identity and camera number; RegDB: none). With `p_1 < ... < p_G` the 1-based
   positions of the G true matches in the kept ranking:
     AP = (1/G) sum_j j / p_j,   INP = G / p_G,
-    CMC@k = fraction of valid queries whose first-hit rank r <= k, where r = p_1 on RegDB and,
-      on SYSU and LLCM, the position of the query identity in the kept ranked list collapsed to
-      distinct identities (first occurrence kept), as in the references.
+    CMC@k = fraction of valid queries whose first-hit rank r <= k, where r = p_1 or, under a
+      rule with distinct_identity_cmc (SYSU, LLCM), the position of the query identity in the
+      kept ranked list collapsed to distinct identities (first occurrence kept), as in the
+      references.
   Queries with no true match left are not valid and are left out of every average.
   CMC always has `max_rank` entries: where the baseline would clamp `max_rank` to the gallery
   size (or fail on SYSU when fewer distinct identities are kept), the curve is continued with
@@ -61,8 +56,9 @@ def rank_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=
       integer dtypes are ranked through a stable argsort first. NaN is rejected.
     query_ids, gallery_ids: [num_query] / [num_gallery] identity labels (any comparable type).
     query_cams, gallery_cams: [num_query] / [num_gallery] integer cameras as on disk (SYSU
-      1..6, LLCM 1..9). Required for SYSU and LLCM; optional and ignored for RegDB.
-    protocol: "sysu" (alias "sysu_mm01"), "regdb" or "llcm".
+      1..6, LLCM 1..9). Required where the rule reads cameras; optional and ignored elsewhere.
+    protocol: a `CameraRule` (a dataset spec's `camera_rule`) or its name ("sysu", "regdb",
+      "llcm", or a dataset name such as "sysu_mm01").
     max_rank: length of the CMC curve, >= 1.
     query_chunk_size: queries per chunk; None picks it from `memory_budget_bytes`.
     memory_budget_bytes: approximate working memory per chunk beyond the input.
@@ -76,18 +72,16 @@ def rank_metrics(distmat, query_ids, gallery_ids, query_cams=None, gallery_cams=
       (SYSU, LLCM), or no valid query at all (the baseline asserts on that too).
     TypeError: a distmat that is not real-valued numbers.
   """
-  distmat, query_codes, gallery_codes, protocol = _validate(
+  distmat, query_codes, gallery_codes, rule = _validate(
       distmat, query_ids, gallery_ids, query_cams, gallery_cams, protocol, max_rank,
       query_chunk_size)
-  layout = _gallery_layout(gallery_codes, gallery_cams, protocol)
-  filtered_query = (np.asarray(query_cams) == SYSU_FILTERED_QUERY_CAMERA if protocol == "sysu"
-                    else np.zeros(query_codes.size, bool))
-  query_cams = np.asarray(query_cams) if protocol == "llcm" else None
+  layout = _gallery_layout(gallery_codes, gallery_cams, rule)
+  query_cams = np.asarray(query_cams) if rule.needs_cameras else None
   parts = []
   for start, stop in _chunk_bounds(query_codes, gallery_codes, query_chunk_size,
                                    memory_budget_bytes):
     parts.append(_chunk_stats(
-        distmat[start:stop], start, query_codes[start:stop], filtered_query[start:stop],
+        distmat[start:stop], start, query_codes[start:stop],
         None if query_cams is None else query_cams[start:stop], layout, memory_budget_bytes))
   first_rank, average_precision, inverse_precision, num_matches = (
       np.concatenate(column) for column in zip(*parts))
@@ -129,26 +123,25 @@ def _float32_keys_inplace(values):
   return keys
 
 
-def _chunk_stats(chunk, start, query_codes, filtered_query, query_cams, layout,
-                 memory_budget_bytes):
+def _chunk_stats(chunk, start, query_codes, query_cams, layout, memory_budget_bytes):
   """Per-query first-hit rank, AP, INP and match count for one chunk of distmat rows.
 
-  filtered_query: [rows] bool, SYSU rows whose camera-2 columns are dropped; query_cams: [rows]
-  cameras for the LLCM filter, or None. Positions come from counting, in the row's sorted uint32
-  keys, the keys below each true match (a searchsorted over all rows at once), plus equal keys
-  with a smaller gallery index.
+  query_cams: [rows] cameras where the rule reads them, else None. Positions come from
+  counting, in the row's sorted uint32 keys, the keys below each true match (a searchsorted over
+  all rows at once), plus equal keys with a smaller gallery index.
   """
   keys = _chunk_keys(chunk, start, layout["perm"])
   num_rows = keys.shape[0]
   is_match = layout["codes"][None, :] == query_codes[:, None]
-  filtered_rows = np.flatnonzero(filtered_query)
-  if filtered_rows.size and layout["removed_columns"].size:
-    cells = (filtered_rows[:, None], layout["removed_columns"][None, :])
-    keys[cells] = _REMOVED_KEY  # after every kept image, so never counted below a match
-    is_match[cells] = False
+  for query_camera, removed_columns in layout["removed_by_query_camera"]:
+    filtered_rows = np.flatnonzero(query_cams == query_camera)
+    if filtered_rows.size and removed_columns.size:
+      cells = (filtered_rows[:, None], removed_columns[None, :])
+      keys[cells] = _REMOVED_KEY  # after every kept image, so never counted below a match
+      is_match[cells] = False
   match_rows, match_columns = np.nonzero(is_match)
   del is_match
-  if query_cams is not None:
+  if layout["same_identity_same_camera"]:
     match_rows, match_columns = _drop_same_camera(keys, match_rows, match_columns, query_cams,
                                                   layout["cams"])
   if not match_rows.size:
@@ -179,7 +172,8 @@ def _chunk_stats(chunk, start, query_codes, filtered_query, query_cams, layout,
 
 
 def _drop_same_camera(keys, match_rows, match_columns, query_cams, layout_cams):
-  """LLCM filter: true matches from the query's own camera leave the ranking.
+  """The same-identity same-camera filter (LLCM): true matches from the query's own camera
+  leave the ranking.
 
   Only true matches can share the query's identity, so the filter works on the match list
   (O(matches) memory, no second [rows, num_gallery] mask). The dropped cells get the removed key,
@@ -217,7 +211,7 @@ def _match_positions(keys, match_rows, match_columns, match_keys, index, memory_
 
 
 def _distinct_rank(keys, first_keys, first_columns, valid, layout):
-  """SYSU CMC rank: distinct identities ranked before the first true match, plus one."""
+  """Distinct-identity CMC rank: identities ranked before the first true match, plus one."""
   starts, index = layout["identity_starts"], layout["index"]
   identity_best = np.minimum.reduceat(keys, starts, axis=1)
   rank = (identity_best < first_keys[:, None]).sum(axis=1) + 1
@@ -252,29 +246,31 @@ def _chunk_keys(chunk, start, perm):
   return ranks if perm is None else np.take(ranks, perm, axis=1)
 
 
-def _gallery_layout(gallery_codes, gallery_cams, protocol):
-  """Column layout of the keys: grouped by identity on SYSU and LLCM (per-identity minima).
+def _gallery_layout(gallery_codes, gallery_cams, rule: CameraRule):
+  """Column layout of the keys: grouped by identity under a distinct-identity CMC (for the
+  per-identity minima), else the gallery's own order.
 
   Returns a dict: perm (gather from distmat columns, None when already in layout order),
   index ([num_gallery] original gallery index of each layout column, the tie-break), codes
-  (identity code per layout column), identity_starts (SYSU, LLCM: first column of each
-  identity), removed_columns (SYSU: layout columns from camera 2), cams (LLCM: camera per layout
-  column).
+  (identity code per layout column), identity_starts (distinct-identity CMC: first column of
+  each identity, else None), removed_by_query_camera ([(query camera, layout columns it never
+  sees)] from the rule's camera pairs), same_identity_same_camera (the rule's flag), cams
+  (camera per layout column where the rule reads cameras, else None).
   """
   num_gallery = gallery_codes.size
-  no_columns = np.zeros(0, np.intp)
-  if protocol == "regdb":
-    return {"perm": None, "index": np.arange(num_gallery), "codes": gallery_codes,
-            "identity_starts": None, "removed_columns": no_columns, "cams": None}
-  perm = np.argsort(gallery_codes, kind="stable")
+  perm = (np.argsort(gallery_codes, kind="stable") if rule.distinct_identity_cmc
+          else np.arange(num_gallery))
   codes = gallery_codes[perm]
-  cams = np.asarray(gallery_cams)[perm]
+  cams = np.asarray(gallery_cams)[perm] if rule.needs_cameras else None
   is_grouped = bool(np.all(perm == np.arange(num_gallery)))
   return {"perm": None if is_grouped else perm, "index": perm, "codes": codes,
-          "identity_starts": np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]),
-          "removed_columns": (np.flatnonzero(cams == SYSU_FILTERED_GALLERY_CAMERA)
-                              if protocol == "sysu" else no_columns),
-          "cams": cams if protocol == "llcm" else None}
+          "identity_starts": (np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+                              if rule.distinct_identity_cmc else None),
+          "removed_by_query_camera": [(query_camera, np.flatnonzero(cams == gallery_camera))
+                                      for query_camera, gallery_camera
+                                      in rule.removed_camera_pairs],
+          "same_identity_same_camera": rule.removes_same_identity_same_camera,
+          "cams": cams}
 
 
 def _chunk_bounds(query_codes, gallery_codes, query_chunk_size, memory_budget_bytes):
@@ -299,11 +295,8 @@ def _chunk_bounds(query_codes, gallery_codes, query_chunk_size, memory_budget_by
 
 def _validate(distmat, query_ids, gallery_ids, query_cams, gallery_cams, protocol, max_rank,
               query_chunk_size):
-  """Checks the arguments; returns (distmat, query codes, gallery codes, canonical protocol)."""
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"rank_metrics: protocol={protocol!r}; expected one of "
-                     f"{sorted(PROTOCOLS)}.")
-  protocol = PROTOCOLS[protocol]
+  """Checks the arguments; returns (distmat, query codes, gallery codes, the CameraRule)."""
+  rule = camera_rule_of(protocol, "rank_metrics")
   if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
     raise ValueError(f"rank_metrics: max_rank must be an integer >= 1, got {max_rank!r}.")
   if query_chunk_size is not None and (
@@ -326,14 +319,14 @@ def _validate(distmat, query_ids, gallery_ids, query_cams, gallery_cams, protoco
   _check_vector("gallery_ids", gallery_ids, num_gallery, "columns")
   for name, cams, size, axis in (("query_cams", query_cams, num_query, "rows"),
                                  ("gallery_cams", gallery_cams, num_gallery, "columns")):
-    if cams is None and protocol in _CAMERA_RULES:
-      raise ValueError(f"rank_metrics: protocol {protocol!r} needs {name} "
-                       f"({_CAMERA_RULES[protocol]}).")
+    if cams is None and rule.needs_cameras:
+      raise ValueError(f"rank_metrics: protocol {rule.name!r} needs {name} (cameras as on "
+                       "disk, for its camera rule).")
     if cams is not None:
       _check_vector(name, np.asarray(cams), size, axis, integer=True)
   _, codes = np.unique(np.concatenate([query_ids, gallery_ids]), return_inverse=True)
   codes = codes.astype(np.int32)
-  return distmat, codes[:num_query], codes[num_query:], protocol
+  return distmat, codes[:num_query], codes[num_query:], rule
 
 
 def _check_vector(name, values, size, axis, integer=False):
@@ -345,23 +338,18 @@ def _check_vector(name, values, size, axis, integer=False):
                      f"{values.dtype}.")
 
 
-def removed_pairs(protocol, query_ids, query_cams, gallery_ids, gallery_cams):
-  """bool [Q, G]: the gallery images each query ignores under `protocol`'s camera rule.
+def camera_rule_of(protocol: CameraRule | str, caller: str) -> CameraRule:
+  """`protocol` as a CameraRule: itself, or the rule a name stands for (`specs.camera_rule`)."""
+  if isinstance(protocol, CameraRule):
+    return protocol
+  try:
+    return specs.camera_rule(protocol)
+  except ValueError as error:
+    raise ValueError(f"{caller}: protocol={protocol!r}: {error}") from None
 
-  The plain statement of the filters `rank_metrics` applies (for pictures and small checks):
-  SYSU drops gallery camera 2 for camera-3 queries, LLCM drops gallery images with the query's
-  identity and camera, RegDB drops nothing.
-  """
-  protocol = PROTOCOLS.get(protocol, protocol)
-  query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
-  shape = (query_ids.size, gallery_ids.size)
-  if protocol == "regdb":
-    return np.zeros(shape, bool)
-  query_cams, gallery_cams = np.asarray(query_cams), np.asarray(gallery_cams)
-  if protocol == "sysu":
-    return ((query_cams == SYSU_FILTERED_QUERY_CAMERA)[:, None]
-            & (gallery_cams == SYSU_FILTERED_GALLERY_CAMERA)[None, :])
-  if protocol == "llcm":
-    return ((query_ids[:, None] == gallery_ids[None, :])
-            & (query_cams[:, None] == gallery_cams[None, :]))
-  raise ValueError(f"removed_pairs: protocol={protocol!r}; expected one of {sorted(PROTOCOLS)}.")
+
+def removed_pairs(protocol: CameraRule | str, query_ids, query_cams, gallery_ids, gallery_cams):
+  """bool [Q, G]: the gallery images each query ignores under `protocol`'s camera rule (a
+  CameraRule or its name; see `CameraRule.removed_pairs`), for pictures and small checks."""
+  return camera_rule_of(protocol, "removed_pairs").removed_pairs(
+      query_ids, query_cams, gallery_ids, gallery_cams)

@@ -132,7 +132,7 @@ def pick_queries(num_available: int, count: int, seed: int) -> np.ndarray:
 
 
 def ranked_picture(source, meta: dict, embeddings: np.ndarray, query_rows: np.ndarray,
-                   gallery_rows: np.ndarray, path: str, *, rule: str, top_k: int = 10,
+                   gallery_rows: np.ndarray, path: str, *, rule, top_k: int = 10,
                    num_queries: int = 8, queries: Sequence[int] | None = None, seed: int = 0,
                    title: str = "") -> dict:
   """Ranked-result picture of one protocol (e.g. SYSU infrared -> visible, trial 0).
@@ -142,7 +142,7 @@ def ranked_picture(source, meta: dict, embeddings: np.ndarray, query_rows: np.nd
     meta: its metadata ('identity', 'camera' int arrays [N]).
     embeddings: float [N, D] unit embeddings aligned with `source`.
     query_rows, gallery_rows: int rows of the protocol (`Evaluator.rows`).
-    rule: the dataset's metric rule; gallery images it ignores for a query are not shown.
+    rule: the dataset's CameraRule (or its name); gallery images it ignores for a query are not shown.
     queries: positions in query_rows to show; None = `num_queries` random ones (seeded).
   Returns:
     {'path', 'queries' [q] test rows, 'gallery' [q, k] test rows (-1 pad), 'matches' bool

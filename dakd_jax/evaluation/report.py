@@ -225,7 +225,7 @@ def write_run_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.nd
     paths[caption] = pictures.ranked_picture(
         data.test_source, data.test_meta, embeddings, query_rows, gallery_rows,
         os.path.join(out_dir, f"ranked_{setting.replace('/', '_')}.png"),
-        rule=data.spec.metric_rule, top_k=top_k, num_queries=num_queries, seed=seed,
+        rule=data.spec.camera_rule, top_k=top_k, num_queries=num_queries, seed=seed,
         title=f"{protocol.name}: query | top-{top_k} (green = same identity, red = other)"
     )["path"]
   return paths
@@ -265,7 +265,7 @@ def write_analysis_pictures(workdir: str, data: prepare.DataBundle, embeddings: 
           embeddings, identity, modality,
           os.path.join(out_dir, "analysis_distances.png"))["path"]}
   protocol, (query_rows, gallery_rows) = next(iter(rows.items()))
-  rule = data.spec.metric_rule
+  rule = data.spec.camera_rule
   removed = metrics_lib.removed_pairs(rule, identity[query_rows], camera[query_rows],
                                       identity[gallery_rows], camera[gallery_rows])
   distances = -(embeddings[query_rows] @ embeddings[gallery_rows].T)

@@ -1,19 +1,25 @@
-"""User mistakes through `run.py`, as a user makes them: each ends in one line and loses nothing.
+"""User mistakes, as a user makes them: each ends in one line and loses nothing.
 
-Every test runs `run.py` in a subprocess and checks what the user sees: a non-zero exit (2 for
-a config mistake, 1 otherwise), exactly one `dakd_jax: ... error:` line on stderr naming the
-file or field and the fix, no traceback, and nothing of an earlier run overwritten.
+Every test checks what the user sees: a non-zero exit (2 for a config mistake, 1 otherwise),
+exactly one `dakd_jax: ... error:` line on stderr naming the file or field and the fix, no
+traceback, and nothing of an earlier run overwritten. Mistakes refused before any work run
+in-process through `cli.main_from_args` (what run.py calls after its flags; `run_cli`); what
+needs a process of its own runs `run.py` in a subprocess (`run_py`): flag parsing, and the
+storage failures below.
 
 Storage failures are real ones: folders made read-only with chmod, with run.py started through
 `tests/restricted.py permissions` so that it obeys them even as root; a full disk is a file size
 limit (`tests/restricted.py small_disk`), past which the kernel refuses writes as a full disk
 would.
 """
+import contextlib
+import io
 import json
 import os
 import stat
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -57,6 +63,24 @@ def run_py(args, *, config=DEMO, restriction=None, timeout=600):
     command = [sys.executable, RESTRICTED, restriction] + command
   return subprocess.run(command + list(args), cwd=REPO, capture_output=True, text=True,
                         timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def run_cli(args, *, config=DEMO):
+  """The same arguments through `cli.main_from_args` in this process (what run.py does after
+  parsing its own flags): returns what run_py returns, stdout and stderr apart."""
+  config_args, rest = config_lib.split_argv(([f"--config={config}"] if config else []) + args)
+  workdirs = [arg.split("=", 1)[1] for arg in rest if arg.startswith("--workdir=")]
+  assert len(workdirs) == len(rest), f"run_cli takes --config* and --workdir only: {rest}"
+  stdout, stderr = io.StringIO(), io.StringIO()
+  here = os.getcwd()
+  os.chdir(REPO)  # Relative paths resolve as in run_py, which runs in the repository.
+  try:
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      code = cli.main_from_args(config_args, workdirs[0] if workdirs else None)
+  finally:
+    os.chdir(here)
+  return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(),
+                               stderr=stderr.getvalue())
 
 
 def one_error_line(result, *needles, code=1):
@@ -111,7 +135,7 @@ def data_dir(tmp_path_factory):
 def test_config_mistakes_end_in_one_line_before_anything_is_written(tmp_path, config, args, code,
                                                                     needles):
   workdir = str(tmp_path / "run")
-  result = run_py(args + [f"--workdir={workdir}"], config=config)
+  result = run_cli(args + [f"--workdir={workdir}"], config=config)
   one_error_line(result, *needles, code=code)
   assert not os.path.exists(workdir)
 
@@ -128,9 +152,9 @@ def test_misspelt_flag_names_the_flag_and_the_usage(tmp_path):
 def test_workdir_or_prepared_dir_that_is_a_file_is_refused_untouched(tmp_path):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("mine")
-  result = run_py(tiny_args(str(tmp_path)) + [f"--workdir={a_file}"])
+  result = run_cli(tiny_args(str(tmp_path)) + [f"--workdir={a_file}"])
   one_error_line(result, f"--workdir={a_file}", "is a file, not a folder", code=2)
-  result = run_py(tiny_args(str(tmp_path), **{"data.prepared_dir": str(a_file / "tfds")})
+  result = run_cli(tiny_args(str(tmp_path), **{"data.prepared_dir": str(a_file / "tfds")})
                   + [f"--workdir={tmp_path / 'run'}"])
   one_error_line(result, "--config.data.prepared_dir=", f"{a_file} is a file", code=2)
   assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
@@ -141,7 +165,7 @@ def test_max_rank_longer_than_a_gallery_is_refused_before_any_training(tmp_path,
   first (its own data is never generated)."""
   workdir = tmp_path / "run"
   pretrain_root = tmp_path / "pretrain_data"
-  result = run_py(tiny_args(data_dir, **{
+  result = run_cli(tiny_args(data_dir, **{
       "eval.max_rank": 50, "pretrain.enabled": True, "pretrain.data_root": str(pretrain_root),
       "pretrain.num_ids": 4, "pretrain.num_test_ids": 2, "pretrain.images_per_camera": 2}) +
       [f"--workdir={workdir}"])
@@ -168,7 +192,7 @@ def test_resume_with_a_changed_config_is_refused_first_and_leaves_config_json(tm
   stage_checkpoint(checkpoints, config, "teacher")
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
   before = tree_bytes(str(workdir))
-  result = run_py(args + ["--config.teacher.lr=0.01", f"--workdir={workdir}"])
+  result = run_cli(args + ["--config.teacher.lr=0.01", f"--workdir={workdir}"])
   message = one_error_line(result, f"checkpoint {checkpoints}/4", "teacher.lr: 0.00035 -> 0.01",
                            "--config.checkpoint.allow_config_change=True")
   assert result.stderr.splitlines() == [message] and result.stdout == ""
@@ -215,7 +239,7 @@ def test_a_non_teacher_checkpoint_as_teacher_is_refused_before_data(tmp_path, st
   other = tmp_path / "other_run" / stage
   stage_checkpoint(other / "checkpoints", config, stage)
   workdir = tmp_path / "run"
-  result = run_py(args + [f"--config.distill.teacher_checkpoint={other}",
+  result = run_cli(args + [f"--config.distill.teacher_checkpoint={other}",
                           f"--workdir={workdir}"])
   one_error_line(result, f"config.distill.teacher_checkpoint = '{other}'",
                  f"holds a {stage} checkpoint", "teacher workdir")
@@ -252,7 +276,7 @@ def test_unreadable_init_weights_are_refused_before_data(tmp_path, kind):
   with open(path, "rb") as f:
     content = f.read()
   workdir = tmp_path / "run"
-  result = run_py(tiny_args(str(tmp_path), stage="teacher",
+  result = run_cli(tiny_args(str(tmp_path), stage="teacher",
                             **{"model.init_weights": path}) + [f"--workdir={workdir}"])
   one_error_line(result, repr(path), *needles)
   assert "pickled data" not in result.stderr and "weights_only" not in result.stderr
@@ -270,7 +294,7 @@ def test_a_data_root_that_is_not_a_dataset_is_refused_untouched(tmp_path, synthe
   photos = tmp_path / "photos"
   photos.mkdir()
   (photos / "holiday.txt").write_text("not a dataset")
-  result = run_py(tiny_args(str(tmp_path), **{"data.root": str(photos),
+  result = run_cli(tiny_args(str(tmp_path), **{"data.root": str(photos),
                                              "synthetic.enabled": synthetic_enabled})
                   + [f"--workdir={tmp_path / 'run'}"])
   one_error_line(result, str(photos), *needles)
@@ -283,7 +307,7 @@ def test_a_missing_regdb_trial_file_is_named(tmp_path):
   synthetic.ensure_synthetic(root, "regdb", num_ids=6, images_per_modality=2, height=32,
                              width=16, num_trials=3)
   os.remove(os.path.join(root, "idx", "train_visible_3.txt"))
-  result = run_py([f"--config.data.root={root}", f"--config.data.prepared_dir={tmp_path}/tfds",
+  result = run_cli([f"--config.data.root={root}", f"--config.data.prepared_dir={tmp_path}/tfds",
                    f"--workdir={tmp_path / 'run'}"], config="configs/regdb.py:trial=3")
   one_error_line(result, os.path.join(root, "idx", "train_visible_3.txt"))
 
@@ -293,18 +317,19 @@ def test_an_extract_folder_without_images_is_refused_before_the_checkpoint(tmp_p
   empty.mkdir()
   (empty / ".hidden").write_text("")
   workdir = tmp_path / "run"
-  result = run_py(tiny_args(str(tmp_path), stage="extract",
+  result = run_cli(tiny_args(str(tmp_path), stage="extract",
                             **{"extract.query_dir": str(empty)}) + [f"--workdir={workdir}"])
   one_error_line(result, f"image folder {empty} holds no files", "config.extract.query_dir")
   assert not (workdir / "extract").exists()
 
 
 @pytest.mark.slow
-def test_read_only_folders_end_in_one_storage_line(tmp_path, data_dir):
+@pytest.mark.parametrize("name", ["workdir", "checkpoints", "metrics", "prepared", "root"])
+def test_read_only_folders_end_in_one_storage_line(tmp_path, data_dir, name):
   """The workdir, the checkpoint folder, the stage folder (metrics), the prepared data and the
   dataset root, each read-only in turn: one line naming what could not be written."""
   train = tiny_args(data_dir, stage="teacher")
-  cases = {
+  args, read_only, expected = {
       "workdir": (train, "run", "cannot write the config {w}/config.json"),
       "checkpoints": (train, "run/teacher/checkpoints",
                       "cannot write the checkpoint in {w}/teacher/checkpoints"),
@@ -315,21 +340,20 @@ def test_read_only_folders_end_in_one_storage_line(tmp_path, data_dir):
       "root": (tiny_args(data_dir, stage="teacher", **{
           "data.root": str(tmp_path / "data" / "synthetic")}), "data",
                "cannot write the synthetic dataset in " + str(tmp_path / "data")),
-  }
-  for name, (args, read_only, expected) in cases.items():
-    base = tmp_path / name
-    workdir = base / "run"
-    if name == "metrics":  # The checkpoint folder stays writable; its parent is not.
-      os.makedirs(workdir / "teacher" / "checkpoints")
-    read_only_folder(str(base / read_only) if name not in ("prepared", "root")
-                     else str(tmp_path / read_only))
-    result = run_py(args + [f"--workdir={workdir}"], restriction="permissions")
-    message = one_error_line(result, expected.format(w=workdir), "Permission denied",
-                             "fix the folder's permissions")
-    assert not any("orbax" in line.lower() for line in result.stderr.splitlines()), name
-    assert ("--config.data.prepared_dir" in message) == (name == "prepared")
-    assert ("--config.data.root" in message) == (name == "root")
-    assert checkpoint_lib.complete_steps(str(workdir / "teacher" / "checkpoints")) == []
+  }[name]
+  base = tmp_path / name
+  workdir = base / "run"
+  if name == "metrics":  # The checkpoint folder stays writable; its parent is not.
+    os.makedirs(workdir / "teacher" / "checkpoints")
+  read_only_folder(str(base / read_only) if name not in ("prepared", "root")
+                   else str(tmp_path / read_only))
+  result = run_py(args + [f"--workdir={workdir}"], restriction="permissions")
+  message = one_error_line(result, expected.format(w=workdir), "Permission denied",
+                           "fix the folder's permissions")
+  assert not any("orbax" in line.lower() for line in result.stderr.splitlines()), name
+  assert ("--config.data.prepared_dir" in message) == (name == "prepared")
+  assert ("--config.data.root" in message) == (name == "root")
+  assert checkpoint_lib.complete_steps(str(workdir / "teacher" / "checkpoints")) == []
 
 
 @pytest.mark.slow

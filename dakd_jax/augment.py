@@ -95,26 +95,6 @@ def geometric_from_uniforms(u, image, settings):
   return image
 
 
-def random_geometric(key, image, settings):
-  """`geometric_from_uniforms(jax.random.uniform(key, (3,)), image, settings)`."""
-  return geometric_from_uniforms(jax.random.uniform(key, (3,)), image, settings)
-
-
-def random_pad_crop(key, image, pad, pad_value):
-  """Pad + random crop only: `u = jax.random.uniform(key, (2,))`, offsets as in `geometric`.
-
-  `pad` is a static int >= 0; `pad_value` (may be traced) is in the image's own units.
-  """
-  u = jax.random.uniform(key, (2,))
-  return _pad_crop_at(image, pad, pad_value, uniform_index(u[0], 2 * pad + 1),
-                      uniform_index(u[1], 2 * pad + 1))
-
-
-def random_flip(key, image, prob):
-  """Mirrors `[H, W, C]` left-right when `jax.random.uniform(key, ()) < prob` (may be traced)."""
-  return jnp.where(jax.random.uniform(key, ()) < prob, image[:, ::-1], image)
-
-
 def replicate_channel(image, channel):
   """Copies channel `channel` (traced int in {0, 1, 2}) of `[H, W, 3]` into all three channels."""
   # A select chain, not a dot with a one-hot: exact, and no reduced-precision matmul on GPUs.
@@ -149,11 +129,6 @@ def adaptive_gray_from_uniforms(u, image):
                + weights[2] * image[..., 2])
   fourth = jnp.where(u[1] < 0.5, jnp.broadcast_to(luminance[..., None], image.shape), image)
   return jnp.where(case < 3, replicate_channel(image, case), fourth)
-
-
-def adaptive_gray(key, image):
-  """`adaptive_gray_from_uniforms(jax.random.uniform(key, (2,)), image)`."""
-  return adaptive_gray_from_uniforms(jax.random.uniform(key, (2,)), image)
 
 
 def _rectangle_mask(shape, top, left, height, width):
@@ -194,13 +169,6 @@ def erasing_from_uniforms(u, image, prob):
   mask = _rectangle_mask((height, width), top[first], left[first], rect_h[first], rect_w[first])
   mask = mask & (u[0, 0] < prob) & jnp.any(fits)
   return jnp.where(mask[..., None], jnp.asarray(ERASING_FILL, image.dtype), image)
-
-
-def random_erasing(key, image, prob):
-  """`erasing_from_uniforms(jax.random.uniform(key, (500,)).reshape(5, 100), image, prob)`."""
-  # A flat draw: a 2-D draw shape compiles noticeably slower on XLA:CPU.
-  u = jax.random.uniform(key, (5 * ERASING_ATTEMPTS,)).reshape(5, ERASING_ATTEMPTS)
-  return erasing_from_uniforms(u, image, prob)
 
 
 def cutswap_from_uniforms(u, image, prob, fraction_range=(0.3, 0.6), mode="region"):

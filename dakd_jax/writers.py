@@ -124,19 +124,6 @@ class MetricWriter:
     record.update({name: _json_number(value) for name, value in values.items()})
     self._append(record)
 
-  def write_text(self, step: int, name: str, text: str, *, stage: str | None = None) -> None:
-    """Logs a text (an evaluation report, the resolved config) at `step`.
-
-    The JSON-lines record is {"step", "stage", "wall_time", "text": {name: text}}.
-    """
-    if not self.enabled:
-      return
-    stage = self.stage if stage is None else stage
-    wall_time = time.time()
-    self._tensorboard.add_text(self._tag(name, stage), text, int(step), walltime=wall_time)
-    self._append({"step": int(step), "stage": stage, "wall_time": wall_time,
-                  "text": {name: text}})
-
   def flush(self) -> None:
     """Writes buffered events to disk."""
     if self.enabled:

@@ -13,18 +13,21 @@ import pytest
 PACKAGE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "dakd_jax")
 # Module (or package prefix) -> level; the longest matching prefix decides.
+# The bottom is ordered too: the generic helpers (sharding, writers, the Orbax checkpoint
+# manager, which knows nothing of models or data) under the domain modules, and the config,
+# which reads its allowed values from the domain modules, above them.
 LEVELS = {
     "dakd_jax.errors": 0, "dakd_jax.modalities": 0,
-    "dakd_jax.config": 1, "dakd_jax.sharding": 1, "dakd_jax.checkpoint": 1,
-    "dakd_jax.stage_checkpoints": 1,
-    "dakd_jax.writers": 1, "dakd_jax.augment": 1, "dakd_jax.data": 1, "dakd_jax.models": 1,
-    "dakd_jax.losses": 1,
-    "dakd_jax.evaluation": 2, "dakd_jax.deploy": 2,
-    "dakd_jax.builders": 3,
-    "dakd_jax.train": 4,
-    "dakd_jax.stages": 5,
-    "dakd_jax.cli": 6,
-    "dakd_jax": 7,
+    "dakd_jax.sharding": 1, "dakd_jax.writers": 1, "dakd_jax.checkpoint": 1,
+    "dakd_jax.stage_checkpoints": 2, "dakd_jax.augment": 2, "dakd_jax.data": 2,
+    "dakd_jax.models": 2, "dakd_jax.losses": 2,
+    "dakd_jax.config": 3,
+    "dakd_jax.evaluation": 4, "dakd_jax.deploy": 4,
+    "dakd_jax.builders": 5,
+    "dakd_jax.train": 6,
+    "dakd_jax.stages": 7,
+    "dakd_jax.cli": 8,
+    "dakd_jax": 9,
 }
 
 

@@ -48,8 +48,35 @@ def _over_keys(op, keys, image, *traced, **static):
   return np.asarray(fn(keys, image, *traced))
 
 
+# The key-taking forms of the ops: each draws its uniforms with jax.random.uniform, as the
+# augmentation pipeline (`augment_batch`) draws them for a whole batch.
+def random_geometric(key, image, settings):
+  return augment.geometric_from_uniforms(jax.random.uniform(key, (3,)), image, settings)
+
+
+def random_pad_crop(key, image, pad, pad_value):
+  """Pad + random crop only: offsets as in `geometric_from_uniforms`, from two uniforms."""
+  u = jax.random.uniform(key, (2,))
+  return augment._pad_crop_at(image, pad, pad_value, augment.uniform_index(u[0], 2 * pad + 1),
+                              augment.uniform_index(u[1], 2 * pad + 1))
+
+
+def random_flip(key, image, prob):
+  return jnp.where(jax.random.uniform(key, ()) < prob, image[:, ::-1], image)
+
+
+def adaptive_gray(key, image):
+  return augment.adaptive_gray_from_uniforms(jax.random.uniform(key, (2,)), image)
+
+
+def random_erasing(key, image, prob):
+  u = jax.random.uniform(key, (5 * augment.ERASING_ATTEMPTS,)).reshape(
+      5, augment.ERASING_ATTEMPTS)
+  return augment.erasing_from_uniforms(u, image, prob)
+
+
 def _pad_crop_10(key, image, pad_value):
-  return augment.random_pad_crop(key, image, 10, pad_value)
+  return random_pad_crop(key, image, 10, pad_value)
 
 
 # NumPy re-statements. Each op takes the uniforms its docstring names; the key-taking
@@ -226,18 +253,18 @@ def test_crop_offsets_uniform_over_all_positions():
 def test_flip_matches_numpy_and_edge_probabilities():
   image = _uint8_images(1)[0]
   keys = _keys(16, seed=3)
-  out = _over_keys(augment.random_flip, keys, image, 0.5)
+  out = _over_keys(random_flip, keys, image, 0.5)
   for key, got in zip(keys, out):
     np.testing.assert_array_equal(got, np_flip(key, image, 0.5))
-  never = _over_keys(augment.random_flip, keys, image, 0.0)
-  always = _over_keys(augment.random_flip, keys, image, 1.0)
+  never = _over_keys(random_flip, keys, image, 0.0)
+  always = _over_keys(random_flip, keys, image, 1.0)
   np.testing.assert_array_equal(never, np.broadcast_to(image, never.shape))
   np.testing.assert_array_equal(always, np.broadcast_to(image[:, ::-1], always.shape))
 
 
 def test_flip_rate_matches_probability():
   image = _uint8_images(1)[0]
-  out = _over_keys(augment.random_flip, _keys(4000, seed=1), image, 0.3)
+  out = _over_keys(random_flip, _keys(4000, seed=1), image, 0.3)
   flipped = np.all(out == image[:, ::-1], axis=(1, 2, 3))
   assert abs(flipped.mean() - 0.3) < 0.03
 
@@ -247,7 +274,7 @@ def test_geometric_order_matches_numpy(flip_before_pad):
   settings = augment.AugmentSettings(pad_value=127, flip_before_pad=flip_before_pad)
   image = _uint8_images(1)[0]
   keys = _keys(24, seed=5)
-  out = _over_keys(augment.random_geometric, keys, image, settings=settings)
+  out = _over_keys(random_geometric, keys, image, settings=settings)
   for key, got in zip(keys, out):
     np.testing.assert_array_equal(got, np_geometric(uniforms(key, (3,)), image, settings))
   other = augment.AugmentSettings(pad_value=127, flip_before_pad=not flip_before_pad)
@@ -281,7 +308,7 @@ def test_channel_exchange_batch_matches_numpy():
 def test_adaptive_gray_matches_numpy_and_case_frequencies():
   image = _float_image(seed=2)
   keys = _keys(2000, seed=8)
-  out = _over_keys(augment.adaptive_gray, keys, image)
+  out = _over_keys(adaptive_gray, keys, image)
   for key, got in zip(keys[:24], out[:24]):
     np.testing.assert_allclose(got, np_adaptive_gray(uniforms(key, (2,)), image), atol=1e-6)
   gray = (0.2989 * image[..., 0] + 0.5870 * image[..., 1] + 0.1140 * image[..., 2])
@@ -297,7 +324,7 @@ def test_adaptive_gray_matches_numpy_and_case_frequencies():
 def test_random_erasing_matches_numpy_and_rectangle_inside():
   image = _float_image(seed=4)
   keys = _keys(64, seed=9)
-  out = _over_keys(augment.random_erasing, keys, image, 0.5)
+  out = _over_keys(random_erasing, keys, image, 0.5)
   erased = 0
   for key, got in zip(keys, out):
     np.testing.assert_array_equal(got, np_erasing(erasing_uniforms(key), image, 0.5))
@@ -316,7 +343,7 @@ def test_random_erasing_first_fitting_attempt_and_no_fit():
   # 8 x 4: many candidates are too wide, so later attempts get used.
   image = _float_image(8, 4, seed=1)
   keys = _keys(64, seed=12)
-  out = _over_keys(augment.random_erasing, keys, image, 1.0)
+  out = _over_keys(random_erasing, keys, image, 1.0)
   attempts = []
   for key, got in zip(keys, out):
     np.testing.assert_array_equal(got, np_erasing(erasing_uniforms(key), image, 1.0))
@@ -324,16 +351,16 @@ def test_random_erasing_first_fitting_attempt_and_no_fit():
   assert max(attempts) > 0
   # 1 x 100: h < 1 needs area * aspect < 0.25 with area >= 2, so nothing fits: image kept.
   thin = _float_image(1, 100)
-  kept = _over_keys(augment.random_erasing, keys[:8], thin, 1.0)
+  kept = _over_keys(random_erasing, keys[:8], thin, 1.0)
   np.testing.assert_array_equal(kept, np.broadcast_to(thin, kept.shape))
 
 
 def test_random_erasing_edge_probabilities():
   image = _float_image(seed=6)
   keys = _keys(32, seed=13)
-  never = _over_keys(augment.random_erasing, keys, image, 0.0)
+  never = _over_keys(random_erasing, keys, image, 0.0)
   np.testing.assert_array_equal(never, np.broadcast_to(image, never.shape))
-  always = _over_keys(augment.random_erasing, keys, image, 1.0)
+  always = _over_keys(random_erasing, keys, image, 1.0)
   assert np.all(np.any(always != image, axis=(1, 2, 3)))
 
 

@@ -59,7 +59,6 @@ def _write_sample(workdir) -> None:
     writer.write_scalars(10, {"loss": 1.5, "lr": np.float32(0.25), "images": 64})
     writer.write_scalars(20, {"loss": device_loss, "nan_term": float("nan")})
     writer.write_scalars(30, {"mAP": 0.5}, stage="eval")
-    writer.write_text(30, "report", "mAP 50.0")
 
 
 def test_jsonl_records(tmp_path):
@@ -71,33 +70,27 @@ def test_jsonl_records(tmp_path):
       {"step": 10, "stage": "teacher", "loss": 1.5, "lr": 0.25, "images": 64},
       {"step": 20, "stage": "teacher", "loss": 0.75, "nan_term": "NaN"},
       {"step": 30, "stage": "eval", "mAP": 0.5},
-      {"step": 30, "stage": "teacher", "text": {"report": "mAP 50.0"}},
   ]
   # Appends on reopen (a resumed run continues the same file).
   with writers.MetricWriter(tmp_path, enabled=True) as writer:
     writer.write_scalars(40, {"loss": 0.5})
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as handle:
-    assert len(handle.readlines()) == 5
+    assert len(handle.readlines()) == 4
 
 
 def test_tensorboard_events(tmp_path):
   _write_sample(tmp_path)
   files = glob.glob(str(tmp_path / "events.out.tfevents.*"))
   assert len(files) == 1
-  scalars, texts = {}, {}
+  scalars = {}
   for event in _read_events(files[0]):
     for value in event.summary.value:
-      if value.HasField("tensor"):
-        texts[(value.tag, event.step)] = value.tensor.string_val[0].decode()
-      else:
-        scalars[(value.tag, event.step)] = value.simple_value
+      scalars[(value.tag, event.step)] = value.simple_value
   assert set(scalars) == {("teacher/loss", 10), ("teacher/lr", 10), ("teacher/images", 10),
                           ("teacher/loss", 20), ("teacher/nan_term", 20), ("eval/mAP", 30)}
   assert scalars[("teacher/loss", 10)] == 1.5 and scalars[("teacher/lr", 10)] == 0.25
   assert scalars[("teacher/images", 10)] == 64 and scalars[("teacher/loss", 20)] == 0.75
   assert math.isnan(scalars[("teacher/nan_term", 20)]) and scalars[("eval/mAP", 30)] == 0.5
-  assert list(texts.values()) == ["mAP 50.0"]
-  assert list(texts)[0][1] == 30 and list(texts)[0][0].startswith("teacher/report")
 
 
 def test_bad_scalars(tmp_path):
@@ -112,7 +105,6 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
   monkeypatch.setattr(writers.jax, "process_index", lambda: 1)
   writer = writers.MetricWriter(tmp_path / "run")
   writer.write_scalars(1, {"loss": 1.0})
-  writer.write_text(1, "note", "x")
   writer.flush()
   writer.close()
   assert not writer.enabled and not (tmp_path / "run").exists()

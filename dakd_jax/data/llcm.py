@@ -296,8 +296,8 @@ def read_llcm_split(root: str, split: str) -> list[ImageRecord]:
   if split == "train":
     return read_llcm_train(root)
   folders = scan_test_folders(root)
-  root = os.path.abspath(root)
-  return _records(root, VISIBLE, folders, None) + _records(root, INFRARED, folders, None)
+  return (llcm_full_set(root, VISIBLE, folders=folders)
+          + llcm_full_set(root, INFRARED, folders=folders))
 
 
 def _check_modality(modality: str) -> None:
@@ -311,23 +311,25 @@ def _check_trial(trial: int) -> None:
                        f"protocol uses 0..9), got {trial!r}.")
 
 
-def llcm_full_set(root: str, modality: str) -> list[ImageRecord]:
+def llcm_full_set(root: str, modality: str, *, folders=None) -> list[ImageRecord]:
   """The full test set of one modality (llcm.md 3.1): every file of every id/camera folder.
 
   Args:
     root: the LLCM folder.
     modality: VISIBLE (test_vis, cameras 1..9) or INFRARED (test_nir, cameras 1, 2, 4..9).
+    folders: `scan_test_folders(root)` when the caller has it already (else scanned here).
 
   Returns: records ordered identity ascending, camera in MODALITY_CAMERAS order, file name
     ascending (the reference's order); no randomness.
   Raises DatasetError: unknown modality; see `scan_test_folders`.
   """
   _check_modality(modality)
-  folders = scan_test_folders(root)
+  folders = scan_test_folders(root) if folders is None else folders
   return _records(os.path.abspath(root), modality, folders, None)
 
 
-def llcm_sampled_set(root: str, modality: str, trial: int) -> list[ImageRecord]:
+def llcm_sampled_set(root: str, modality: str, trial: int, *,
+                     folders=None) -> list[ImageRecord]:
   """The sampled test set of one modality for one trial (llcm.md 3.1), single-shot.
 
   A private `random.Random(trial)` visits the id/camera folders in the full set's order and draws
@@ -339,13 +341,14 @@ def llcm_sampled_set(root: str, modality: str, trial: int) -> list[ImageRecord]:
     root: the LLCM folder.
     modality: VISIBLE or INFRARED.
     trial: the seed; the protocol uses 0..9.
+    folders: `scan_test_folders(root)` when the caller has it already (else scanned here).
 
   Returns: one record per existing id/camera folder, in draw order.
   Raises DatasetError: unknown modality, bad trial; see `scan_test_folders`.
   """
   _check_modality(modality)
   _check_trial(trial)
-  folders = scan_test_folders(root)
+  folders = scan_test_folders(root) if folders is None else folders
   return _records(os.path.abspath(root), modality, folders, trial)
 
 
@@ -371,14 +374,14 @@ def llcm_query_gallery(root: str, trial: int, direction: str, vis_to_ir: str = "
     raise DatasetError(f"LLCM direction must be one of {DIRECTIONS}, got {direction!r}.")
   if vis_to_ir not in VIS_TO_IR_VARIANTS:
     raise DatasetError(f"LLCM vis_to_ir must be one of {VIS_TO_IR_VARIANTS}, got {vis_to_ir!r}.")
-  _check_trial(trial)
   folders = scan_test_folders(root)
-  root = os.path.abspath(root)
+  full = lambda modality: llcm_full_set(root, modality, folders=folders)
+  sampled = lambda modality: llcm_sampled_set(root, modality, trial, folders=folders)
   if direction == "infrared_to_visible":
-    return _records(root, INFRARED, folders, None), _records(root, VISIBLE, folders, trial)
+    return full(INFRARED), sampled(VISIBLE)
   if vis_to_ir == "plain":
-    return _records(root, VISIBLE, folders, None), _records(root, INFRARED, folders, trial)
-  return _records(root, INFRARED, folders, trial), _records(root, VISIBLE, folders, None)
+    return full(VISIBLE), sampled(INFRARED)
+  return sampled(INFRARED), full(VISIBLE)
 
 
 def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRecord]:

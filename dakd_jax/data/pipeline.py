@@ -153,8 +153,9 @@ def make_train_iterator(source: Sequence[dict[str, Any]], metadata: dict[str, np
      "labels": int32 [n/P] (shared by the visible and infrared image at each position),
      "step": int64 scalar (global step)}.
   Returns:
-    A `grain.DatasetIterator` (its `get_state()`/`set_state()` also restore the position
-    exactly, with or without worker processes). Call `close()` when done if num_workers > 0.
+    A `grain.DatasetIterator`. The step is the data position: a resumed run restarts it at
+    `start_step`, with any number of workers or processes. Call `close()` when done if
+    num_workers > 0.
   Raises:
     ValueError: bad metadata (test-split labels), n not divisible by P, fewer than B labels
       with both modalities, negative start_step.

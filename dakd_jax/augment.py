@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dakd_jax.errors import Bounds, SettingError, check_bounds
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Random erasing constants (method.md 5.2); the fill is written in normalised space.
@@ -215,6 +217,13 @@ def cutswap(key, image, prob, fraction_range=(0.3, 0.6), mode="region"):
   return cutswap_from_uniforms(jax.random.uniform(key, (6,)), image, prob, fraction_range, mode)
 
 
+PROBABILITY = Bounds(0.0, 1.0)
+AUGMENT_BOUNDS = {"pad": Bounds(0), "pad_value": Bounds(0, 255),  # a uint8 pixel value
+                  "flip_prob": PROBABILITY, "erasing_prob": PROBABILITY,
+                  "cutswap_prob": PROBABILITY}
+CUTSWAP_FRACTION = Bounds(0.0, 1.0, low_inclusive=False)  # of the image height or width
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentSettings:
   """Static description of one view's augmentation pipeline (hashable: a jit static argument).
@@ -251,21 +260,22 @@ class AugmentSettings:
   def __post_init__(self):
     # A list would make the settings unhashable and so unusable as a static jit argument.
     object.__setattr__(self, "cutswap_range", tuple(float(v) for v in self.cutswap_range))
-    problems = []
-    if not (isinstance(self.pad, int) and self.pad >= 0):
-      problems.append(f"pad={self.pad!r} must be an int >= 0")
-    if not 0 <= self.pad_value <= 255:
-      problems.append(f"pad_value={self.pad_value!r} must be a uint8 value in [0, 255]")
-    for name in ("flip_prob", "erasing_prob", "cutswap_prob"):
-      if not 0.0 <= getattr(self, name) <= 1.0:
-        problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1]")
-    low_high = self.cutswap_range
-    if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
-      problems.append(f"cutswap_range={low_high!r} must be (lo, hi) with 0 <= lo < hi <= 1")
+    # The one declaration of these bounds: start-up builds the settings and names the config
+    # field of a refused value (builders.augment_views).
+    if isinstance(self.pad, bool) or not isinstance(self.pad, int):
+      raise SettingError("AugmentSettings", "pad", self.pad, "an integer >= 0")
+    for name, bounds in AUGMENT_BOUNDS.items():
+      check_bounds("AugmentSettings", name, getattr(self, name), bounds)
+    if len(self.cutswap_range) != 2:
+      raise SettingError("AugmentSettings", "cutswap_range", self.cutswap_range, "(lo, hi)")
+    for index, fraction in enumerate(self.cutswap_range):
+      check_bounds("AugmentSettings", f"cutswap_range[{index}]", fraction, CUTSWAP_FRACTION)
+    if self.cutswap_range[0] >= self.cutswap_range[1]:
+      raise SettingError("AugmentSettings", "cutswap_range", self.cutswap_range,
+                         "(lo, hi) with lo < hi")
     if self.cutswap_mode not in CUTSWAP_MODES:
-      problems.append(f"cutswap_mode={self.cutswap_mode!r} must be one of {CUTSWAP_MODES}")
-    if problems:
-      raise ValueError("Invalid AugmentSettings: " + "; ".join(problems) + ".")
+      raise SettingError("AugmentSettings", "cutswap_mode", self.cutswap_mode,
+                         f"one of {CUTSWAP_MODES}")
 
 
 def view_settings(view, recipe, *, cutswap_mode="region", cutswap_prob=0.5,

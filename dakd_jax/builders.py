@@ -8,9 +8,10 @@ modules take as arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
 from dakd_jax.data import specs
 from dakd_jax.data.records import ProtocolOptions
-from dakd_jax.errors import CheckpointError
+from dakd_jax.errors import CheckpointError, ConfigError, SettingError
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.losses import alignment
@@ -104,43 +105,87 @@ def describe_num_workers(config: ml_collections.ConfigDict) -> str:
   return f"data.num_workers=auto -> {chosen} ({os.cpu_count()} CPUs; {reason})"
 
 
+@contextlib.contextmanager
+def settings_of_config(config_fields: Mapping[str, str]) -> Iterator[None]:
+  """Turns a settings dataclass's SettingError into a ConfigError naming the config field the
+  value came from (`config_fields`: settings field -> dotted config field). The settings
+  declare the bounds; this is where a refused value gets the user's name for it."""
+  try:
+    yield
+  except SettingError as error:
+    field = config_fields.get(error.field)
+    if field is None:
+      raise
+    allowed = error.allowed
+    fix = f"<value in {allowed}>" if allowed[:1] in "[(" else f"<{allowed}>"
+    problem = "is out of range: must be in" if allowed[:1] in "[(" else "is not allowed: give"
+    raise ConfigError(f"config.{field} = {error.value!r} {problem} {allowed}. Fix: "
+                      f"--config.{field}={fix}") from None
+
+
+AUGMENT_CONFIG_FIELDS = {
+    "pad": "augment.pad", "flip_prob": "augment.flip_prob",
+    "erasing_prob": "augment.erasing_prob", "cutswap_prob": "augment.cutswap_prob",
+    "cutswap_range[0]": "augment.cutswap_min", "cutswap_range[1]": "augment.cutswap_max",
+    "cutswap_range": "augment.cutswap_min", "cutswap_mode": "augment.cutswap_mode"}
+TEACHER_CONFIG_FIELDS = {field.name: f"teacher.{field.name}"
+                         for field in dataclasses.fields(alignment.TeacherSettings)}
+DISTILL_CONFIG_FIELDS = {**{field.name: f"distill.{field.name}"
+                            for field in dataclasses.fields(distill.DistillSettings)},
+                         "mask_threshold": "mask_threshold"}
+
+
 def augment_views(config: ml_collections.ConfigDict, stage: str) -> dict:
-  """AugmentSettings per view for 'teacher' (visible, infrared, channel) or 'student'."""
+  """AugmentSettings per view for 'teacher' (visible, infrared, channel) or 'student'.
+  Raises ConfigError naming the config field of a value the settings refuse."""
   recipe = specs.get_spec(config.data.dataset).augment
   use_cutswap = config.augment.use_cutswap and (stage != "teacher" or config.teacher.cutswap)
   views = ("visible", "infrared", "channel") if stage == "teacher" else ("visible", "infrared")
   settings = {}
-  for view in views:
-    base = augment.view_settings(
-        view, recipe, cutswap_mode=config.augment.cutswap_mode,
-        cutswap_prob=config.augment.cutswap_prob,
-        cutswap_range=(config.augment.cutswap_min, config.augment.cutswap_max),
-        use_cutswap_on_visible=use_cutswap)
-    settings[view] = dataclasses.replace(
-        base, pad=config.augment.pad, flip_prob=config.augment.flip_prob,
-        erasing_prob=config.augment.erasing_prob)
+  with settings_of_config(AUGMENT_CONFIG_FIELDS):
+    for view in views:
+      base = augment.view_settings(
+          view, recipe, cutswap_mode=config.augment.cutswap_mode,
+          cutswap_prob=config.augment.cutswap_prob,
+          cutswap_range=(config.augment.cutswap_min, config.augment.cutswap_max),
+          use_cutswap_on_visible=use_cutswap)
+      settings[view] = dataclasses.replace(
+          base, pad=config.augment.pad, flip_prob=config.augment.flip_prob,
+          erasing_prob=config.augment.erasing_prob)
   return settings
 
 
 def teacher_settings(config: ml_collections.ConfigDict) -> alignment.TeacherSettings:
-  """Teacher loss settings (method.md 3.3)."""
+  """Teacher loss settings (method.md 3.3); ConfigError naming a refused field."""
   t = config.teacher
-  return alignment.TeacherSettings(
-      memory_temperature=t.memory_temperature, weight_view=t.weight_view,
-      weight_channel=t.weight_channel, weight_kl=t.weight_kl, weight_triplet=t.weight_triplet,
-      weight_global=t.weight_global, triplet_margin=t.triplet_margin)
+  with settings_of_config(TEACHER_CONFIG_FIELDS):
+    return alignment.TeacherSettings(
+        memory_temperature=t.memory_temperature, weight_view=t.weight_view,
+        weight_channel=t.weight_channel, weight_kl=t.weight_kl, weight_triplet=t.weight_triplet,
+        weight_global=t.weight_global, triplet_margin=t.triplet_margin)
 
 
 def distill_settings(config: ml_collections.ConfigDict) -> distill.DistillSettings:
-  """DAKD loss settings (method.md 4); mask_threshold is the top-level field."""
+  """DAKD loss settings (method.md 4); mask_threshold is the top-level field. ConfigError
+  naming a refused field."""
   d = config.distill
-  return distill.DistillSettings(
-      temperatures=tuple(float(t) for t in d.temperatures), kd_weight=d.kd_weight,
-      instance_weight=d.instance_weight, class_weight=d.class_weight,
-      plain_kd_weight=d.plain_kd_weight, centre_temperature=d.centre_temperature,
-      logit_standardize=d.logit_standardize, mask_threshold=config.mask_threshold,
-      mask_keep=d.mask_keep, mask_mode=d.mask_mode,
-      strong_uses_weak_at_2_6=d.strong_uses_weak_at_2_6, ablation=d.ablation)
+  with settings_of_config(DISTILL_CONFIG_FIELDS):
+    return distill.DistillSettings(
+        temperatures=tuple(float(t) for t in d.temperatures), kd_weight=d.kd_weight,
+        instance_weight=d.instance_weight, class_weight=d.class_weight,
+        plain_kd_weight=d.plain_kd_weight, centre_temperature=d.centre_temperature,
+        logit_standardize=d.logit_standardize, mask_threshold=config.mask_threshold,
+        mask_keep=d.mask_keep, mask_mode=d.mask_mode,
+        strong_uses_weak_at_2_6=d.strong_uses_weak_at_2_6, ablation=d.ablation)
+
+
+def check_settings(config: ml_collections.ConfigDict) -> None:
+  """Builds every settings object of the config once at start-up, before any work, so a value
+  their declared bounds refuse ends the run in one ConfigError naming the config field."""
+  for stage in ("teacher", "student"):
+    augment_views(config, stage)
+  teacher_settings(config)
+  distill_settings(config)
 
 
 def teacher_learning_rate(config: ml_collections.ConfigDict,

@@ -162,6 +162,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from dakd_jax import stages
   from dakd_jax.train import loop
   from dakd_jax.train import pretrain
+  builders.check_settings(config)  # Notebooks come here directly, after load_config.
   if config.stage == "extract":  # New images only: no dataset needed.
     return {"extract": stages.extract_stage(config, workdir)}
   if config.stage == "export":
@@ -296,6 +297,8 @@ def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
         initialize_distributed(coordinator, num_processes, process_id)
       config = config_lib.config_from_args(config_args)
       config_lib.validate(config)
+      from dakd_jax import builders  # Deferred: heavy imports only once the config is valid.
+      builders.check_settings(config)
       if print_only:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0

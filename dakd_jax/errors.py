@@ -9,7 +9,10 @@ from the built-in exception callers would naturally catch (ValueError, FileNotFo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import math
+import numbers
 import os
 import tempfile
 from typing import Iterator
@@ -21,6 +24,54 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config field has a bad value; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+  """An interval of accepted numbers, declared once by the settings that use the value.
+
+  low, high: the ends; None = unbounded. low_inclusive, high_inclusive: whether an end is
+  accepted. Booleans, non-numbers and non-finite numbers are never accepted.
+  """
+  low: float | None = None
+  high: float | None = None
+  low_inclusive: bool = True
+  high_inclusive: bool = True
+
+  def __str__(self) -> str:
+    left = "[" if self.low_inclusive and self.low is not None else "("
+    right = "]" if self.high_inclusive and self.high is not None else ")"
+    low = "-inf" if self.low is None else self.low
+    high = "inf" if self.high is None else self.high
+    return f"{left}{low}, {high}{right}"
+
+  def holds(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+        or not math.isfinite(value):
+      return False
+    if self.low is not None and (value < self.low if self.low_inclusive else value <= self.low):
+      return False
+    return self.high is None or (value <= self.high if self.high_inclusive
+                                 else value < self.high)
+
+
+class SettingError(ValueError):
+  """A settings dataclass refused one of its fields (a bug when it reaches the user: builders
+  turn it into a ConfigError naming the config field the value came from).
+
+  owner: the settings class; field: its field (a part of a pair as "name[0]"); value: the value
+  refused; allowed: what would be accepted, as text.
+  """
+
+  def __init__(self, owner: str, field: str, value, allowed: str):
+    self.owner, self.field, self.value, self.allowed = owner, field, value, allowed
+    super().__init__(f"{owner}.{field} must be in {allowed}, got {value!r}")
+
+
+def check_bounds(owner: str, field: str, value, bounds: Bounds) -> None:
+  """Raises SettingError unless `value` is a number within `bounds`."""
+  if not bounds.holds(value):
+    raise SettingError(owner, field, value, str(bounds))
 
 
 class DatasetError(UserError, ValueError):

@@ -223,3 +223,31 @@ def test_shipped_configs_do_not_warn_and_a_longer_demo_does():
   evaluating = run_cli("--config=configs/demo.py", "--print_config", "--config.teacher.epochs=60",
                        "--config.stage=eval")
   assert "train at 1%" not in evaluating.stderr  # no teacher is trained
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("mask_threshold", 1.5, "config.mask_threshold = 1.5 is out of range: must be in [0.0, 1.0]"),
+    ("teacher.triplet_margin", -0.1,
+     "config.teacher.triplet_margin = -0.1 is out of range: must be in [0.0, inf)"),
+    ("teacher.weight_kl", -1.0, "config.teacher.weight_kl = -1.0 is out of range"),
+    ("distill.centre_temperature", 0.0,
+     "config.distill.centre_temperature = 0.0 is out of range: must be in (0.0, inf)"),
+    ("distill.kd_weight", -2.0, "config.distill.kd_weight = -2.0 is out of range"),
+    ("augment.flip_prob", 1.5, "config.augment.flip_prob = 1.5 is out of range"),
+    ("augment.pad", -1, "config.augment.pad = -1 is out of range: must be in [0, inf)"),
+    ("augment.cutswap_min", 0.0,
+     "config.augment.cutswap_min = 0.0 is out of range: must be in (0.0, 1.0]"),
+    ("augment.cutswap_max", 1.5, "config.augment.cutswap_max = 1.5 is out of range"),
+])
+def test_bounds_declared_by_the_settings_are_reported_with_the_config_field(field, value,
+                                                                            expected):
+  """The settings dataclasses declare these bounds (nothing in config.RANGES repeats them);
+  start-up builds the settings and names the config field, with the fix."""
+  from dakd_jax import builders
+  assert field not in {row[0] for row in config_lib.RANGES}
+  config = config_lib.load_config("configs/demo.py", {field: value})  # validate passes them
+  with pytest.raises(config_lib.ConfigError) as error:
+    builders.check_settings(config)
+  assert str(error.value).startswith(expected), str(error.value)
+  assert f"Fix: --config.{field}=" in str(error.value)
+  builders.check_settings(config_lib.load_config("configs/demo.py"))  # the defaults pass

@@ -10,13 +10,12 @@ memories as they were at the start of the step; they carry no gradient.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
+from dakd_jax.errors import Bounds, check_bounds
 from dakd_jax.losses.memory import CentreMemories, unit_rows
 from dakd_jax.sharding import gather_rows
 
@@ -112,6 +111,10 @@ def centre_triplet(z: jax.Array, labels: jax.Array, snapshot_global: jax.Array,
   return jnp.mean(jnp.maximum(d_pos - d_neg + margin, 0.0))
 
 
+NON_NEGATIVE = Bounds(0.0)
+POSITIVE = Bounds(0.0, low_inclusive=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherSettings:
   """Static settings of the teacher loss (method.md 3.3; defaults = released values).
@@ -133,15 +136,11 @@ class TeacherSettings:
   triplet_margin: float = 0.3
 
   def __post_init__(self):
+    # The one declaration of these bounds: start-up builds the settings and names the config
+    # field of a refused value (builders.teacher_settings).
     for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-          or not math.isfinite(value) or value < 0):
-        raise ValueError(f"TeacherSettings.{field.name} must be a finite number >= 0, got "
-                         f"{value!r}")
-    if self.memory_temperature <= 0:
-      raise ValueError("TeacherSettings.memory_temperature must be > 0, got "
-                       f"{self.memory_temperature!r}")
+      bounds = POSITIVE if field.name == "memory_temperature" else NON_NEGATIVE
+      check_bounds("TeacherSettings", field.name, getattr(self, field.name), bounds)
 
 
 def teacher_loss(g_visible: jax.Array, g_infrared: jax.Array, g_channel: jax.Array,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dakd_jax.errors import Bounds, SettingError, check_bounds
 from dakd_jax.sharding import gather_rows
 
 ABLATIONS = ("only_kd", "mlkd_no_instance", "mlkd_no_class", "full_mlkd")
@@ -121,6 +122,13 @@ def confidence_mask(teacher_logits: jax.Array, threshold: float, keep: str) -> j
   return is_low if keep == "low" else jnp.logical_not(is_low)
 
 
+POSITIVE = Bounds(0.0, low_inclusive=False)
+DISTILL_BOUNDS = {"kd_weight": Bounds(0.0), "instance_weight": Bounds(0.0),
+                  "class_weight": Bounds(0.0), "plain_kd_weight": Bounds(0.0),
+                  "centre_temperature": POSITIVE,
+                  "mask_threshold": Bounds(0.0, 1.0)}  # a quantile of the confidences
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
   """Static settings of the DAKD student loss (method.md 4 and 10; defaults = released values).
@@ -157,19 +165,13 @@ class DistillSettings:
     if isinstance(self.temperatures, list):
       object.__setattr__(self, "temperatures", tuple(self.temperatures))
     if (not isinstance(self.temperatures, tuple) or not self.temperatures
-        or not all(_is_positive(t) for t in self.temperatures)):
-      raise ValueError("DistillSettings.temperatures must be a non-empty tuple of positive "
-                       f"numbers, got {self.temperatures!r}")
-    for name in ("kd_weight", "instance_weight", "class_weight", "plain_kd_weight"):
-      value = getattr(self, name)
-      if not _is_number(value) or value < 0:
-        raise ValueError(f"DistillSettings.{name} must be a finite number >= 0, got {value!r}")
-    if not _is_positive(self.centre_temperature):
-      raise ValueError("DistillSettings.centre_temperature must be a number > 0, got "
-                       f"{self.centre_temperature!r}")
-    if not _is_number(self.mask_threshold) or not 0.0 <= self.mask_threshold <= 1.0:
-      raise ValueError("DistillSettings.mask_threshold must be a quantile in [0, 1], got "
-                       f"{self.mask_threshold!r}")
+        or not all(POSITIVE.holds(t) for t in self.temperatures)):
+      raise SettingError("DistillSettings", "temperatures", self.temperatures,
+                         "a non-empty tuple of numbers > 0")
+    # The one declaration of these bounds: start-up builds the settings and names the config
+    # field of a refused value (builders.distill_settings).
+    for name, bounds in DISTILL_BOUNDS.items():
+      check_bounds("DistillSettings", name, getattr(self, name), bounds)
     for name, allowed in (("mask_keep", MASK_KEEP), ("mask_mode", MASK_MODES),
                           ("ablation", ABLATIONS)):
       if getattr(self, name) not in allowed:
@@ -179,15 +181,6 @@ class DistillSettings:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DistillSettings.{name} must be True or False, got "
                          f"{getattr(self, name)!r}")
-
-
-def _is_number(value) -> bool:
-  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-def _is_positive(value) -> bool:
-  return _is_number(value) and value > 0
 
 
 RELEASED_DISTILL = DistillSettings(mask_keep="low", mask_mode="scale",

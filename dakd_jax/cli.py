@@ -133,7 +133,8 @@ def jax_process_index() -> int:
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Opens, before any data is prepared, the weights and checkpoints the stages will load: a
-  weights file must be readable (its header), a teacher checkpoint must be a teacher's."""
+  weights file must be readable (its header), a teacher checkpoint must be a teacher's; and
+  stage=extract's image folders must hold images."""
   from dakd_jax import stage_checkpoints  # Deferred: pulls in Orbax.
   from dakd_jax.models import weight_files  # Deferred like the other heavy imports.
   training = config.stage in ("teacher", "student", "all")
@@ -145,6 +146,11 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   for path in files:
     if path and os.path.isfile(path):
       weight_files.read_weights_header(path)
+  if config.stage == "extract":
+    from dakd_jax.evaluation import folders  # Deferred like the other heavy imports.
+    for folder in (config.extract.query_dir, config.extract.gallery_dir):
+      if folder:
+        folders.check_folder(folder)
   if teacher and os.path.isdir(teacher):
     directory, step = stage_checkpoints.find_stage_checkpoint(
         teacher, hint="point --config.distill.teacher_checkpoint at a teacher workdir")
@@ -225,6 +231,10 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock = contextlib.nullcontext()
   else:
     errors.check_writable_folder(folder, what)
+    if config.stage == "eval" and not config.seeds:  # Its folder may be read-only alone.
+      from dakd_jax.evaluation import evaluations  # Deferred like run_stages' imports.
+      errors.check_writable_folder(evaluations.evaluation_dir(
+          workdir, evaluations.evaluation_tag(config, workdir)), "evaluation folder")
     lock = workdir_lock.hold_lock(folder, what)
   with lock:
     if config.seeds:

@@ -293,7 +293,7 @@ def test_demo_end_to_end_teacher_learns_cross_modal_matching(tmp_path):
   again = str(tmp_path / "again")
   finish(run_py(args + ["--config.stage=eval", "--config.eval.features=" + os.path.join(
       workdir, "eval", "features.npz")], again))
-  with open(os.path.join(again, "eval", "results.json")) as f:
+  with open(os.path.join(again, "eval", "features-features", "results.json")) as f:
     assert json.load(f)["results"] == report["results"]
 
 

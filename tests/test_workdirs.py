@@ -1,5 +1,6 @@
 """Workdirs that are safe to share and move (issue 24): one writer per workdir, a writable
 workdir checked before any work, a copied workdir that resumes, evaluates and exports."""
+import json
 import os
 import signal
 import subprocess
@@ -8,8 +9,10 @@ import time
 
 import pytest
 
+from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import cli
 from dakd_jax import workdir_lock
+from dakd_jax.evaluation import evaluations
 from tests.test_cli import one_error_line, read_only_folder, run_py, tiny_args, data_dir  # noqa: F401  pylint: disable=unused-import
 
 HOLD = ("import sys, time\n"
@@ -86,3 +89,106 @@ def test_a_read_only_workdir_is_refused_before_any_work(tmp_path):
   # Stopped before the dataset was generated, prepared or anything evaluated.
   assert "preparing" not in result.stderr and "stage=eval" not in result.stdout
   assert time.monotonic() - started < 60
+
+
+def _tiny(base, *extra):
+  """--config.* arguments of a tiny run with a tiny pretrain stage, data under `base`."""
+  return tiny_args(base) + [
+      "--config.pretrain.enabled=True", f"--config.pretrain.data_root={base}/pretrain_data",
+      "--config.pretrain.num_ids=4", "--config.pretrain.num_test_ids=2",
+      "--config.pretrain.images_per_camera=2", "--config.pretrain.epochs=1",
+      "--config.pretrain.steps_per_epoch=2", "--config.eval.pictures=False", *extra]
+
+
+def _main(args, workdir):
+  return cli.main_from_args(["--config=configs/demo.py", *args], workdir)
+
+
+@pytest.mark.slow
+def test_a_copied_workdir_resumes_evaluates_and_finds_its_results(tmp_path, data_dir, capsys):
+  """Pretrain + teacher in W; `cp -a W W2`: the same command in W2 resumes (the pretrain
+  weights file is named by its place in the workdir), W2 evaluates its teacher, and once W2 is
+  moved the export's manifest still finds that evaluation."""
+  from dakd_jax import stages  # pylint: disable=import-outside-toplevel
+  original, copy = str(tmp_path / "W"), str(tmp_path / "W2")
+  for stage in ("pretrain", "teacher"):
+    assert _main(_tiny(data_dir, f"--config.stage={stage}"), original) == 0
+  subprocess.run(["cp", "-a", original, copy], check=True)
+  capsys.readouterr()
+  assert _main(_tiny(data_dir, "--config.stage=teacher"), copy) == 0
+  assert "config differs" not in capsys.readouterr().err
+  assert _main(_tiny(data_dir, "--config.stage=eval",
+                     f"--config.eval.checkpoint={copy}/teacher"), copy) == 0
+  stored = json.load(open(os.path.join(copy, "eval", "teacher", "results.json")))
+  assert stored["source"].startswith(copy + "/teacher/checkpoints step 2")
+  moved = str(tmp_path / "W3")
+  os.rename(copy, moved)
+  source = stored["source"].replace(copy, moved)
+  recorded = stages.recorded_results(moved, source)
+  assert recorded["results"] == {name: value["mean"] for name, value in stored["results"].items()}
+  assert stages.recorded_results(moved, source.replace("step 2", "step 1")) is None
+
+
+def test_the_pretrain_weights_compare_by_their_place_in_the_workdir():
+  def config(workdir, enabled=True):
+    return {"pretrain": {"enabled": enabled},
+            "model": {"init_weights": f"{workdir}/pretrain/backbone.npz"}}
+  assert checkpoint_lib.diff_configs(config("/a/W"), config("/b/W2")) == []
+  # Without the pretrain stage the file is the user's own: a changed path is a change.
+  assert checkpoint_lib.diff_configs(config("/a/W", False), config("/b/W2", False)) == [
+      "model.init_weights: '/a/W/pretrain/backbone.npz' -> '/b/W2/pretrain/backbone.npz'"]
+  assert len(checkpoint_lib.diff_configs(config("/a/W"), {
+      "pretrain": {"enabled": True}, "model": {"init_weights": "/a/W/other.npz"}})) == 1
+
+
+def test_each_evaluation_is_named_by_its_checkpoint_and_settings():
+  from dakd_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  def tag(*overrides):
+    config = config_lib.load_config("configs/demo.py", list(overrides), validate_config=False)
+    return evaluations.evaluation_tag(config, "/w")
+  assert tag() == "" and tag("eval.checkpoint=/w/student") == tag("eval.checkpoint=/w/student/")
+  assert tag("eval.checkpoint=/w/student") == ""
+  assert tag("eval.rerank=True") == "rerank"
+  assert tag("eval.checkpoint=/w/teacher", "eval.rerank=True") == "teacher-rerank"
+  assert tag("eval.checkpoint=/w/teacher/checkpoints", "eval.flip=True",
+             "eval.query_expansion=True") == "teacher-checkpoints-flip-aqe"
+  assert tag("eval.checkpoint=/elsewhere/sysu teacher_best.t") == "sysu-teacher_best"
+  assert tag("eval.features=/w/eval/features.npz") == "features-features"
+  assert evaluations.evaluation_dir("/w", "") == "/w/eval"
+  assert evaluations.report_path("/w", "") == "/w/report.md"
+  assert evaluations.report_path("/w", "rerank") == "/w/eval/rerank/report.md"
+
+
+@pytest.mark.slow
+def test_a_second_evaluation_with_other_settings_keeps_the_first(tmp_path, data_dir, capsys):
+  from dakd_jax import builders  # pylint: disable=import-outside-toplevel
+  from dakd_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from dakd_jax.models import weights  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config("configs/demo.py",
+                                  [a[len("--config."):] for a in tiny_args(data_dir)],
+                                  validate_config=False)
+  weights_file = str(tmp_path / "random.npz")
+  weights.save_variables(builders.init_model_variables(
+      config, builders.model_from_config(config), jax.random.key(0)), weights_file)
+  workdir = str(tmp_path / "run")
+  plain = tiny_args(data_dir, stage="eval", **{"eval.checkpoint": weights_file,
+                                               "eval.num_visual_queries": 2})
+  assert _main(plain, workdir) == 0
+  first = open(os.path.join(workdir, "eval", "random", "results.json")).read()
+  assert _main(plain + ["--config.eval.rerank=True"], workdir) == 0
+  assert open(os.path.join(workdir, "eval", "random", "results.json")).read() == first
+  plain_results = json.loads(first)
+  reranked = json.load(open(os.path.join(workdir, "eval", "random-rerank", "results.json")))
+  assert plain_results["protocol"]["rerank"] is False and reranked["protocol"]["rerank"] is True
+  assert plain_results["results"] != reranked["results"]
+  for folder in ("random", "random-rerank"):
+    assert os.path.getsize(os.path.join(workdir, "eval", folder, "cmc.png")) > 1000
+  index = json.load(open(os.path.join(workdir, "eval", "index.json")))
+  assert sorted(index) == ["random", "random-rerank"]
+  assert index["random-rerank"]["headline"]["mAP"] == reranked["results"][
+      "sysu_mm01/all/single-shot"]["mean"]["mAP"]
+  report = open(os.path.join(workdir, "eval", "random-rerank", "report.md")).read()
+  assert "](../../eval/random/report.md)" in report and "(cmc.png)" in report
+  assert "2 evaluations in this workdir" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from dakd_jax import errors
+from dakd_jax.data import dataset_files
 from dakd_jax.data import records as records_lib
 from dakd_jax.data import specs
 from dakd_jax.data import synthetic
@@ -101,6 +102,9 @@ def ensure_synthetic_data(spec: specs.DatasetSpec, root: str, sizes: specs.Synth
 def _summarise(spec, root, trial, split_records, stream) -> None:
   """The dataset table (every split) and one warning line per split naming the identities it
   cannot use (one modality only in training, or no image at all)."""
+  junk = dataset_files.junk_warning(spec.title, dataset_files.find_system_junk(root))
+  if junk:
+    print(junk, file=stream, flush=True)
   for split, records in split_records.items():
     print(records_lib.describe(records, f"{spec.title} {split}"), file=stream)
   for split in tfds_builders.SPLITS:

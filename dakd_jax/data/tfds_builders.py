@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from dakd_jax.data import dataset_files
 from dakd_jax.data import prepared_files
 from dakd_jax.data import records as records_lib
 from dakd_jax.data import specs
@@ -249,12 +250,22 @@ def builder_class(dataset: str) -> type[ReidBuilder]:
 
 
 def read_split_records(dataset: str, root: str, trial: int | None) -> dict[str, list]:
-  """{"train": records, "test": records} from the dataset's reader (a folder scan, no decode)."""
+  """{"train": records, "test": records} from the dataset's reader (a folder scan, no decode).
+  Raises one DatasetError holding the problems of both splits."""
   spec = specs.get_spec(dataset)
   if not os.path.isdir(root):
     raise DatasetError(f"dataset root {root!r} is not a directory; point data.root at the "
                        f"extracted {spec.title} folder ({spec.layout})")
-  return {split: spec.read_split(root, split, trial) for split in SPLITS}
+  split_records, problems = {}, []
+  for split in SPLITS:  # Both splits read before stopping: their problems in one message.
+    try:
+      split_records[split] = spec.read_split(root, split, trial)
+    except DatasetError as error:
+      if str(error) not in problems:
+        problems.append(str(error))
+  if problems:
+    raise DatasetError(" Also: ".join(problems))
+  return split_records
 
 
 def remove_interrupted_preparations(builder: ReidBuilder) -> list[str]:
@@ -303,6 +314,10 @@ def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
   if builder.is_prepared() and discard_damaged_copy(os.fspath(builder.data_dir)):
     builder = make_builder()  # A fresh builder: the first one remembers the copy as prepared.
   if not builder.is_prepared():
+    # Every file that cannot be opened in one message, before any image is decoded.
+    dataset_files.unreadable_images(
+        [record.path for records in split_records.values() for record in records],
+        specs.get_spec(dataset).title)
     remove_interrupted_preparations(builder)
     # Files without dataset_info.json: an incomplete copy that TFDS would not write over.
     shutil.rmtree(os.fspath(builder.data_dir), ignore_errors=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 from dakd_jax.data import dataset_files
 from dakd_jax.data.records import INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
 from dakd_jax.data.records import Protocol, ProtocolOptions, parse_list_line
@@ -369,10 +370,26 @@ def llcm_query_gallery(root: str, trial: int, direction: str, vis_to_ir: str = "
   return _records(root, INFRARED, folders, trial), _records(root, VISIBLE, folders, None)
 
 
+def missing_camera_folders(root: str) -> list[str]:
+  """The camera folders of the test layout (test_vis/cam1..9, test_nir/cam1, 2, 4..9) absent
+  under `root`: the release has them all; a missing one leaves its camera out of the protocol."""
+  return [os.path.join(root, top, f"cam{camera}") for modality, top in TEST_FOLDERS.items()
+          for camera in MODALITY_CAMERAS[modality]
+          if os.path.isdir(os.path.join(root, top))
+          and not os.path.isdir(os.path.join(root, top, f"cam{camera}"))]
+
+
 def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRecord]:
-  """The dataset spec's reader: `read_llcm_split` (LLCM has no training trials)."""
+  """The dataset spec's reader: `read_llcm_split` (LLCM has no training trials). Reading the
+  test split warns in one line (stderr) about missing camera folders."""
   del trial
-  return read_llcm_split(root, split)
+  records = read_llcm_split(root, split)
+  missing = missing_camera_folders(root) if split == "test" else []
+  if missing:
+    print(f"dakd_jax: warning: LLCM: {len(missing)} test camera folder(s) missing: "
+          f"{', '.join(missing)}; their cameras take no part in the evaluation (restore them "
+          "from the release)", file=sys.stderr, flush=True)
+  return records
 
 
 def split_files(root: str, trial: int | None = None) -> list[str]:

@@ -127,6 +127,22 @@ def test_a_copied_workdir_resumes_evaluates_and_finds_its_results(tmp_path, data
   recorded = stages.recorded_results(moved, source)
   assert recorded["results"] == {name: value["mean"] for name, value in stored["results"].items()}
   assert stages.recorded_results(moved, source.replace("step 2", "step 1")) is None
+  # The moved teacher opens quietly in Python (no Orbax warnings) and embeds grey arrays.
+  import logging  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dakd_jax.evaluation import extractor  # pylint: disable=import-outside-toplevel
+  records = []
+  handler = logging.Handler(logging.WARNING)
+  handler.emit = records.append
+  logging.getLogger().addHandler(handler)
+  try:
+    model = extractor.Extractor.from_checkpoint(os.path.join(moved, "teacher"))
+  finally:
+    logging.getLogger().removeHandler(handler)
+  assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+  grey = np.random.default_rng(0).integers(0, 256, model.image_size, dtype=np.uint8)
+  np.testing.assert_allclose(model(grey, "infrared"),
+                             model(np.stack([grey] * 3, -1)[None], "infrared"), atol=1e-6)
 
 
 def test_the_pretrain_weights_compare_by_their_place_in_the_workdir():
@@ -192,3 +208,32 @@ def test_a_second_evaluation_with_other_settings_keeps_the_first(tmp_path, data_
   report = open(os.path.join(workdir, "eval", "random-rerank", "report.md")).read()
   assert "](../../eval/random/report.md)" in report and "(cmc.png)" in report
   assert "2 evaluations in this workdir" in capsys.readouterr().out
+
+
+def test_the_extractor_takes_grey_and_single_images():
+  import types  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dakd_jax.evaluation import extractor  # pylint: disable=import-outside-toplevel
+  holder = types.SimpleNamespace(image_size=(8, 4))
+  load = lambda images: extractor.Extractor.load_images(holder, images)  # noqa: E731
+  rng = np.random.default_rng(0)
+  grey = rng.integers(0, 256, (8, 4), dtype=np.uint8)
+  colour = rng.integers(0, 256, (8, 4, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(load(grey), np.stack([grey, grey, grey], -1)[None])
+  np.testing.assert_array_equal(load(colour), colour[None])
+  np.testing.assert_array_equal(load(np.stack([grey, grey])),
+                                np.stack([np.stack([grey] * 3, -1)] * 2))
+  np.testing.assert_array_equal(load([grey[..., None], colour])[1], colour)
+  with pytest.raises(ValueError, match=r"image 0: expected uint8 .* got float32 \(8, 4\)"):
+    load([grey.astype(np.float32)])
+
+
+def test_help_needs_no_config_and_exits_0():
+  result = subprocess.run([sys.executable, "run.py", "--help"], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "usage: python run.py --config=configs/<name>.py" in result.stdout
+  assert "configs/demo.py" in result.stdout and "--workdir" in result.stdout
+  with_config = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py", "-h"],
+                               capture_output=True, text=True, timeout=120)
+  assert with_config.returncode == 0 and with_config.stdout == result.stdout

@@ -105,8 +105,8 @@ def _summarise(spec, root, trial, split_records, stream) -> None:
   junk = dataset_files.junk_warning(spec.title, dataset_files.find_system_junk(root))
   if junk:
     print(junk, file=stream, flush=True)
-  for split, records in split_records.items():
-    print(records_lib.describe(records, f"{spec.title} {split}"), file=stream)
+  for split, records in split_records.items():  # The root tells the demo's two sets apart.
+    print(records_lib.describe(records, f"{spec.title} {split} ({root})"), file=stream)
   for split in tfds_builders.SPLITS:
     listed = spec.listed_identities(root, split, trial) if spec.listed_identities else None
     line = records_lib.coverage_warning(split_records[split], listed, f"{spec.title} {split}",

@@ -162,6 +162,15 @@ EVALUATION_ROLES = {"last": "test split, progress only: the last step is kept",
                     "test_oracle": "test split, oracle selection of the checkpoint"}
 
 
+def evaluation_role(stage: str, selection: str) -> str:
+  """What a training-time evaluation's title says it is: the pretrain stage evaluates its own
+  held-out synthetic persons (not the experiment's test split); the others per selection."""
+  if stage == "pretrain":
+    return ("the pretraining set's own held-out persons (pretrain.num_test_ids), not the "
+            "experiment's test split")
+  return EVALUATION_ROLES[selection]
+
+
 def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writer,
                              step: int, selection: str) -> dict:
   """Runs the stage's evaluator, logs its headline metrics, prints its table and writes it to
@@ -175,7 +184,7 @@ def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writ
   summary = evaluator_lib.headline(results)
   writer.write_scalars(step, {f"eval_{k}": v for k, v in summary.items()})
   if jax.process_index() == 0:
-    title = f"[{writer.stage} step {step}] evaluation ({EVALUATION_ROLES[selection]})"
+    title = f"[{writer.stage} step {step}] evaluation ({evaluation_role(writer.stage, selection)})"
     print("\n" + report.format_table(results, title=title), flush=True)
     report.write_results(os.path.join(writer.workdir, LAST_EVALUATION), {
         "stage": writer.stage, "step": step, "protocol": evaluator.settings.describe(),

@@ -237,3 +237,13 @@ def test_help_needs_no_config_and_exits_0():
   with_config = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py", "-h"],
                                capture_output=True, text=True, timeout=120)
   assert with_config.returncode == 0 and with_config.stdout == result.stdout
+
+
+def test_an_evaluation_panel_spans_the_run_and_the_percent_range(tmp_path):
+  from dakd_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
+  records = [{"step": 10, "loss": 2.0}, {"step": 120, "loss": 1.0, "eval_rank1": 0.31,
+                                         "eval_mAP": 0.35}]
+  assert plots.evaluation_axis_limits(records) == ((0.0, 126.0), (0.0, 100.0))
+  assert plots.evaluation_axis_limits([{"step": 0}]) == ((0.0, 1.05), (0.0, 100.0))
+  path = plots.training_curves_plot({"teacher": records}, str(tmp_path / "curves.png"))
+  assert os.path.getsize(path) > 1000

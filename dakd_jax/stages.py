@@ -184,10 +184,11 @@ def verification_images(config: ml_collections.ConfigDict):
   return images, modality[rows].astype(np.int32)
 
 
-def recorded_results(workdir: str, source: str) -> dict | None:
-  """The headline numbers of the workdir's evaluation of `source` with plain settings
-  (<workdir>/eval/results.json, else the evaluation of that checkpoint in eval/<tag>/), found
-  also when the workdir was copied or moved since; None when there is none."""
+def recorded_results(workdir: str, source: str, use_flip: bool = False) -> dict | None:
+  """The headline numbers of the workdir's evaluation of `source` with the exported settings
+  (flip as `use_flip`, no re-ranking or query expansion): <workdir>/eval/results.json, else
+  that checkpoint's evaluation in eval/<tag>/; found also when the workdir was copied or moved
+  since; None when there is none."""
   wanted = evaluations.in_workdir(source, workdir)
   folders_to_read = [evaluations.evaluation_dir(workdir, "")] + [
       os.path.join(workdir, entry["folder"]) for entry in evaluations.read_index(workdir).values()
@@ -199,7 +200,8 @@ def recorded_results(workdir: str, source: str) -> dict | None:
     with open(path) as f:
       stored = json.load(f)
     protocol = stored.get("protocol", {})
-    is_plain = not any(protocol.get(name) for name in ("rerank", "flip", "query_expansion"))
+    is_plain = bool(protocol.get("flip")) == use_flip and not any(
+        protocol.get(name) for name in ("rerank", "query_expansion"))
     stored_source = evaluations.in_workdir(stored.get("source", ""),
                                            stored.get("workdir", workdir))
     if stored_source == wanted and is_plain:
@@ -222,7 +224,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   write_config(config, out_dir)
   manifest = {"checkpoint": described["source"], "checkpoint_stage": described["stage"],
               "dataset": config.data.dataset,
-              "results": recorded_results(workdir, described["source"]),
+              "results": recorded_results(workdir, described["source"], config.eval.flip),
               "authors_metadata": described.get("file_metadata")}
   written = deploy.export_extractor(
       model, jax.device_get(variables), image_height=config.data.image_height,

@@ -2,6 +2,7 @@
 prepared again (dakd_jax/data/prepared_files.py, tfds_builders.prepare)."""
 import glob
 import os
+import sys
 import zlib
 
 import numpy as np
@@ -88,8 +89,8 @@ def test_seven_junk_and_stray_files_are_reported_in_one_message(tmp_path, capsys
   assert not any(os.path.basename(r.path) in (".DS_Store", "._0001.jpg")
                  for split in records.values() for r in split)
   capsys.readouterr()
-  prepare._summarise(specs.get_spec("sysu_mm01"), root, None, records,  # pylint: disable=protected-access
-                     __import__("sys").stderr)
+  summarise = prepare._summarise  # pylint: disable=protected-access
+  summarise(specs.get_spec("sysu_mm01"), root, None, records, sys.stderr)
   warnings = [line for line in capsys.readouterr().err.splitlines() if "system file" in line]
   assert warnings == [f"dakd_jax: warning: SYSU-MM01: skipped 4 system file(s) that are not part "
                       f"of the dataset: {', '.join(sorted(junk))}"]

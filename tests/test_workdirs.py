@@ -13,7 +13,8 @@ from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import cli
 from dakd_jax import workdir_lock
 from dakd_jax.evaluation import evaluations
-from tests.test_cli import one_error_line, read_only_folder, run_py, tiny_args, data_dir  # noqa: F401  pylint: disable=unused-import
+from tests.test_cli import data_dir  # noqa: F401  pylint: disable=unused-import  (a fixture)
+from tests.test_cli import one_error_line, read_only_folder, run_py, tiny_args
 
 HOLD = ("import sys, time\n"
         "from dakd_jax import workdir_lock\n"

@@ -259,10 +259,11 @@ def write_analysis_pictures(workdir: str, data: prepare.DataBundle, embeddings: 
                             rows: dict, *, method: str, seed: int, max_identities: int,
                             num_queries: int, top_k: int, model=None, variables=None,
                             out_dir: str | None = None) -> dict:
-  """eval.analysis pictures in `out_dir` (default <workdir>/eval): a 2-D map of the test embeddings (colour =
-  identity, marker = modality), distance histograms (same / other identity, within / across
-  modalities), the ROC of the first setting's first trial and, given the model and its
-  variables, activation maps of its queries and their top matches. Returns {caption: path}."""
+  """eval.analysis pictures in `out_dir` (default <workdir>/eval): a 2-D map of the test
+  embeddings (colour = identity, marker = modality), distance histograms (same / other
+  identity, within / across modalities), the ROC of the first setting's first trial and, given
+  the model and its variables, activation maps of its queries and their top matches. Returns
+  {caption: path}."""
   from dakd_jax.evaluation import activation  # Deferred: JAX, only for these pictures.
   from dakd_jax.evaluation import analysis
   out_dir = out_dir or os.path.join(workdir, "eval")

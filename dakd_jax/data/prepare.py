@@ -171,7 +171,12 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
                                    trial, progress=show, split_records=split_records)
 
   builder = process_zero_first(prepare)
-  sources = tfds_builders.load_sources(builder)
+  try:
+    sources = tfds_builders.load_sources(builder)
+  except (RuntimeError, OSError, ValueError) as error:  # Damage its record could not see.
+    raise DatasetError(
+        f"the prepared copy {builder.data_dir} cannot be read ({str(error).splitlines()[0]}); "
+        "delete that folder and run again to prepare it anew") from error
   train_meta = tfds_builders.split_metadata(sources["train"])
   test_meta = tfds_builders.split_metadata(sources["test"])
   test_rows = types.MappingProxyType(

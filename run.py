@@ -73,8 +73,24 @@ def main(argv, config_args):
       verbose=flags.FLAGS["verbosity"].present)
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def print_help() -> None:
+  """--help, with or without --config: the usage, the configs and this program's flags."""
+  configs = sorted(name for name in os.listdir(os.path.join(os.path.dirname(
+      os.path.abspath(__file__)), "configs")) if name.endswith(".py") and name != "__init__.py")
+  print(f"{USAGE}\n\nconfigs: {', '.join(f'configs/{name}' for name in configs)} "
+        "(configs/base.py lists every field with its default and units; --print_config shows "
+        "the resolved config)\n\nflags:")
+  print(flags.FLAGS.module_help(sys.modules[__name__]))
+
+
 if __name__ == "__main__":
   CONFIG_ARGS, OTHER_ARGS = config_lib.split_argv(sys.argv)
+  if any(arg in HELP_FLAGS for arg in OTHER_ARGS[1:]):
+    print_help()
+    sys.exit(0)
   if not CONFIG_ARGS:
     print(f"dakd_jax: --config is required\n{USAGE}", file=sys.stderr)
     sys.exit(2)

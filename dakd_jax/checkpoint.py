@@ -59,6 +59,12 @@ RESUME_IGNORED_FIELDS = (
     "stage", "checkpoint.*", "log.*", "data.root", "data.prepared_dir", "data.num_workers",
     "distill.teacher_checkpoint", "eval.*", "extract.*", "model.remat", "distill.student_forward",
 )
+# With pretrain.enabled the teacher and student start from the file the pretrain stage wrote in
+# the workdir (train/pretrain.pretrained_init); their configs name it by its absolute path,
+# which moves with the workdir. Compared by its place in the workdir, a copied or moved workdir
+# resumes.
+PRETRAINED_INIT_TAIL = os.path.join("pretrain", "backbone.npz")
+PRETRAINED_INIT_IN_WORKDIR = os.path.join("<workdir>", PRETRAINED_INIT_TAIL)
 # A refused resume lists at most this many differing fields (then "and N more").
 MAX_LISTED_DIFFERENCES = 5
 
@@ -94,6 +100,16 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def _in_any_workdir(flat: dict[str, Any]) -> dict[str, Any]:
+  """`flat` with a model.init_weights derived from the workdir's pretrain stage written as
+  PRETRAINED_INIT_IN_WORKDIR (the same in every copy of the workdir)."""
+  weights = flat.get("model.init_weights")
+  if (flat.get("pretrain.enabled") and isinstance(weights, str)
+      and weights.endswith(os.sep + PRETRAINED_INIT_TAIL)):
+    return {**flat, "model.init_weights": PRETRAINED_INIT_IN_WORKDIR}
+  return flat
+
+
 def diff_configs(old: dict, new: dict,
                  ignore: tuple[str, ...] = RESUME_IGNORED_FIELDS) -> list[str]:
   """Lists the config fields that differ between a checkpoint and the current run.
@@ -105,10 +121,11 @@ def diff_configs(old: dict, new: dict,
 
   Returns:
     Sorted lines "field: old -> new"; a field present on one side only shows "<absent>".
-    Empty when the configs agree.
+    Empty when the configs agree. The pretrain stage's weights file (model.init_weights with
+    pretrain.enabled) compares by its place in the workdir, so a moved workdir resumes.
   """
-  old_flat = _flatten(to_json_tree(old))
-  new_flat = _flatten(to_json_tree(new))
+  old_flat = _in_any_workdir(_flatten(to_json_tree(old)))
+  new_flat = _in_any_workdir(_flatten(to_json_tree(new)))
   lines = []
   for name in sorted(set(old_flat) | set(new_flat)):
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in ignore):

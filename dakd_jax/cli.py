@@ -133,7 +133,8 @@ def jax_process_index() -> int:
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Opens, before any data is prepared, the weights and checkpoints the stages will load: a
-  weights file must be readable (its header), a teacher checkpoint must be a teacher's."""
+  weights file must be readable (its header), a teacher checkpoint must be a teacher's; and
+  stage=extract's image folders must hold images."""
   from dakd_jax import stage_checkpoints  # Deferred: pulls in Orbax.
   from dakd_jax.models import weight_files  # Deferred like the other heavy imports.
   training = config.stage in ("teacher", "student", "all")
@@ -145,6 +146,11 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   for path in files:
     if path and os.path.isfile(path):
       weight_files.read_weights_header(path)
+  if config.stage == "extract":
+    from dakd_jax.evaluation import folders  # Deferred like the other heavy imports.
+    for folder in (config.extract.query_dir, config.extract.gallery_dir):
+      if folder:
+        folders.check_folder(folder)
   if teacher and os.path.isdir(teacher):
     directory, step = stage_checkpoints.find_stage_checkpoint(
         teacher, hint="point --config.distill.teacher_checkpoint at a teacher workdir")
@@ -197,18 +203,50 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+def written_folder(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+  """(folder, what) a run writes and locks: the workdir, except for stage=extract and
+  stage=export, which only read a finished checkpoint and write their own subfolder (so they
+  may run beside a training run in the same workdir)."""
+  if config.stage in ("extract", "export") and not config.seeds:
+    from dakd_jax.evaluation import folders  # Deferred like run_stages' imports.
+    subfolder = folders.OUT_DIR if config.stage == "extract" else "export"
+    return os.path.join(workdir, subfolder), f"{config.stage} folder"
+  return workdir, "workdir"
+
+
 def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Validated config -> start-up checks (folders, resume, inputs), the resolved config in the
+  """Validated config -> start-up checks (folders, resume, inputs), the folder it writes proven
+  writable and locked (`workdir_lock`: one run per workdir), the resolved config in the
   workdir, then `run_stages` (once per seed of config.seeds when it names any, each seed in its
   own folder). Nothing is written before the checks pass."""
+  import contextlib  # Only for the other processes' no-op lock.
   import jax  # Validation already initialised the backend.
+  from dakd_jax import workdir_lock  # Deferred like run_stages' imports.
   workdir = os.path.abspath(workdir)  # Orbax refuses relative paths; notebooks change directory.
-  if config.seeds:
-    return run_seed_band(config, workdir)
   check_output_folders(config, workdir)
-  if config.stage in TRAINING_STAGES:
+  if config.stage in TRAINING_STAGES and not config.seeds:
     check_resumable(config, workdir)
   check_inputs(config)
+  folder, what = written_folder(config, workdir)
+  if jax.process_index() != 0:  # Process 0 alone writes the workdir and holds its lock.
+    lock = contextlib.nullcontext()
+  else:
+    errors.check_writable_folder(folder, what)
+    if config.stage == "eval" and not config.seeds:  # Its folder may be read-only alone.
+      from dakd_jax.evaluation import evaluations  # Deferred like run_stages' imports.
+      errors.check_writable_folder(evaluations.evaluation_dir(
+          workdir, evaluations.evaluation_tag(config, workdir)), "evaluation folder")
+    lock = workdir_lock.hold_lock(folder, what)
+  with lock:
+    if config.seeds:
+      return run_seed_band(config, workdir)
+    return start_locked(config, workdir)
+
+
+def start_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`start` once its checks passed and it holds the lock: the resolved config, then the
+  stages."""
+  import jax  # Validation already initialised the backend.
   if config.stage in TRAINING_STAGES and jax.process_index() == 0:
     from dakd_jax import stages  # Deferred like run_stages' imports.
     stages.write_config(config, workdir)

@@ -21,6 +21,7 @@ from dakd_jax import builders
 from dakd_jax import errors
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
+from dakd_jax.evaluation import evaluations
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.evaluation import folders
@@ -71,9 +72,12 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   Reads config.eval.features if set, else config.eval.checkpoint (default <workdir>/student): a
   stage checkpoint (its best evaluated step, else its newest) or a weights file. Prints the
   table and writes <workdir>/eval/{config.json, results.json, features.npz} and, with
-  config.eval.pictures, the pictures and <workdir>/report.md.
+  config.eval.pictures, the pictures and <workdir>/report.md; an evaluation of another
+  checkpoint or with other settings writes them in <workdir>/eval/<tag>/ instead
+  (`evaluations.evaluation_tag`). Every evaluation is listed in <workdir>/eval/index.json.
   """
-  out_dir = os.path.join(workdir, "eval")
+  tag = evaluations.evaluation_tag(config, workdir)
+  out_dir = evaluations.evaluation_dir(workdir, tag)
   mesh = builders.make_mesh()
   model = builders.model_from_config(config)
   evaluator = builders.make_evaluator(config, model, data, mesh)
@@ -93,6 +97,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
              "checkpoint_selection": described.get("selection_label", "not a stage checkpoint"),
              "protocol": describe_protocol(config, data, evaluator),
              "data_fingerprint": data.fingerprint, "results": results}
+  summary["workdir"] = workdir  # Sources inside it are found again in a moved copy.
   if data.held_out:
     summary["training_set"] = data.held_out
   if described.get("file_metadata"):
@@ -103,24 +108,35 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
       print(report.format_verification(results))
     if summary.get("recorded_by_file"):
       print(report.format_recorded(summary["recorded_by_file"], results))
+    replaced = evaluations.replaced_evaluation(workdir, out_dir, source)
+    if replaced:
+      print(replaced)
     with errors.writing(f"evaluation results in {out_dir}"):
       write_config(config, out_dir)
       if not config.eval.features:
         report.save_features(os.path.join(out_dir, "features.npz"), embeddings, data,
                              source=source)
       report.write_results(os.path.join(out_dir, "results.json"), summary)
+      index = evaluations.record_evaluation(workdir, tag, summary)
       if config.eval.pictures:
         paths = report.write_run_pictures(
             workdir, data, embeddings, evaluator.rows, summary, top_k=config.eval.visual_top_k,
-            num_queries=config.eval.num_visual_queries, seed=config.seed)
+            num_queries=config.eval.num_visual_queries, seed=config.seed, out_dir=out_dir)
         if config.eval.analysis:
           paths.update(report.write_analysis_pictures(
               workdir, data, embeddings, evaluator.rows, method=config.eval.analysis_method,
               seed=config.seed, max_identities=config.eval.analysis_identities,
               num_queries=min(4, config.eval.num_visual_queries),
-              top_k=min(4, config.eval.visual_top_k), model=model, variables=variables))
-        path = report.write_report(workdir, config.to_dict(), summary, paths)
+              top_k=min(4, config.eval.visual_top_k), model=model, variables=variables,
+              out_dir=out_dir))
+        path = evaluations.report_path(workdir, tag)
+        report.write_report(workdir, config.to_dict(), summary, paths, path=path,
+                            evaluations=evaluations.format_index(
+                                index, os.path.relpath(workdir, os.path.dirname(path))))
         print(f"dakd_jax: pictures in {out_dir}, report in {path}")
+      if len(index) > 1:
+        print(f"dakd_jax: {len(index)} evaluations in this workdir, listed in "
+              f"{os.path.join(workdir, 'eval', evaluations.INDEX_NAME)}")
   return summary
 
 
@@ -168,17 +184,30 @@ def verification_images(config: ml_collections.ConfigDict):
   return images, modality[rows].astype(np.int32)
 
 
-def recorded_results(workdir: str, source: str) -> dict | None:
-  """The headline numbers of <workdir>/eval/results.json when it evaluated `source`."""
-  path = os.path.join(workdir, "eval", "results.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    stored = json.load(f)
-  if stored.get("source") != source:
-    return None
-  return {"protocol": stored["protocol"],
-          "results": {setting: values["mean"] for setting, values in stored["results"].items()}}
+def recorded_results(workdir: str, source: str, use_flip: bool = False) -> dict | None:
+  """The headline numbers of the workdir's evaluation of `source` with the exported settings
+  (flip as `use_flip`, no re-ranking or query expansion): <workdir>/eval/results.json, else
+  that checkpoint's evaluation in eval/<tag>/; found also when the workdir was copied or moved
+  since; None when there is none."""
+  wanted = evaluations.in_workdir(source, workdir)
+  folders_to_read = [evaluations.evaluation_dir(workdir, "")] + [
+      os.path.join(workdir, entry["folder"]) for entry in evaluations.read_index(workdir).values()
+      if isinstance(entry, dict) and "folder" in entry]
+  for folder in folders_to_read:
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      stored = json.load(f)
+    protocol = stored.get("protocol", {})
+    is_plain = bool(protocol.get("flip")) == use_flip and not any(
+        protocol.get(name) for name in ("rerank", "query_expansion"))
+    stored_source = evaluations.in_workdir(stored.get("source", ""),
+                                           stored.get("workdir", workdir))
+    if stored_source == wanted and is_plain:
+      return {"protocol": protocol, "results": {
+          setting: values["mean"] for setting, values in stored["results"].items()}}
+  return None
 
 
 def export_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -195,7 +224,7 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   write_config(config, out_dir)
   manifest = {"checkpoint": described["source"], "checkpoint_stage": described["stage"],
               "dataset": config.data.dataset,
-              "results": recorded_results(workdir, described["source"]),
+              "results": recorded_results(workdir, described["source"], config.eval.flip),
               "authors_metadata": described.get("file_metadata")}
   written = deploy.export_extractor(
       model, jax.device_get(variables), image_height=config.data.image_height,

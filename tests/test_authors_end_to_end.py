@@ -63,11 +63,12 @@ def test_eval_of_the_authors_teacher_reproduces_the_torch_embeddings(authors_fil
   # The file's own record is printed beside ours (their evaluation at their epoch).
   assert "recorded in the file (the authors' evaluation, epoch 79)" in result.stdout
   assert "R1    file   70.00" in result.stdout and "mAP   file   67.31" in result.stdout
-  summary = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  # Another checkpoint than the workdir's student: evaluated into eval/<its file name>.
+  summary = json.load(open(os.path.join(workdir, "eval", "sysu_teacher_best", "results.json")))
   assert summary["source"] == authors_files["teacher"]
   assert summary["recorded_by_file"]["epoch"] == 79
   # Our embeddings of the prepared test images equal the torch network's.
-  stored = np.load(os.path.join(workdir, "eval", "features.npz"))
+  stored = np.load(os.path.join(workdir, "eval", "sysu_teacher_best", "features.npz"))
   root = os.path.join(tmp, "synthetic")
   chosen = np.arange(0, len(stored["paths"]), 7)
   images = np.stack([load_image(os.path.join(root, str(path)), HEIGHT, WIDTH)

@@ -330,7 +330,7 @@ def test_read_only_folders_end_in_one_storage_line(tmp_path, data_dir, name):
   dataset root, each read-only in turn: one line naming what could not be written."""
   train = tiny_args(data_dir, stage="teacher")
   args, read_only, expected = {
-      "workdir": (train, "run", "cannot write the config {w}/config.json"),
+      "workdir": (train, "run", "cannot write the workdir ({w})"),
       "checkpoints": (train, "run/teacher/checkpoints",
                       "cannot write the checkpoint in {w}/teacher/checkpoints"),
       "metrics": (train, "run/teacher", "cannot write the metrics in {w}/teacher"),
@@ -373,7 +373,7 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_a_read_only_eval_folder_ends_in_one_line_after_the_table(tmp_path, data_dir):
+def test_a_read_only_eval_folder_ends_in_one_line_before_any_work(tmp_path, data_dir):
   config = config_lib.load_config(DEMO, [a[len("--config."):] for a in tiny_args(data_dir)],
                                   validate_config=False)
   model = builders.model_from_config(config)
@@ -384,7 +384,8 @@ def test_a_read_only_eval_folder_ends_in_one_line_after_the_table(tmp_path, data
   read_only_folder(str(workdir / "eval"))
   result = run_py(tiny_args(data_dir, stage="eval", **{"eval.checkpoint": weights_file})
                   + [f"--workdir={workdir}"], restriction="permissions")
-  one_error_line(result, f"cannot write the config {workdir}/eval/config.json",
+  # Another checkpoint than the workdir's student: its evaluation goes to eval/<file name>.
+  one_error_line(result, f"cannot write the evaluation folder ({workdir}/eval/random)",
                  "Permission denied")
-  assert "sysu_mm01/all/single-shot" in result.stdout  # the results were shown first
+  assert "sysu_mm01/all/single-shot" not in result.stdout  # refused before evaluating
   assert os.listdir(workdir / "eval") == []

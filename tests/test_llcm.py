@@ -284,7 +284,7 @@ def test_stray_file_is_refused_and_nir_camera_3_is_ignored(copy):
       str(copy), INFRARED, 2)
   camera, present, _ = first_test_folder(copy)
   (copy / "test_vis" / camera / present / "notes.txt").write_text("x")
-  with pytest.raises(DatasetError, match=rf"{camera}.{present} holds 'notes\.txt', which is not"):
+  with pytest.raises(DatasetError, match=rf"not an image file .*{camera}.{present}.notes\.txt"):
     llcm.llcm_full_set(str(copy), VISIBLE)
 
 
@@ -420,3 +420,29 @@ def test_stage_all_on_a_tiny_llcm_tree(tmp_path):
   for name in ("ranked_llcm_infrared_to_visible.png",
                "ranked_llcm_visible_to_infrared_deen_test_script.png"):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 1000
+
+
+def test_a_missing_camera_folder_is_named_in_one_warning(copy, capsys):
+  shutil.rmtree(copy / "test_vis" / "cam5")
+  shutil.rmtree(copy / "test_nir" / "cam9")
+  records = llcm.read_split(str(copy), "test")
+  assert not any("/test_vis/cam5/" in r.path for r in records)
+  lines = capsys.readouterr().err.splitlines()
+  assert lines == [f"dakd_jax: warning: LLCM: 2 test camera folder(s) missing: "
+                   f"{copy}/test_vis/cam5, {copy}/test_nir/cam9; their cameras take no part in "
+                   "the evaluation (restore them from the release)"]
+  llcm.read_split(str(copy), "train")
+  assert capsys.readouterr().err == ""
+
+
+def test_the_default_synthetic_tree_fills_the_llcm_config_cmc(tmp_path):
+  """configs/llcm.py as is (eval.max_rank 20) on `python -m dakd_jax.data.synthetic --kind
+  llcm`'s tree: every gallery holds at least 20 distinct identities."""
+  from dakd_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path / "llcm")
+  synthetic.main(["--root", root, "--kind", "llcm", "--height", "16", "--width", "16",
+                  "--images-per-camera", "1"])
+  max_rank = config_lib.load_config("configs/llcm.py", validate_config=False).eval.max_rank
+  for modality in (VISIBLE, INFRARED):
+    gallery = llcm.llcm_sampled_set(root, modality, 0)
+    assert len({r.identity for r in gallery}) >= max_rank == 20

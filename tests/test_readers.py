@@ -134,8 +134,11 @@ def test_sysu_missing_root_exp_camera_and_bad_split(tmp_path, sysu_root):
 
 
 def test_sysu_refuses_stray_file_in_identity_folder(sysu_root):
-  (sysu_root / "cam2" / "0010" / ".DS_Store").write_bytes(b"x")
-  with pytest.raises(DatasetError, match=r"cam2.0010 holds '\.DS_Store', which is not an image"):
+  before = sysu.read_sysu(str(sysu_root), "test")
+  (sysu_root / "cam2" / "0010" / ".DS_Store").write_bytes(b"x")  # system junk: skipped
+  assert sysu.read_sysu(str(sysu_root), "test") == before
+  (sysu_root / "cam2" / "0010" / "notes.txt").write_bytes(b"x")
+  with pytest.raises(DatasetError, match=r"1 entry .* not an image file .*cam2.0010.notes\.txt"):
     sysu.read_sysu(str(sysu_root), "test")
   # The train split does not look into test folders.
   assert len(sysu.read_sysu(str(sysu_root), "train")) == 12

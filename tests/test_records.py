@@ -73,4 +73,5 @@ def test_summary_at_preparation_warns_once_per_split_with_the_ids(tmp_path):
       "dakd_jax: warning: SYSU-MM01 test: 1 identity with no image [8]; it is in no query or "
       "gallery (check their folders)"]
   text = stream.getvalue()
-  assert text.count("SYSU-MM01 train\n") == 1 and text.count("SYSU-MM01 test\n") == 1
+  assert text.count(f"SYSU-MM01 train ({root})\n") == 1
+  assert text.count(f"SYSU-MM01 test ({root})\n") == 1

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
+from dakd_jax.data import dataset_files
 from dakd_jax.data.records import INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
 from dakd_jax.data.records import CameraRule, EvalOption, Protocol, ProtocolOptions
 from dakd_jax.data.records import parse_list_line
@@ -212,20 +214,16 @@ def parse_test_path(relative_path: str) -> tuple[str, int, int]:
       "digits>/<file>' relative to the LLCM root (k in 1..9; no near-infrared camera 3).")
 
 
-def _list_folder(folder: str) -> list[str]:
-  """Sorted file names of an existing id/camera folder; refuses empty folders and non-images."""
-  names = sorted(os.listdir(folder))
-  if not names:
+def _list_folder(folder: str, stray: list[str]) -> list[str]:
+  """Sorted image names of an existing id/camera folder (system junk left out; other
+  non-images appended to `stray`); refuses a folder without images."""
+  strays_before = len(stray)
+  names = dataset_files.list_image_names(folder, IMAGE_EXTENSIONS, stray)
+  if not names and len(stray) == strays_before:
     raise DatasetError(
         f"LLCM test folder {folder} is empty. The protocol draws one image from every existing "
         "id/camera folder (the reference's draw fails here); restore its images from the "
         "release or delete the folder.")
-  for name in names:
-    if not (os.path.isfile(os.path.join(folder, name)) and
-            name.lower().endswith(IMAGE_EXTENSIONS)):
-      raise DatasetError(
-          f"LLCM test folder {folder} holds {name!r}, which is not an image file "
-          f"({', '.join(IMAGE_EXTENSIONS)}). Remove it: it would change the gallery draws.")
   return names
 
 
@@ -240,7 +238,7 @@ def scan_test_folders(root: str) -> dict[str, dict[tuple[int, int], list[str]]]:
   """
   root = check_root(root)
   identities = read_test_ids(root)
-  folders = {}
+  folders, stray = {}, []
   for modality, top in TEST_FOLDERS.items():
     if not os.path.isdir(os.path.join(root, top)):
       raise DatasetError(f"LLCM test folder not found: {os.path.join(root, top)}. Expected "
@@ -250,7 +248,8 @@ def scan_test_folders(root: str) -> dict[str, dict[tuple[int, int], list[str]]]:
       for camera in MODALITY_CAMERAS[modality]:
         folder = os.path.join(root, top, f"cam{camera}", f"{identity:04d}")
         if os.path.isdir(folder):
-          folders[modality][(identity, camera)] = _list_folder(folder)
+          folders[modality][(identity, camera)] = _list_folder(folder, stray)
+  dataset_files.raise_if_stray("LLCM", stray, IMAGE_EXTENSIONS)
   found = {identity for by_key in folders.values() for identity, _ in by_key}
   for identity in identities:
     if identity not in found:
@@ -384,10 +383,26 @@ def llcm_query_gallery(root: str, trial: int, direction: str, vis_to_ir: str = "
   return sampled(INFRARED), full(VISIBLE)
 
 
+def missing_camera_folders(root: str) -> list[str]:
+  """The camera folders of the test layout (test_vis/cam1..9, test_nir/cam1, 2, 4..9) absent
+  under `root`: the release has them all; a missing one leaves its camera out of the protocol."""
+  return [os.path.join(root, top, f"cam{camera}") for modality, top in TEST_FOLDERS.items()
+          for camera in MODALITY_CAMERAS[modality]
+          if os.path.isdir(os.path.join(root, top))
+          and not os.path.isdir(os.path.join(root, top, f"cam{camera}"))]
+
+
 def read_split(root: str, split: str, trial: int | None = None) -> list[ImageRecord]:
-  """The dataset spec's reader: `read_llcm_split` (LLCM has no training trials)."""
+  """The dataset spec's reader: `read_llcm_split` (LLCM has no training trials). Reading the
+  test split warns in one line (stderr) about missing camera folders."""
   del trial
-  return read_llcm_split(root, split)
+  records = read_llcm_split(root, split)
+  missing = missing_camera_folders(root) if split == "test" else []
+  if missing:
+    print(f"dakd_jax: warning: LLCM: {len(missing)} test camera folder(s) missing: "
+          f"{', '.join(missing)}; their cameras take no part in the evaluation (restore them "
+          "from the release)", file=sys.stderr, flush=True)
+  return records
 
 
 def split_files(root: str, trial: int | None = None) -> list[str]:

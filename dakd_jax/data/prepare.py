@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from dakd_jax import errors
+from dakd_jax.data import dataset_files
 from dakd_jax.data import records as records_lib
 from dakd_jax.data import specs
 from dakd_jax.data import synthetic
@@ -101,8 +102,11 @@ def ensure_synthetic_data(spec: specs.DatasetSpec, root: str, sizes: specs.Synth
 def _summarise(spec, root, trial, split_records, stream) -> None:
   """The dataset table (every split) and one warning line per split naming the identities it
   cannot use (one modality only in training, or no image at all)."""
-  for split, records in split_records.items():
-    print(records_lib.describe(records, f"{spec.title} {split}"), file=stream)
+  junk = dataset_files.junk_warning(spec.title, dataset_files.find_system_junk(root))
+  if junk:
+    print(junk, file=stream, flush=True)
+  for split, records in split_records.items():  # The root tells the demo's two sets apart.
+    print(records_lib.describe(records, f"{spec.title} {split} ({root})"), file=stream)
   for split in tfds_builders.SPLITS:
     listed = spec.listed_identities(root, split, trial) if spec.listed_identities else None
     line = records_lib.coverage_warning(split_records[split], listed, f"{spec.title} {split}",
@@ -167,7 +171,12 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
                                    trial, progress=show, split_records=split_records)
 
   builder = process_zero_first(prepare)
-  sources = tfds_builders.load_sources(builder)
+  try:
+    sources = tfds_builders.load_sources(builder)
+  except (RuntimeError, OSError, ValueError) as error:  # Damage its record could not see.
+    raise DatasetError(
+        f"the prepared copy {builder.data_dir} cannot be read ({str(error).splitlines()[0]}); "
+        "delete that folder and run again to prepare it anew") from error
   train_meta = tfds_builders.split_metadata(sources["train"])
   test_meta = tfds_builders.split_metadata(sources["test"])
   test_rows = types.MappingProxyType(

@@ -222,7 +222,7 @@ def _llcm_identity(root: str, identity: int, is_test: bool, cameras: dict, seed:
   return written
 
 
-def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 16,
+def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 24,
                     images_per_camera: int = 4, height: int = 128, width: int = 64,
                     seed: int = 0, show_progress: bool = False) -> None:
   """Writes an LLCM-style tree (llcm.md 2) into the empty or absent folder `root`.
@@ -238,8 +238,9 @@ def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 1
   `height` x `width` RGB; near-infrared images grey). Pids are non-contiguous ints from
   1..~1.1 x total. Each identity is seen by 2..4 cameras per modality with `images_per_camera`
   images each; every camera folder of the test layout exists, even if no identity reached it;
-  there is no test_nir/cam3. The release's unread idx/test_vis.txt and idx/test_nir.txt are not
-  written. `show_progress` draws a bar over persons on a terminal (it changes nothing written).
+  there is no test_nir/cam3. The default of 24 test identities fills the CMC of
+  configs/llcm.py (eval.max_rank = 20 distinct identities). The release's unread
+  idx/test_vis.txt and idx/test_nir.txt are not written. `show_progress` draws a bar over persons on a terminal (it changes nothing written).
 
   Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
   FileExistsError when `root` exists and is not an empty folder.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 
+from dakd_jax.data import dataset_files
 from dakd_jax.data.records import INFRARED, SHOT_NAMES, VISIBLE, DatasetError, ImageRecord
 from dakd_jax.data.records import CameraRule, EvalOption, Protocol, ProtocolOptions, records_of
 
@@ -109,22 +110,21 @@ def read_split_ids(root: str, split: str) -> list[int]:
   return sorted(seen)
 
 
-def list_images(root: str, camera: int, identity: int) -> list[str] | None:
-  """Sorted file names in `<root>/cam<camera>/<identity:04d>`, or None if the folder is absent.
+def list_images(root: str, camera: int, identity: int,
+                stray: list[str] | None = None) -> list[str] | None:
+  """Sorted image names in `<root>/cam<camera>/<identity:04d>`, or None if the folder is absent.
 
-  The sort is Python's string order, the order of the reference's sorted path lists.
-  Raises DatasetError naming an entry that is not an image file.
+  The sort is Python's string order, the order of the reference's sorted path lists. System
+  junk (`.DS_Store`, ...) is left out. Entries that are not image files are appended to
+  `stray`; without a `stray` list, a DatasetError names them at once.
   """
   folder = os.path.join(root, f"cam{camera}", f"{identity:04d}")
   if not os.path.isdir(folder):
     return None
-  names = sorted(os.listdir(folder))
-  for name in names:
-    path = os.path.join(folder, name)
-    if not (os.path.isfile(path) and name.lower().endswith(IMAGE_EXTENSIONS)):
-      raise DatasetError(
-          f"SYSU-MM01 identity folder {folder} holds {name!r}, which is not an image file "
-          f"({', '.join(IMAGE_EXTENSIONS)}). Remove it: it would change the gallery draws.")
+  found = [] if stray is None else stray
+  names = dataset_files.list_image_names(folder, IMAGE_EXTENSIONS, found)
+  if stray is None:
+    dataset_files.raise_if_stray("SYSU-MM01", found, IMAGE_EXTENSIONS)
   return names
 
 
@@ -137,15 +137,16 @@ def scan_folders(root: str, split: str) -> dict[tuple[int, int], list[str]]:
 
   Returns: {(identity, camera): sorted file names} for every existing folder (possibly empty),
     keys in (identity ascending, camera ascending) insertion order.
-  Raises DatasetError: see `check_root`, `read_split_ids`, `list_images`; and an identity of the
+  Raises DatasetError: see `check_root`, `read_split_ids`; every entry of the identity folders
+    that is not an image (one message, `dataset_files.raise_if_stray`); an identity of the
     split with no folder under any camera.
   """
   root = check_root(root)
-  folders = {}
+  folders, stray = {}, []
   for identity in read_split_ids(root, split):
     found = False
     for camera in CAMERAS:
-      names = list_images(root, camera, identity)
+      names = list_images(root, camera, identity, stray)
       if names is not None:
         folders[(identity, camera)] = names
         found = True
@@ -154,6 +155,7 @@ def scan_folders(root: str, split: str) -> dict[tuple[int, int], list[str]]:
           f"SYSU-MM01 identity {identity} of the {split!r} split has no folder: expected "
           f"{os.path.join(root, 'cam<1..6>', f'{identity:04d}')} under at least one camera. "
           "Check the split files against the extracted camera folders.")
+  dataset_files.raise_if_stray("SYSU-MM01", stray, IMAGE_EXTENSIONS)
   return folders
 
 

@@ -39,6 +39,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from dakd_jax.data import dataset_files
+from dakd_jax.data import prepared_files
 from dakd_jax.data import records as records_lib
 from dakd_jax.data import specs
 from dakd_jax.data.records import DatasetError, ImageRecord
@@ -248,12 +250,22 @@ def builder_class(dataset: str) -> type[ReidBuilder]:
 
 
 def read_split_records(dataset: str, root: str, trial: int | None) -> dict[str, list]:
-  """{"train": records, "test": records} from the dataset's reader (a folder scan, no decode)."""
+  """{"train": records, "test": records} from the dataset's reader (a folder scan, no decode).
+  Raises one DatasetError holding the problems of both splits."""
   spec = specs.get_spec(dataset)
   if not os.path.isdir(root):
     raise DatasetError(f"dataset root {root!r} is not a directory; point data.root at the "
                        f"extracted {spec.title} folder ({spec.layout})")
-  return {split: spec.read_split(root, split, trial) for split in SPLITS}
+  split_records, problems = {}, []
+  for split in SPLITS:  # Both splits read before stopping: their problems in one message.
+    try:
+      split_records[split] = spec.read_split(root, split, trial)
+    except DatasetError as error:
+      if str(error) not in problems:
+        problems.append(str(error))
+  if problems:
+    raise DatasetError(" Also: ".join(problems))
+  return split_records
 
 
 def remove_interrupted_preparations(builder: ReidBuilder) -> list[str]:
@@ -287,22 +299,54 @@ def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
   Raises:
     DatasetError: root missing, a split without images, an image that cannot be decoded.
     ValueError: see `make_config`.
+  A prepared copy whose files differ from what its preparation recorded (truncated, missing)
+  is prepared again, with one warning line (`discard_damaged_copy`).
   """
   if split_records is None:
     split_records = read_split_records(dataset, root, trial)
   config = make_config(dataset, root, height, width, trial,
                        content_digest(split_records, root))
-  builder = builder_class(dataset)(config=config, split_records=split_records,
-                                   progress=progress, data_dir=data_dir,
-                                   file_format="array_record")
+  def make_builder():
+    return builder_class(dataset)(config=config, split_records=split_records,
+                                  progress=progress, data_dir=data_dir,
+                                  file_format="array_record")
+  builder = make_builder()
+  if builder.is_prepared() and discard_damaged_copy(os.fspath(builder.data_dir)):
+    builder = make_builder()  # A fresh builder: the first one remembers the copy as prepared.
   if not builder.is_prepared():
+    # Every file that cannot be opened in one message, before any image is decoded.
+    dataset_files.unreadable_images(
+        [record.path for records in split_records.values() for record in records],
+        specs.get_spec(dataset).title)
     remove_interrupted_preparations(builder)
+    # Files without dataset_info.json: an incomplete copy that TFDS would not write over.
+    shutil.rmtree(os.fspath(builder.data_dir), ignore_errors=True)
     if progress:
       print(f"dakd_jax: preparing {dataset} ({sum(len(r) for r in split_records.values())} "
             f"images at {height}x{width}) into {builder.data_dir}", file=sys.stderr, flush=True)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=root))
+    prepared_files.record_files(os.fspath(builder.data_dir))
   return builder
+
+
+def discard_damaged_copy(directory: str) -> bool:
+  """Checks a prepared copy against what its preparation recorded (`prepared_files`); deletes
+  a damaged one, saying so in one line, and returns True (it is then prepared again). A copy
+  prepared before files were recorded gets its record now (where it can be written)."""
+  if not prepared_files.has_record(directory):
+    try:
+      prepared_files.record_files(directory)
+    except OSError:  # A read-only shared copy: used as it is.
+      pass
+    return False
+  damage = prepared_files.find_damage(directory)
+  if not damage:
+    return False
+  print(f"dakd_jax: warning: {prepared_files.describe_damage(directory, damage)}; preparing it "
+        "again", file=sys.stderr, flush=True)
+  shutil.rmtree(directory)
+  return True
 
 
 def load_sources(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:

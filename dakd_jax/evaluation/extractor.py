@@ -10,9 +10,11 @@ embedded in fixed-size batches (the last one padded), so the jitted function com
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping, Sequence
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 from PIL import Image
@@ -24,6 +26,19 @@ from dakd_jax.data import records
 from dakd_jax.errors import CheckpointError, ConfigError
 from dakd_jax.evaluation import extract
 from dakd_jax.models import resnet
+
+
+@contextlib.contextmanager
+def quiet_library_warnings():
+  """Hides the warnings Orbax logs through absl while a checkpoint is opened read-only (a
+  notebook shows them as 'WARNING:absl' lines; run.py filters them the same way); errors still
+  show. The previous verbosity is restored on the way out."""
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def abstract_variables(model: resnet.ReIDResNet, image_size: tuple[int, int], mesh) -> dict:
@@ -86,6 +101,12 @@ class Extractor:
       CheckpointNotFoundError: nothing at `path`. ConfigError: a weights file without
         model_settings/image_size. CheckpointError, WeightsError: weights that do not fit.
     """
+    with quiet_library_warnings():
+      return cls._from_checkpoint(path, model_settings, image_size, batch_size, use_flip)
+
+  @classmethod
+  def _from_checkpoint(cls, path, model_settings, image_size, batch_size,
+                       use_flip) -> "Extractor":
     mesh = sharding_lib.make_mesh()
     if os.path.isfile(path):
       if model_settings is None or image_size is None:
@@ -110,10 +131,17 @@ class Extractor:
                use_flip=use_flip, source=f"{directory} step {step}", mesh=mesh)
 
   def load_images(self, images_or_paths) -> np.ndarray:
-    """uint8 [n, H, W, 3] at the extractor's size from an array or a list of arrays/paths."""
+    """uint8 [n, H, W, 3] at the extractor's size from an array or a list of arrays/paths.
+
+    Arrays: a batch [n, H, W, 3] or [n, H, W] (grey), one image [H, W, 3] or [H, W] (grey); a
+    3-D array whose last axis is 3 is one colour image. Grey images are repeated to 3 channels,
+    as grey files are.
+    """
     height, width = self.image_size
-    if isinstance(images_or_paths, np.ndarray) and images_or_paths.ndim == 4:
-      items: Sequence = list(images_or_paths)
+    if isinstance(images_or_paths, np.ndarray) and (
+        images_or_paths.ndim == 2 or (images_or_paths.ndim == 3
+                                      and images_or_paths.shape[-1] == 3)):
+      items: Sequence = [images_or_paths]  # One image.
     else:
       items = list(images_or_paths)
     out = np.empty((len(items), height, width, 3), np.uint8)
@@ -122,9 +150,12 @@ class Extractor:
         out[index] = records.load_image(os.fspath(item), height, width)
         continue
       image = np.asarray(item)
+      given = image.shape
+      if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
+        image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
       if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image {index}: expected uint8 [H, W, 3] or a file path, got "
-                         f"{image.dtype} {image.shape}")
+        raise ValueError(f"image {index}: expected uint8 [H, W, 3] or [H, W] (grey), or a file "
+                         f"path; got {image.dtype} {given}")
       if image.shape[:2] != (height, width):
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
       out[index] = image

@@ -51,6 +51,18 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+FEW_POINTS = 3  # evaluations per stage up to which their values are written beside them
+
+
+def evaluation_axis_limits(records: list[dict]) -> tuple[tuple[float, float],
+                                                          tuple[float, float]]:
+  """(x limits, y limits) of a stage's evaluation panel: the whole run (step 0 to the last
+  logged step) and 0..100 %, so one or two evaluations sit where they belong instead of on an
+  axis stretched around a single value."""
+  last = max((r.get("step", 0) for r in records), default=0)
+  return (0.0, max(1.0, last) * 1.05), (0.0, 100.0)
+
+
 def training_curves_plot(stage_logs: dict, path: str) -> str | None:
   """Loss terms and eval rank-1/mAP against the step, one row of two plots per stage.
 
@@ -76,7 +88,12 @@ def training_curves_plot(stage_logs: dict, path: str) -> str | None:
       points = [(r["step"], 100 * r[metric]) for r in records if metric in r]
       if points:
         eval_axis.plot(*zip(*points), marker="o", label=metric[5:])
-    eval_axis.set(title=f"{name}: evaluation (%)", xlabel="step")
+      if len(points) <= FEW_POINTS:  # Values written out: a lone point reads badly.
+        for step, value in points:
+          eval_axis.annotate(f"{value:.1f}", (step, value), textcoords="offset points",
+                             xytext=(-8, 6), ha="right", fontsize=7)
+    xlim, ylim = evaluation_axis_limits(records)
+    eval_axis.set(title=f"{name}: evaluation (%)", xlabel="step", xlim=xlim, ylim=ylim)
     if eval_axis.get_lines():
       eval_axis.legend(fontsize=7)
   figure.tight_layout()

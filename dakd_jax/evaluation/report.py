@@ -173,19 +173,28 @@ def _dotted(tree: dict, field: str):
   return tree
 
 
-def write_report(workdir: str, config: dict, report: dict, picture_paths: dict) -> str:
-  """Writes <workdir>/report.md: config summary, checkpoint, protocol, metrics table, pictures.
+def write_report(workdir: str, config: dict, report: dict, picture_paths: dict, *,
+                 path: str | None = None, evaluations: list[str] | None = None) -> str:
+  """Writes the run report (default <workdir>/report.md): config summary, checkpoint,
+  protocol, metrics table, the workdir's evaluations, pictures.
 
   Args:
     config: the evaluating command's resolved config as a plain dict.
     report: the results.json dict ({'source', 'protocol', 'results'}).
-    picture_paths: {caption: PNG path}; linked relative to the workdir, in this order.
+    picture_paths: {caption: PNG path}; linked relative to the report, in this order.
+    path: where the report goes (`evaluations.report_path`); its folder holds config.json.
+    evaluations: markdown lines listing the workdir's evaluations (`evaluations.format_index`).
   Returns: the report's path.
   """
+  path = path or os.path.join(workdir, "report.md")
+  here = os.path.dirname(path)
+  config_file = os.path.relpath(
+      os.path.join(workdir, "eval", "config.json") if here == workdir
+      else os.path.join(here, "config.json"), here).replace(os.sep, "/")
   lines = ["# DAKD run report", "", f"Workdir: `{os.path.abspath(workdir)}`", "", "## Config", "",
            "| field | value |", "|---|---|"]
   lines += [f"| `{field}` | `{_dotted(config, field)}` |" for field in REPORT_CONFIG_FIELDS]
-  lines += ["", "Full resolved config: `eval/config.json`.", "", "## Checkpoint", "",
+  lines += ["", f"Full resolved config: `{config_file}`.", "", "## Checkpoint", "",
             f"`{report['source']}`", "",
             f"Selected by: {report.get('checkpoint_selection', '-')}.", ""]
   if report.get("training_set"):
@@ -194,11 +203,13 @@ def write_report(workdir: str, config: dict, report: dict, picture_paths: dict) 
             "## Protocol", ""]
   lines += [f"- {key}: {value}" for key, value in report["protocol"].items()]
   lines += ["", "## Metrics", "", "Percent, mean over trials.", "", "```",
-            format_table(report["results"]), "```", "", "## Pictures", ""]
-  for caption, path in picture_paths.items():
-    relative = os.path.relpath(path, workdir).replace(os.sep, "/")
+            format_table(report["results"]), "```", ""]
+  if evaluations:
+    lines += ["## Evaluations in this workdir", ""] + evaluations + [""]
+  lines += ["## Pictures", ""]
+  for caption, picture in picture_paths.items():
+    relative = os.path.relpath(picture, here).replace(os.sep, "/")
     lines += [f"### {caption}", "", f"![{caption}]({relative})", ""]
-  path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
@@ -206,11 +217,11 @@ def write_report(workdir: str, config: dict, report: dict, picture_paths: dict) 
 
 def write_run_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.ndarray,
                        rows: dict, report: dict, *, top_k: int, num_queries: int,
-                       seed: int) -> dict:
-  """stage=eval's pictures in <workdir>/eval: CMC plot, training curves (from the stages'
-  metrics.jsonl), one ranked-result picture per setting (its first trial). Returns
-  {caption: path}."""
-  out_dir = os.path.join(workdir, "eval")
+                       seed: int, out_dir: str | None = None) -> dict:
+  """stage=eval's pictures in `out_dir` (default <workdir>/eval): CMC plot, training curves
+  (from the stages' metrics.jsonl), one ranked-result picture per setting (its first trial).
+  Returns {caption: path}."""
+  out_dir = out_dir or os.path.join(workdir, "eval")
   paths = {"CMC curves": plots.cmc_plot(report["results"], os.path.join(out_dir, "cmc.png"))}
   logs = {stage: plots.read_jsonl(os.path.join(workdir, stage, "metrics.jsonl"))
           for stage in ("pretrain", "teacher", "student")}
@@ -246,14 +257,16 @@ class _SplitImages:
 
 def write_analysis_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.ndarray,
                             rows: dict, *, method: str, seed: int, max_identities: int,
-                            num_queries: int, top_k: int, model=None, variables=None) -> dict:
-  """eval.analysis pictures in <workdir>/eval: a 2-D map of the test embeddings (colour =
-  identity, marker = modality), distance histograms (same / other identity, within / across
-  modalities), the ROC of the first setting's first trial and, given the model and its
-  variables, activation maps of its queries and their top matches. Returns {caption: path}."""
+                            num_queries: int, top_k: int, model=None, variables=None,
+                            out_dir: str | None = None) -> dict:
+  """eval.analysis pictures in `out_dir` (default <workdir>/eval): a 2-D map of the test
+  embeddings (colour = identity, marker = modality), distance histograms (same / other
+  identity, within / across modalities), the ROC of the first setting's first trial and, given
+  the model and its variables, activation maps of its queries and their top matches. Returns
+  {caption: path}."""
   from dakd_jax.evaluation import activation  # Deferred: JAX, only for these pictures.
   from dakd_jax.evaluation import analysis
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = out_dir or os.path.join(workdir, "eval")
   meta = data.test_meta
   identity, camera = np.asarray(meta["identity"]), np.asarray(meta["camera"])
   modality = np.asarray(meta["modality"])

@@ -76,14 +76,60 @@ def jit_step(step_fn: Callable, mesh, num_extra: int = 0) -> Callable:
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def _check_finite(history: list[tuple[int, dict]], stage: str) -> None:
+def last_finite_checkpoint(manager: checkpoint_lib.CheckpointManager) -> str:
+  """What a divergence leaves to resume from, as a clause: the newest saved checkpoint (a
+  checkpoint is saved only once the next step computed a finite loss from it, or, the last
+  step's, once its weights are checked finite), or that there is none."""
+  manager.wait()  # A save still in flight counts once committed.
+  steps = manager.all_steps()
+  if not steps:
+    return "no checkpoint was saved before it, so there is none to resume from"
+  return (f"the last checkpoint, step {steps[-1]} in {manager.directory}, is finite and kept "
+          "(resume from it with --config.checkpoint.allow_config_change=True)")
+
+
+def _check_finite(history: list[tuple[int, dict]], stage: str,
+                  manager: checkpoint_lib.CheckpointManager) -> None:
   for step, metrics in history:
     bad = sorted(name for name, value in metrics.items() if not np.isfinite(value))
     if bad:
       raise NonFiniteLossError(
           f"{stage}: non-finite loss at step {step} in term(s) {bad} "
-          f"({', '.join(f'{n}={metrics[n]}' for n in bad)}); the last checkpoint before it is "
-          "kept. Lower the learning rate or check the data.")
+          f"({', '.join(f'{n}={metrics[n]}' for n in bad)}); "
+          f"{last_finite_checkpoint(manager)}. Lower the learning rate or check the data.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point value of a pytree is finite (one device reduction)."""
+  leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def _save_when_followed_by_a_finite_loss(deferred: tuple, pending: list, stage: str,
+                                         manager: checkpoint_lib.CheckpointManager) -> None:
+  """Saves a checkpoint held back one step (step, state, metadata, metrics) once the step after
+  it, the last of `pending`, computed a finite loss from it; raises NonFiniteLossError (naming
+  the checkpoint before it) when not. A finite but exploded state (the update of a far too
+  large learning rate) is caught here, before it is saved, not when a resume diverges again.
+  Returns None: nothing is held back any more."""
+  if not np.isfinite(float(jax.device_get(pending[-1][1]["loss"]))):
+    _check_finite(_fetch(pending), stage, manager)
+  step, state, metadata, metrics = deferred
+  manager.save(step, state, metadata, metrics=metrics)
+  return None
+
+
+def _check_finite_state(state: Any, step: int, stage: str,
+                        manager: checkpoint_lib.CheckpointManager) -> None:
+  """Refuses to checkpoint a state holding NaN or infinity: the step's loss was finite but its
+  update was not (a learning rate far too large); a saved checkpoint is always finite."""
+  if not bool(jax.device_get(_all_finite(state))):
+    raise NonFiniteLossError(
+        f"{stage}: the weights became non-finite at step {step} (its loss was finite, the "
+        f"update was not) and are not saved; {last_finite_checkpoint(manager)}. Lower the "
+        "learning rate.")
 
 
 def _fetch(pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
@@ -116,6 +162,15 @@ EVALUATION_ROLES = {"last": "test split, progress only: the last step is kept",
                     "test_oracle": "test split, oracle selection of the checkpoint"}
 
 
+def evaluation_role(stage: str, selection: str) -> str:
+  """What a training-time evaluation's title says it is: the pretrain stage evaluates its own
+  held-out synthetic persons (not the experiment's test split); the others per selection."""
+  if stage == "pretrain":
+    return ("the pretraining set's own held-out persons (pretrain.num_test_ids), not the "
+            "experiment's test split")
+  return EVALUATION_ROLES[selection]
+
+
 def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writer,
                              step: int, selection: str) -> dict:
   """Runs the stage's evaluator, logs its headline metrics, prints its table and writes it to
@@ -129,7 +184,7 @@ def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writ
   summary = evaluator_lib.headline(results)
   writer.write_scalars(step, {f"eval_{k}": v for k, v in summary.items()})
   if jax.process_index() == 0:
-    title = f"[{writer.stage} step {step}] evaluation ({EVALUATION_ROLES[selection]})"
+    title = f"[{writer.stage} step {step}] evaluation ({evaluation_role(writer.stage, selection)})"
     print("\n" + report.format_table(results, title=title), flush=True)
     report.write_results(os.path.join(writer.workdir, LAST_EVALUATION), {
         "stage": writer.stage, "step": step, "protocol": evaluator.settings.describe(),
@@ -193,7 +248,7 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, st
   fingerprint."""
   total_steps = stage.epochs * stage.steps_per_epoch
   selection = config.checkpoint.select
-  last_eval, pending, data_time = {}, [], 0.0
+  last_eval, pending, data_time, deferred = {}, [], 0.0, None
   images_per_step = 2 * config.data.ids_per_batch * config.data.images_per_id
   for step in range(start_step, total_steps):
     epoch = step // stage.steps_per_epoch
@@ -211,11 +266,13 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, st
       data_time = 0.0
     pending.append((step + 1, metrics))
     done = step + 1
+    if deferred is not None:  # Saved once this step's loss, computed from it, is finite.
+      deferred = _save_when_followed_by_a_finite_loss(deferred, pending, stage.name, out.manager)
     epoch_end = done % stage.steps_per_epoch == 0
     if done % config.log.every_steps == 0 or epoch_end or done == total_steps:
       history = _fetch(pending)
       pending = []
-      _check_finite(history, stage.name)
+      _check_finite(history, stage.name, out.manager)
       means = _mean_metrics(history)
       out.writer.write_scalars(done, means)
       out.progress.update(done, means, images_per_step * len(history), data_time=data_time)
@@ -234,11 +291,15 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, st
       if pending:  # Never checkpoint a state whose losses were not checked.
         history = _fetch(pending)
         pending = []
-        _check_finite(history, stage.name)
-      out.manager.save(done, state, {"config": config.to_dict(), "epoch": epoch + 1,
-                                     "stage": stage.name, "best": best, "selection": selection,
-                                     "data_fingerprint": data_fingerprint},
-                       metrics=eval_metrics)
+        _check_finite(history, stage.name, out.manager)
+      _check_finite_state(state, done, stage.name, out.manager)
+      save = (done, state, {"config": config.to_dict(), "epoch": epoch + 1, "stage": stage.name,
+                            "best": best, "selection": selection,
+                            "data_fingerprint": data_fingerprint}, eval_metrics)
+      if done == total_steps:
+        out.manager.save(*save[:3], metrics=save[3])
+      else:  # A copy: the next step consumes (donates) the state.
+        deferred = (done, jax.tree.map(jnp.copy, state), *save[2:])
   if stage.on_finish is not None:
     stage.on_finish(state)
   return best, last_eval

@@ -19,6 +19,7 @@ PACKAGE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 LEVELS = {
     "dakd_jax.errors": 0, "dakd_jax.modalities": 0,
     "dakd_jax.sharding": 1, "dakd_jax.writers": 1, "dakd_jax.checkpoint": 1,
+    "dakd_jax.workdir_lock": 1,
     "dakd_jax.stage_checkpoints": 2, "dakd_jax.augment": 2, "dakd_jax.data": 2,
     "dakd_jax.models": 2, "dakd_jax.losses": 2,
     "dakd_jax.config": 3,

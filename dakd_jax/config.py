@@ -92,6 +92,7 @@ def _choices() -> dict[str, tuple]:
   from dakd_jax import modalities
   from dakd_jax.data import llcm
   from dakd_jax.data import specs
+  from dakd_jax.evaluation import corruptions
   from dakd_jax.losses import distill
   from dakd_jax.models import batch_norm
   from dakd_jax.models import resnet
@@ -109,6 +110,8 @@ def _choices() -> dict[str, tuple]:
       "extract.gallery_modality": modalities.MODALITIES,
       "eval.llcm_vis_to_ir": llcm.VIS_TO_IR_VARIANTS,
       "eval.analysis_method": ("pca", "tsne"),
+      "eval.corruption": corruptions.CHOICES,
+      "eval.severity": corruptions.SEVERITY_CHOICES,
       "checkpoint.select": SELECTIONS,
   }
 

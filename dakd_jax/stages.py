@@ -19,12 +19,14 @@ import numpy as np
 
 from dakd_jax import builders
 from dakd_jax import errors
+from dakd_jax import provenance
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.evaluation import folders
 from dakd_jax.evaluation import report
+from dakd_jax.evaluation import robustness_report
 from dakd_jax.train import loop
 
 CHECKPOINT_HINT = "train first (--config.stage=all) or set --config.eval.checkpoint"
@@ -71,9 +73,12 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   Reads config.eval.features if set, else config.eval.checkpoint (default <workdir>/student): a
   stage checkpoint (its best evaluated step, else its newest) or a weights file. Prints the
   table and writes <workdir>/eval/{config.json, results.json, features.npz} and, with
-  config.eval.pictures, the pictures and <workdir>/report.md.
+  config.eval.pictures, the pictures and <workdir>/report.md. With config.eval.corruption,
+  the corrupted evaluations go to their own folder instead (`robustness_report.run`).
   """
   out_dir = os.path.join(workdir, "eval")
+  if robustness_report.is_requested(config):
+    robustness_report.check(config)
   mesh = builders.make_mesh()
   model = builders.model_from_config(config)
   evaluator = builders.make_evaluator(config, model, data, mesh)
@@ -97,6 +102,10 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
     summary["training_set"] = data.held_out
   if described.get("file_metadata"):
     summary["recorded_by_file"] = described["file_metadata"]
+  summary["provenance"] = provenance.describe()
+  if robustness_report.is_requested(config):  # Its own folder; eval/results.json untouched.
+    return robustness_report.run(config, workdir, data, evaluator, variables, embeddings,
+                                 summary, is_main=is_main)
   if is_main:
     print("\n" + report.format_table(results, title=report.table_title(summary)))
     if report.format_verification(results):

@@ -173,15 +173,20 @@ def _dotted(tree: dict, field: str):
   return tree
 
 
-def write_report(workdir: str, config: dict, report: dict, picture_paths: dict) -> str:
+def write_report(workdir: str, config: dict, report: dict, picture_paths: dict, *,
+                 path: str | None = None, extra_markdown: str = "") -> str:
   """Writes <workdir>/report.md: config summary, checkpoint, protocol, metrics table, pictures.
 
   Args:
     config: the evaluating command's resolved config as a plain dict.
-    report: the results.json dict ({'source', 'protocol', 'results'}).
-    picture_paths: {caption: PNG path}; linked relative to the workdir, in this order.
+    report: the results.json dict ({'source', 'protocol', 'results'}; a corrupted evaluation's
+      'corruption' and the 'provenance' are stated when present; 'results' may be absent).
+    picture_paths: {caption: PNG path}; linked relative to the report's folder, in this order.
+    path: where to write it (default <workdir>/report.md).
+    extra_markdown: more tables, placed after the metrics.
   Returns: the report's path.
   """
+  path = path or os.path.join(workdir, "report.md")
   lines = ["# DAKD run report", "", f"Workdir: `{os.path.abspath(workdir)}`", "", "## Config", "",
            "| field | value |", "|---|---|"]
   lines += [f"| `{field}` | `{_dotted(config, field)}` |" for field in REPORT_CONFIG_FIELDS]
@@ -193,12 +198,22 @@ def write_report(workdir: str, config: dict, report: dict, picture_paths: dict) 
   lines += [f"Dataset fingerprint: `{report.get('data_fingerprint', '-')}`.", "",
             "## Protocol", ""]
   lines += [f"- {key}: {value}" for key, value in report["protocol"].items()]
-  lines += ["", "## Metrics", "", "Percent, mean over trials.", "", "```",
-            format_table(report["results"]), "```", "", "## Pictures", ""]
-  for caption, path in picture_paths.items():
-    relative = os.path.relpath(path, workdir).replace(os.sep, "/")
+  if report.get("corruption"):
+    lines += ["", "## Corruption", ""]
+    lines += [f"- {key}: {value}" for key, value in report["corruption"].items()]
+  lines += ["", "## Metrics", "", "Percent, mean over trials.", ""]
+  for title, results in (("", report.get("results")), ("Clean images", report.get(
+      "clean_results") if report.get("corruption") else None)):
+    if results:
+      lines += ([f"{title}:", ""] if title else []) + ["```", format_table(results), "```", ""]
+  if extra_markdown:
+    lines += [extra_markdown, ""]
+  if report.get("provenance"):
+    lines += ["## Provenance", "", "```", json.dumps(report["provenance"], indent=2), "```", ""]
+  lines += ["## Pictures", ""]
+  for caption, picture in picture_paths.items():
+    relative = os.path.relpath(picture, os.path.dirname(path)).replace(os.sep, "/")
     lines += [f"### {caption}", "", f"![{caption}]({relative})", ""]
-  path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path

@@ -53,12 +53,14 @@ def label(corruption: str, severity: str) -> str:
   if corruption == corruptions.MIXED:
     what = "one of the 20 corruptions drawn per image"
   elif corruption == corruptions.EVERY:
-    what = "each of the 20 corruptions in turn"
+    what = "each of the 20 corruptions in turn (then one drawn per image)"
   else:
     what = corruption
-  level = "severity drawn per image (1-5)" if severity == corruptions.EVERY else (
-      f"severity {severity}")
-  if is_sweep(corruption, severity) and corruption != corruptions.EVERY:
+  if severity != corruptions.EVERY:
+    level = f"severity {severity}"
+  elif corruption == corruptions.MIXED:
+    level = "severity drawn per image (1-5)"
+  else:
     level = "severities 1-5 in turn"
   return f"visible test images corrupted: {what}, {level}"
 

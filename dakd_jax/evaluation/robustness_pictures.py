@@ -48,8 +48,8 @@ def write_corruption_sheet(data, path: str, seed: int) -> str:
     row_axes[0].set_ylabel(name.replace("_", "\n"), fontsize=6, rotation=0, ha="right",
                            va="center")
   figure.suptitle(f"{key} (seed {seed})", fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path)
+  figure.tight_layout(rect=(0, 0, 1, 0.985))
+  figure.savefig(path, dpi=160)
   pyplot.close(figure)
   return path
 

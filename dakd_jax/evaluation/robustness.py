@@ -150,8 +150,9 @@ def format_summary(setting: str, entry: dict, *, title: str = "") -> str:
   levels = sorted({level for by_level in entry["cells"].values() for level in by_level})
   header = f"{'corruption':<24}" + "".join(f"{'R1 s' + level:>7}" for level in levels)
   header += f"{'| R1':>7}{'mAP':>7}{'mINP':>7}"
-  lines = ([title] if title else []) + [f"{setting} (percent; R1 sN = rank-1 at severity N; "
-                                        "R1/mAP/mINP = mean)", header, "-" * len(header)]
+  lines = ([title] if title else []) + [
+      setting, "percent; R1 sN = rank-1 at severity N; R1, mAP, mINP = mean over severities",
+      header, "-" * len(header)]
   pad = " " * 7 * len(levels)
   for name, by_level in entry["cells"].items():
     ranks = "".join(f"{100 * by_level[level]['R1']:>7.2f}" if level in by_level else f"{'-':>7}"

@@ -104,8 +104,11 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
     summary["recorded_by_file"] = described["file_metadata"]
   summary["provenance"] = provenance.describe()
   if robustness_report.is_requested(config):  # Its own folder; eval/results.json untouched.
-    return robustness_report.run(config, workdir, data, evaluator, variables, embeddings,
-                                 summary, is_main=is_main)
+    corrupted = robustness_report.run(config, workdir, data, evaluator, variables, embeddings,
+                                      summary, is_main=is_main)
+    if is_main:
+      write_config(config, robustness_report.output_dir(config, workdir))
+    return corrupted
   if is_main:
     print("\n" + report.format_table(results, title=report.table_title(summary)))
     if report.format_verification(results):

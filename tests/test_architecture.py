@@ -20,6 +20,9 @@ LEVELS = {
     "dakd_jax.writers": 1, "dakd_jax.augment": 1, "dakd_jax.data": 1, "dakd_jax.models": 1,
     "dakd_jax.losses": 1,
     "dakd_jax.evaluation": 2, "dakd_jax.deploy": 2,
+    # Image corruptions need only errors and modalities; config reads their names.
+    "dakd_jax.evaluation.corruptions": 1,
+    "dakd_jax.provenance": 2,  # versions (deploy.packages), devices, git commit
     "dakd_jax.builders": 3,
     "dakd_jax.train": 4,
     "dakd_jax.stages": 5,

@@ -16,7 +16,6 @@ device count or number of reading threads.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -53,13 +52,23 @@ _GLOBAL_RANDOM_LOCK = threading.Lock()
 
 
 def load_library():
-  """The `imagecorruptions` module of the robustness extra (with cv2). Raises MissingExtraError
-  with the one-line install command when it is missing."""
+  """The `imagecorruptions` module of the robustness extra. Raises MissingExtraError with the
+  one-line install command when it (or OpenCV, which it and the rain need) is missing."""
+  load_opencv()
   try:
-    importlib.import_module("cv2")
-    return importlib.import_module("imagecorruptions")
+    import imagecorruptions  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise MissingExtraError(MISSING_EXTRA_MESSAGE) from error
+  return imagecorruptions
+
+
+def load_opencv():
+  """The `cv2` module (robustness extra); MissingExtraError naming the extra when missing."""
+  try:
+    import cv2  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise MissingExtraError(MISSING_EXTRA_MESSAGE) from error
+  return cv2
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -105,7 +114,7 @@ def add_rain(image: np.ndarray, severity: int, slant: int, drop_length: int,
   1 px wide from each drop (x, y) to (x + slant, y + length), a box blur of side 2 + severity
   over the whole image, the HLS round trip of RandomRain (lightness x 1), then RandomBrightness
   with the fixed shift beta = -(0.05 + 0.05 severity): v -> trunc(clip(v + 255 beta, 0, 255))."""
-  import cv2  # The robustness extra.
+  cv2 = load_opencv()
   drawn = np.ascontiguousarray(image, dtype=np.uint8).copy()
   for x, y in np.asarray(drops, np.int64).reshape(-1, 2):
     cv2.line(drawn, (int(x), int(y)), (int(x) + slant, int(y) + drop_length), (200, 200, 200), 1)

@@ -2,9 +2,9 @@
 
 Called by `stages.evaluate_stage` once the clean embeddings and results exist. One corrupted
 evaluation (a corruption at a severity, or the benchmark's mixed draw) writes
-<workdir>/eval/corrupted-<name>-s<severity>/{config.json, results.json, report.md}; a sweep
-(`all`) writes <workdir>/eval/robustness/{config.json, results.json, robustness.md, report.md,
-corruption_sheet.png, severity.png}. The plain eval/results.json is never touched. Every table,
+<workdir>/eval/corrupted-<name>-s<severity>/{results.json, report.md, corruption_sheet.png}; a
+sweep (`all`) writes <workdir>/eval/robustness/{results.json, robustness.md, report.md,
+corruption_sheet.png, severity.png}; stages.evaluate_stage adds config.json to either. The plain eval/results.json is never touched. Every table,
 results.json and report.md names the corruption and severity.
 """
 from __future__ import annotations
@@ -35,6 +35,12 @@ def check(config: ml_collections.ConfigDict) -> None:
   corruptions.load_library()
 
 
+def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """<workdir>/eval/<robustness.output_folder(eval.corruption, eval.severity)>."""
+  return os.path.join(workdir, "eval", robustness.output_folder(config.eval.corruption,
+                                                                config.eval.severity))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, data, evaluator, variables,
         clean_embeddings, clean_summary: dict, *, is_main: bool = True) -> dict:
   """Evaluates every (corruption, severity) the config asks for and writes the outputs.
@@ -44,7 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data, evaluator, variab
   sweep's), as written to its results.json.
   """
   corruption, severity = config.eval.corruption, config.eval.severity
-  out_dir = os.path.join(workdir, "eval", robustness.output_folder(corruption, severity))
+  out_dir = output_dir(config, workdir)
   listed = robustness.cells(corruption, severity)
   evaluated = []
   for number, (name, level) in enumerate(listed, start=1):
@@ -68,8 +74,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, data, evaluator, variab
   if is_main:
     with errors.writing(f"corrupted evaluation results in {out_dir}"):
       os.makedirs(out_dir, exist_ok=True)
-      from dakd_jax import stages  # Deferred: stages imports this module.
-      stages.write_config(config, out_dir)
       report.write_results(os.path.join(out_dir, "results.json"), summary)
       _print_and_write_tables(config, workdir, out_dir, data, summary)
   return summary

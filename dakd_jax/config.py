@@ -341,6 +341,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.seeds and config.stage not in ("all", "teacher", "student", "eval"):
     raise ConfigError(f"config.seeds runs training and evaluation per seed; stage="
                       f"{config.stage!r} has no seed band (use stage=all)")
+  _check_corruption(config)
   _check_stage_lengths(config)
   _check_pretrain(config)
   if config.stage in ("teacher", "all"):
@@ -358,6 +359,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory. Fix the path "
                         f"or leave it empty (--config.{field}='')")
   _check_divisibility(config, num_devices)
+
+
+def _check_corruption(config: ml_collections.ConfigDict) -> None:
+  """eval.corruption needs images (not saved features); a sweep has no single figure for a
+  seed band."""
+  corruption, severity = config.eval.corruption, config.eval.severity
+  if corruption == "none":
+    return
+  if config.eval.features:
+    raise ConfigError(f"config.eval.corruption = {corruption!r} corrupts images before "
+                      "extraction, so it needs a checkpoint, not saved features: unset "
+                      "--config.eval.features (or set --config.eval.corruption=none)")
+  from dakd_jax.evaluation import corruptions  # Deferred like _choices.
+  if config.seeds and corruptions.is_sweep(corruption, severity):
+    raise ConfigError(f"config.seeds with eval.corruption={corruption!r}, eval.severity="
+                      f"{severity!r} (several evaluations): a seed band needs one figure; use "
+                      "--config.eval.corruption=mixed or a single severity")
 
 
 def floor_epochs(epochs: int, decay_epochs: tuple[int, int], warmup_epochs: int) -> int:

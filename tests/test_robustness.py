@@ -67,13 +67,15 @@ def test_summary_means_by_hand():
   assert "| fog | 2 | 30.00 | 20.00 | 10.00 |" in markdown
 
 
-def test_corrupted_evaluation_refuses_saved_features():
-  from dakd_jax.evaluation import robustness_report
-  config = config_lib.load_config("configs/demo.py", {"eval.corruption": "fog",
-                                                      "eval.features": "x.npz"},
-                                  validate_config=False)
+def test_config_refuses_saved_features_a_swept_seed_band_and_unknown_values(tmp_path):
+  features = tmp_path / "features.npz"
+  features.write_bytes(b"")
   with pytest.raises(ConfigError, match="unset --config.eval.features"):
-    robustness_report.check(config)
+    config_lib.load_config("configs/demo.py", {"eval.corruption": "fog",
+                                               "eval.features": str(features)})
+  with pytest.raises(ConfigError, match="seed band needs one figure"):
+    config_lib.load_config("configs/demo.py", {"eval.corruption": "all", "seeds": (0, 1)})
+  config_lib.load_config("configs/demo.py", {"eval.corruption": "mixed", "seeds": (0, 1)})
   with pytest.raises(ConfigError, match="eval.severity"):
     config_lib.load_config("configs/demo.py", {"eval.severity": "6"})
   with pytest.raises(ConfigError, match="eval.corruption"):

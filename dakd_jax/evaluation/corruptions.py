@@ -44,6 +44,14 @@ MIXED, EVERY = "mixed", "all"
 CHOICES = ("none", MIXED, EVERY) + CORRUPTIONS
 SEVERITY_CHOICES = tuple(str(s) for s in SEVERITIES) + (EVERY,)
 LIBRARY = "imagecorruptions-imaug"
+
+
+def is_sweep(corruption: str, severity: str) -> bool:
+  """Whether the config values mean several evaluations: every corruption, or every severity of
+  a named one ("mixed" with severity "all" is one evaluation: the severity is drawn per image)."""
+  return corruption == EVERY or (corruption != MIXED and severity == EVERY)
+
+
 MISSING_EXTRA_MESSAGE = ("eval.corruption needs the optional packages imagecorruptions-imaug "
                          "and opencv-python: pip install -e '.[robustness]'")
 # The library draws from numpy's global generator: one image at a time, under its own seed, with

@@ -27,11 +27,7 @@ def output_folder(corruption: str, severity: str) -> str:
   return f"corrupted-{corruption}-s{severity}"
 
 
-def is_sweep(corruption: str, severity: str) -> bool:
-  """Whether the setting means several evaluations: every corruption, or every severity of a
-  named one ("mixed" with severity "all" is one evaluation: the severity is drawn per image)."""
-  return corruption == corruptions.EVERY or (corruption != corruptions.MIXED
-                                             and severity == corruptions.EVERY)
+is_sweep = corruptions.is_sweep
 
 
 def cells(corruption: str, severity: str) -> list[tuple[str, str]]:

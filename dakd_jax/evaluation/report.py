@@ -186,11 +186,12 @@ def write_report(workdir: str, config: dict, report: dict, picture_paths: dict, 
     extra_markdown: more tables, placed after the metrics.
   Returns: the report's path.
   """
+  config_file = "`config.json` beside this report" if path else "`eval/config.json`"
   path = path or os.path.join(workdir, "report.md")
   lines = ["# DAKD run report", "", f"Workdir: `{os.path.abspath(workdir)}`", "", "## Config", "",
            "| field | value |", "|---|---|"]
   lines += [f"| `{field}` | `{_dotted(config, field)}` |" for field in REPORT_CONFIG_FIELDS]
-  lines += ["", "Full resolved config: `eval/config.json`.", "", "## Checkpoint", "",
+  lines += ["", f"Full resolved config: {config_file}.", "", "## Checkpoint", "",
             f"`{report['source']}`", "",
             f"Selected by: {report.get('checkpoint_selection', '-')}.", ""]
   if report.get("training_set"):

@@ -362,8 +362,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 
 def _check_corruption(config: ml_collections.ConfigDict) -> None:
-  """eval.corruption needs images (not saved features); a sweep has no single figure for a
-  seed band."""
+  """eval.corruption needs its extra (checked here, before any training of stage=all), images
+  (not saved features), and one figure per seed for a seed band (not a sweep)."""
   corruption, severity = config.eval.corruption, config.eval.severity
   if corruption == "none":
     return
@@ -372,6 +372,7 @@ def _check_corruption(config: ml_collections.ConfigDict) -> None:
                       "extraction, so it needs a checkpoint, not saved features: unset "
                       "--config.eval.features (or set --config.eval.corruption=none)")
   from dakd_jax.evaluation import corruptions  # Deferred like _choices.
+  corruptions.load_library()
   if config.seeds and corruptions.is_sweep(corruption, severity):
     raise ConfigError(f"config.seeds with eval.corruption={corruption!r}, eval.severity="
                       f"{severity!r} (several evaluations): a seed band needs one figure; use "

@@ -3,6 +3,9 @@ hand, and stage=eval run as a user runs it: the same numbers on 1 and 2 devices,
 every output, the plain eval/results.json untouched."""
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from dakd_jax.evaluation import corruptions
 from dakd_jax.evaluation import robustness
 from dakd_jax.models import weights
 from dakd_jax.train import loop
+from tests.test_train import REPO
 from tests.test_train import finish
 from tests.test_train import run_py
 from tests.test_train import tiny_overrides
@@ -161,3 +165,20 @@ def test_stage_eval_sweep_writes_the_robustness_table_and_pictures(tmp_path, sha
     assert os.path.getsize(os.path.join(folder, picture)) > 10_000
   assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))
   assert stored["corruption"]["library"].startswith(corruptions.LIBRARY)
+
+
+def test_without_the_extra_the_command_stops_at_start_up_in_one_line(tmp_path):
+  child = textwrap.dedent("""
+      import runpy, sys
+      sys.modules["imagecorruptions"] = None  # as if the robustness extra were not installed
+      sys.argv = ["run.py", "--config=configs/demo.py", "--config.eval.corruption=fog",
+                  "--print_config"]
+      runpy.run_path("run.py", run_name="__main__")
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300, check=False)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines[-1].endswith(corruptions.MISSING_EXTRA_MESSAGE), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

@@ -373,6 +373,12 @@ def _check_corruption(config: ml_collections.ConfigDict) -> None:
                       "--config.eval.features (or set --config.eval.corruption=none)")
   from dakd_jax.evaluation import corruptions  # Deferred like _choices.
   corruptions.load_library()
+  height, width = config.data.image_height, config.data.image_width
+  if height < corruptions.MIN_HEIGHT or width < corruptions.MIN_WIDTH:
+    raise ConfigError(
+        f"config.eval.corruption needs test images of at least {corruptions.MIN_HEIGHT}x"
+        f"{corruptions.MIN_WIDTH} pixels (the library's 32 px, the torrential rain's 60 px "
+        f"drops); config.data.image_height x image_width is {height}x{width}")
   if config.seeds and corruptions.is_sweep(corruption, severity):
     raise ConfigError(f"config.seeds with eval.corruption={corruption!r}, eval.severity="
                       f"{severity!r} (several evaluations): a seed band needs one figure; use "

@@ -80,6 +80,9 @@ def test_config_refuses_saved_features_a_swept_seed_band_and_unknown_values(tmp_
   with pytest.raises(ConfigError, match="seed band needs one figure"):
     config_lib.load_config("configs/demo.py", {"eval.corruption": "all", "seeds": (0, 1)})
   config_lib.load_config("configs/demo.py", {"eval.corruption": "mixed", "seeds": (0, 1)})
+  with pytest.raises(ConfigError, match="at least 61x32 pixels.*is 60x48"):
+    config_lib.load_config("configs/demo.py", {"eval.corruption": "rain",
+                                               "data.image_height": 60})
   with pytest.raises(ConfigError, match="eval.severity"):
     config_lib.load_config("configs/demo.py", {"eval.severity": "6"})
   with pytest.raises(ConfigError, match="eval.corruption"):

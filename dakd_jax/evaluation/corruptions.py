@@ -44,6 +44,9 @@ MIXED, EVERY = "mixed", "all"
 CHOICES = ("none", MIXED, EVERY) + CORRUPTIONS
 SEVERITY_CHOICES = tuple(str(s) for s in SEVERITIES) + (EVERY,)
 LIBRARY = "imagecorruptions-imaug"
+# The smallest image every corruption takes: the library's 32 px a side, and rain's 60 px drops
+# (severities 4-5) need a taller image.
+MIN_HEIGHT, MIN_WIDTH = 61, 32
 
 
 def is_sweep(corruption: str, severity: str) -> bool:

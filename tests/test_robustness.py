@@ -151,6 +151,7 @@ def test_stage_eval_sweep_writes_the_robustness_table_and_pictures(tmp_path, sha
   output = finish(run_py(args, workdir))
   folder = os.path.join(workdir, "eval", "robustness")
   stored = read_json(os.path.join(folder, "results.json"))
+  assert stored["complete"] is True
   assert [(e["corruption"], e["severity"]) for e in stored["evaluations"]] == [
       ("rain", str(s)) for s in range(1, 6)]
   entry = stored["robustness"][SETTING]

@@ -4,8 +4,10 @@ Called by `stages.evaluate_stage` once the clean embeddings and results exist. O
 evaluation (a corruption at a severity, or the benchmark's mixed draw) writes
 <workdir>/eval/corrupted-<name>-s<severity>/{results.json, report.md, corruption_sheet.png}; a
 sweep (`all`) writes <workdir>/eval/robustness/{results.json, robustness.md, report.md,
-corruption_sheet.png, severity.png}; stages.evaluate_stage adds config.json to either. The plain eval/results.json is never touched. Every table,
-results.json and report.md names the corruption and severity.
+corruption_sheet.png, severity.png}; stages.evaluate_stage adds config.json to either. The
+plain eval/results.json is never touched. Every table, results.json and report.md names the
+corruption and severity. A sweep rewrites its results.json after every evaluation
+('complete': false until the last), so a crash keeps what was measured.
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, data, evaluator, variab
   corruption, severity = config.eval.corruption, config.eval.severity
   out_dir = output_dir(config, workdir)
   listed = robustness.cells(corruption, severity)
+  labelled = {**clean_summary, "corruption": robustness.describe(corruption, severity,
+                                                                 config.seed),
+              "clean_results": clean_summary["results"]}
+  swept = {key: value for key, value in labelled.items() if key != "results"}
   evaluated = []
   for number, (name, level) in enumerate(listed, start=1):
     results = robustness.evaluate_corrupted(evaluator, variables, clean_embeddings, data, name,
@@ -58,13 +64,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, data, evaluator, variab
       print(f"dakd_jax: robustness {number}/{len(listed)}: {name} severity {level}: "
             f"R1 {100 * first['mean']['cmc'][0]:.2f} mAP {100 * first['mean']['mAP']:.2f}",
             flush=True)
-  labelled = {**clean_summary, "corruption": robustness.describe(corruption, severity,
-                                                                 config.seed),
-              "clean_results": clean_summary["results"]}
+      with errors.writing(f"corrupted evaluation results in {out_dir}"):
+        os.makedirs(out_dir, exist_ok=True)
+        report.write_results(os.path.join(out_dir, "results.json"), {
+            **swept, "complete": number == len(listed), "evaluations": evaluated})
   if robustness.is_sweep(corruption, severity):
-    summary = {key: value for key, value in labelled.items() if key != "results"}
-    summary.update(evaluations=evaluated,
-                   robustness=robustness.summarize(clean_summary["results"], evaluated))
+    summary = {**swept, "complete": True, "evaluations": evaluated,
+               "robustness": robustness.summarize(clean_summary["results"], evaluated)}
   else:
     summary = {**labelled, "results": evaluated[0]["results"]}
   if is_main:

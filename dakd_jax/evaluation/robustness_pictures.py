@@ -73,7 +73,7 @@ def write_severity_plot(setting: str, entry: dict, path: str) -> str:
     axis.set(title=group, xlabel="severity (0 = clean)", ylabel="rank-1 (%)", ylim=(0, 101))
     axis.set_xticks(range(6))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=6, loc="lower left")
+    axis.legend(fontsize=6, loc="upper right")
   figure.suptitle(f"{setting}: rank-1 against severity (visible images corrupted)", fontsize=8)
   figure.tight_layout()
   figure.savefig(path)

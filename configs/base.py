@@ -196,7 +196,7 @@ def get_config(arg=None):
   # corruption in turn, then mixed). Results go to eval/corrupted-<name>-s<severity>/ or
   # eval/robustness/, never over eval/results.json. Corrupted images are a function of `seed`.
   config.eval.corruption = "none"
-  config.eval.severity = "all"  # 1..5 | all (every severity in turn; with mixed: drawn per image)
+  config.eval.severity = "all"  # "1".."5" | "all" (each in turn; with mixed: drawn per image)
 
   # stage=extract: embed folders of new images with a checkpoint (eval.checkpoint or student).
   config.extract = ml_collections.ConfigDict()

@@ -190,6 +190,13 @@ def get_config(arg=None):
   config.eval.analysis = False
   config.eval.analysis_method = "pca"  # pca | tsne (t-SNE needs the `analysis` extra)
   config.eval.analysis_identities = 20  # identities drawn in the 2-D map
+  # stage=eval: corrupt the visible test images before extraction (SYSU-MM01-C / RegDB-C;
+  # README "Robustness"; needs the `robustness` extra): none | a corruption name (gaussian_noise,
+  # ..., rain) | mixed (one of the 20 drawn per image, the benchmark's figure) | all (every
+  # corruption in turn, then mixed). Results go to eval/corrupted-<name>-s<severity>/ or
+  # eval/robustness/, never over eval/results.json. Corrupted images are a function of `seed`.
+  config.eval.corruption = "none"
+  config.eval.severity = "all"  # "1".."5" | "all" (each in turn; with mixed: drawn per image)
 
   # stage=extract: embed folders of new images with a checkpoint (eval.checkpoint or student).
   config.extract = ml_collections.ConfigDict()

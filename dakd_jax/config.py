@@ -83,6 +83,7 @@ def _choices() -> dict[str, tuple]:
   from dakd_jax import augment  # Deferred: these pull in JAX.
   from dakd_jax import modalities
   from dakd_jax.data import specs
+  from dakd_jax.evaluation import corruptions
   from dakd_jax.losses import distill
   from dakd_jax.models import batch_norm
   from dakd_jax.models import resnet
@@ -99,6 +100,8 @@ def _choices() -> dict[str, tuple]:
       "extract.query_modality": modalities.MODALITIES,
       "extract.gallery_modality": modalities.MODALITIES,
       "eval.analysis_method": ("pca", "tsne"),
+      "eval.corruption": corruptions.CHOICES,
+      "eval.severity": corruptions.SEVERITY_CHOICES,
       "checkpoint.select": SELECTIONS,
   }
 
@@ -314,6 +317,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.seeds and config.stage not in ("all", "teacher", "student", "eval"):
     raise ConfigError(f"config.seeds runs training and evaluation per seed; stage="
                       f"{config.stage!r} has no seed band (use stage=all)")
+  _check_corruption(config)
   _check_stage_lengths(config)
   _check_pretrain(config)
   if config.stage in ("teacher", "all"):
@@ -331,6 +335,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory. Fix the path "
                         f"or leave it empty (--config.{field}='')")
   _check_divisibility(config, num_devices)
+
+
+def _check_corruption(config: ml_collections.ConfigDict) -> None:
+  """eval.corruption needs its extra (checked here, before any training of stage=all), images
+  (not saved features), and one figure per seed for a seed band (not a sweep)."""
+  corruption, severity = config.eval.corruption, config.eval.severity
+  if corruption == "none":
+    return
+  if config.eval.features:
+    raise ConfigError(f"config.eval.corruption = {corruption!r} corrupts images before "
+                      "extraction, so it needs a checkpoint, not saved features: unset "
+                      "--config.eval.features (or set --config.eval.corruption=none)")
+  from dakd_jax.evaluation import corruptions  # Deferred like _choices.
+  corruptions.load_library()
+  height, width = config.data.image_height, config.data.image_width
+  if height < corruptions.MIN_HEIGHT or width < corruptions.MIN_WIDTH:
+    raise ConfigError(
+        f"config.eval.corruption needs test images of at least {corruptions.MIN_HEIGHT}x"
+        f"{corruptions.MIN_WIDTH} pixels (the library's 32 px, the torrential rain's 60 px "
+        f"drops); config.data.image_height x image_width is {height}x{width}")
+  if config.seeds and corruptions.is_sweep(corruption, severity):
+    raise ConfigError(f"config.seeds with eval.corruption={corruption!r}, eval.severity="
+                      f"{severity!r} (several evaluations): a seed band needs one figure; use "
+                      "--config.eval.corruption=mixed or a single severity")
 
 
 def floor_epochs(epochs: int, decay_epochs: tuple[int, int], warmup_epochs: int) -> int:

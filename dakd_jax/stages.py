@@ -19,6 +19,7 @@ import numpy as np
 
 from dakd_jax import builders
 from dakd_jax import errors
+from dakd_jax import provenance
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import prepare
 from dakd_jax.evaluation import evaluations
@@ -26,6 +27,7 @@ from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.evaluation import folders
 from dakd_jax.evaluation import report
+from dakd_jax.evaluation import robustness_report
 from dakd_jax.train import loop
 
 CHECKPOINT_HINT = "train first (--config.stage=all) or set --config.eval.checkpoint"
@@ -75,9 +77,13 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   config.eval.pictures, the pictures and <workdir>/report.md; an evaluation of another
   checkpoint or with other settings writes them in <workdir>/eval/<tag>/ instead
   (`evaluations.evaluation_tag`). Every evaluation is listed in <workdir>/eval/index.json.
+  With config.eval.corruption, the corrupted evaluations go to their own folder instead
+  (`robustness_report.run`).
   """
   tag = evaluations.evaluation_tag(config, workdir)
   out_dir = evaluations.evaluation_dir(workdir, tag)
+  if robustness_report.is_requested(config):
+    robustness_report.check(config)
   mesh = builders.make_mesh()
   model = builders.model_from_config(config)
   evaluator = builders.make_evaluator(config, model, data, mesh)
@@ -102,6 +108,13 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
     summary["training_set"] = data.held_out
   if described.get("file_metadata"):
     summary["recorded_by_file"] = described["file_metadata"]
+  summary["provenance"] = provenance.describe()
+  if robustness_report.is_requested(config):  # Its own folder; eval/results.json untouched.
+    corrupted = robustness_report.run(config, workdir, data, evaluator, variables, embeddings,
+                                      summary, is_main=is_main)
+    if is_main:
+      write_config(config, robustness_report.output_dir(config, workdir))
+    return corrupted
   if is_main:
     print("\n" + report.format_table(results, title=report.table_title(summary)))
     if report.format_verification(results):

@@ -23,7 +23,10 @@ LEVELS = {
     "dakd_jax.stage_checkpoints": 2, "dakd_jax.augment": 2, "dakd_jax.data": 2,
     "dakd_jax.models": 2, "dakd_jax.losses": 2,
     "dakd_jax.config": 3,
+    # Image corruptions need only errors and modalities; config reads their names.
+    "dakd_jax.evaluation.corruptions": 2,
     "dakd_jax.evaluation": 4, "dakd_jax.deploy": 4,
+    "dakd_jax.provenance": 4,  # versions (deploy.packages), devices, git commit
     "dakd_jax.builders": 5,
     "dakd_jax.train": 6,
     "dakd_jax.stages": 7,

@@ -32,10 +32,10 @@ def check_export_packages() -> dict[str, Any]:
     raise ExportError(MISSING_EXTRA_MESSAGE) from error
 
 
-def library_versions() -> dict[str, str | None]:
-  """Installed versions of `VERSIONED_PACKAGES` (None when absent) and of Python."""
+def library_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+  """Installed versions of the PyPI packages `names` (None when absent) and of Python."""
   versions = {"python": platform.python_version()}
-  for name in VERSIONED_PACKAGES:
+  for name in names:
     try:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -154,12 +154,14 @@ class Evaluator:
                rows={protocol: (query, gallery)})
 
   def embed(self, variables, rows: np.ndarray | None = None,
-            description: str = "test features") -> np.ndarray:
+            description: str = "test features", source=None) -> np.ndarray:
     """[N, D] unit embeddings aligned with the evaluated split, filled at `rows` (default: the
-    rows the protocols need), zeros elsewhere. `variables` replicated on the mesh."""
+    rows the protocols need), zeros elsewhere. `variables` replicated on the mesh. `source`
+    replaces the split's records (same rows), e.g. a `corruptions.CorruptedSource` of it."""
     rows = self.needed_rows if rows is None else np.asarray(rows)
     values = extract.extract_embeddings(
-        self._embed_fn, variables, self.source, rows, self.meta["modality"],
+        self._embed_fn, variables, self.source if source is None else source, rows,
+        self.meta["modality"],
         batch_size=self.settings.batch_size, mesh=self.mesh,
         description=description, show_progress=self.settings.show_progress)
     embeddings = np.zeros((len(self.meta["label"]), values.shape[1]), np.float32)

@@ -174,16 +174,19 @@ def _dotted(tree: dict, field: str):
 
 
 def write_report(workdir: str, config: dict, report: dict, picture_paths: dict, *,
-                 path: str | None = None, evaluations: list[str] | None = None) -> str:
+                 path: str | None = None, evaluations: list[str] | None = None,
+                 extra_markdown: str = "") -> str:
   """Writes the run report (default <workdir>/report.md): config summary, checkpoint,
-  protocol, metrics table, the workdir's evaluations, pictures.
+  protocol, metrics table, the workdir's evaluations, provenance, pictures.
 
   Args:
     config: the evaluating command's resolved config as a plain dict.
-    report: the results.json dict ({'source', 'protocol', 'results'}).
+    report: the results.json dict ({'source', 'protocol', 'results'}; a corrupted evaluation's
+      'corruption' and the 'provenance' are stated when present; 'results' may be absent).
     picture_paths: {caption: PNG path}; linked relative to the report, in this order.
     path: where the report goes (`evaluations.report_path`); its folder holds config.json.
     evaluations: markdown lines listing the workdir's evaluations (`evaluations.format_index`).
+    extra_markdown: more tables, placed after the metrics.
   Returns: the report's path.
   """
   path = path or os.path.join(workdir, "report.md")
@@ -202,10 +205,20 @@ def write_report(workdir: str, config: dict, report: dict, picture_paths: dict, 
   lines += [f"Dataset fingerprint: `{report.get('data_fingerprint', '-')}`.", "",
             "## Protocol", ""]
   lines += [f"- {key}: {value}" for key, value in report["protocol"].items()]
-  lines += ["", "## Metrics", "", "Percent, mean over trials.", "", "```",
-            format_table(report["results"]), "```", ""]
+  if report.get("corruption"):
+    lines += ["", "## Corruption", ""]
+    lines += [f"- {key}: {value}" for key, value in report["corruption"].items()]
+  lines += ["", "## Metrics", "", "Percent, mean over trials.", ""]
+  for title, results in (("", report.get("results")), ("Clean images", report.get(
+      "clean_results") if report.get("corruption") else None)):
+    if results:
+      lines += ([f"{title}:", ""] if title else []) + ["```", format_table(results), "```", ""]
+  if extra_markdown:
+    lines += [extra_markdown, ""]
   if evaluations:
     lines += ["## Evaluations in this workdir", ""] + evaluations + [""]
+  if report.get("provenance"):
+    lines += ["## Provenance", "", "```", json.dumps(report["provenance"], indent=2), "```", ""]
   lines += ["## Pictures", ""]
   for caption, picture in picture_paths.items():
     relative = os.path.relpath(picture, here).replace(os.sep, "/")

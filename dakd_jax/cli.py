@@ -8,7 +8,9 @@ workdir:
   <workdir>/pretrain/                only with pretrain.enabled: its run and backbone.npz
   <workdir>/teacher/                 teacher checkpoints, metrics.jsonl, TensorBoard events
   <workdir>/student/                 the same for the DAKD student
-  <workdir>/eval/                    config.json, results.json, features.npz, pictures
+  <workdir>/.lock                    held while a run writes the workdir (`workdir_lock`)
+  <workdir>/eval/                    config.json, results.json, features.npz, pictures (other
+                                     checkpoints or settings: eval/<tag>/), index.json
   <workdir>/stages.json              stage=all: untrained, initial weights, teacher, student on
                                      one protocol (also printed last)
   <workdir>/extract/                 stage=extract: embeddings of new image folders, a ranking

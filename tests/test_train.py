@@ -19,8 +19,10 @@ import pytest
 from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import config as config_lib
+from dakd_jax import errors
 from dakd_jax import writers
 from dakd_jax.evaluation import evaluator as evaluator_lib
+from dakd_jax.train import finite
 from dakd_jax.train import loop
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
@@ -166,10 +168,12 @@ def test_student_step_trains_only_student_and_compiles_once():
 def test_check_finite_names_step_and_terms(tmp_path):
   history = [(7, {"loss": 1.0, "kl": 0.5}), (8, {"loss": float("nan"), "kl": float("inf")})]
   manager = checkpoint_lib.CheckpointManager(str(tmp_path / "checkpoints"))
-  with pytest.raises(loop.NonFiniteLossError, match=r"step 8 in term\(s\) \['kl', 'loss'\].* no "
-                     r"checkpoint was saved before it, so there is none to resume from"):
-    loop._check_finite(history, "teacher", manager)
-  loop._check_finite(history[:1], "teacher", manager)
+  with pytest.raises(errors.NonFiniteLossError, match=r"step 8 in term\(s\) \['kl', 'loss'\].* "
+                     r"no checkpoint was saved before it, so there is none to resume from"):
+    finite.check_finite_losses(history, "teacher", manager)
+  finite.check_finite_losses(history[:1], "teacher", manager)
+  assert bool(finite.all_finite({"w": jnp.ones(3), "step": jnp.int32(1)}))
+  assert not bool(finite.all_finite({"w": jnp.array([1.0, jnp.inf]), "b": jnp.zeros(2)}))
   manager.close()
 
 

@@ -248,3 +248,11 @@ def test_an_evaluation_panel_spans_the_run_and_the_percent_range(tmp_path):
   assert plots.evaluation_axis_limits([{"step": 0}]) == ((0.0, 1.05), (0.0, 100.0))
   path = plots.training_curves_plot({"teacher": records}, str(tmp_path / "curves.png"))
   assert os.path.getsize(path) > 1000
+
+
+def test_the_pretrain_evaluation_says_whose_persons_it_ranks():
+  from dakd_jax.train import loop  # pylint: disable=import-outside-toplevel
+  assert "pretraining set's own held-out persons" in loop.evaluation_role("pretrain", "last")
+  assert "not the experiment's test split" in loop.evaluation_role("pretrain", "val")
+  assert loop.evaluation_role("teacher", "last") == loop.EVALUATION_ROLES["last"]
+  assert loop.evaluation_role("student", "val") == loop.EVALUATION_ROLES["val"]

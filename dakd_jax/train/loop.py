@@ -28,11 +28,11 @@ from dakd_jax import writers
 from dakd_jax.data import pipeline
 from dakd_jax.data import prepare
 from dakd_jax.data import sampler
-from dakd_jax.errors import NonFiniteLossError
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import report
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.train import centres as centres_lib
+from dakd_jax.train import finite
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
 
@@ -76,60 +76,18 @@ def jit_step(step_fn: Callable, mesh, num_extra: int = 0) -> Callable:
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def last_finite_checkpoint(manager: checkpoint_lib.CheckpointManager) -> str:
-  """What a divergence leaves to resume from, as a clause: the newest saved checkpoint (a
-  checkpoint is saved only once the next step computed a finite loss from it, or, the last
-  step's, once its weights are checked finite), or that there is none."""
-  manager.wait()  # A save still in flight counts once committed.
-  steps = manager.all_steps()
-  if not steps:
-    return "no checkpoint was saved before it, so there is none to resume from"
-  return (f"the last checkpoint, step {steps[-1]} in {manager.directory}, is finite and kept "
-          "(resume from it with --config.checkpoint.allow_config_change=True)")
-
-
-def _check_finite(history: list[tuple[int, dict]], stage: str,
-                  manager: checkpoint_lib.CheckpointManager) -> None:
-  for step, metrics in history:
-    bad = sorted(name for name, value in metrics.items() if not np.isfinite(value))
-    if bad:
-      raise NonFiniteLossError(
-          f"{stage}: non-finite loss at step {step} in term(s) {bad} "
-          f"({', '.join(f'{n}={metrics[n]}' for n in bad)}); "
-          f"{last_finite_checkpoint(manager)}. Lower the learning rate or check the data.")
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  """Whether every floating-point value of a pytree is finite (one device reduction)."""
-  leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(leaf.dtype, jnp.floating)]
-  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
-
-
 def _save_when_followed_by_a_finite_loss(deferred: tuple, pending: list, stage: str,
                                          manager: checkpoint_lib.CheckpointManager) -> None:
   """Saves a checkpoint held back one step (step, state, metadata, metrics) once the step after
-  it, the last of `pending`, computed a finite loss from it; raises NonFiniteLossError (naming
-  the checkpoint before it) when not. A finite but exploded state (the update of a far too
-  large learning rate) is caught here, before it is saved, not when a resume diverges again.
-  Returns None: nothing is held back any more."""
+  it, the last of `pending`, computed a finite loss from it; raises NonFiniteLossError
+  (`finite.check_finite_losses`, naming the checkpoint before it) when not. A finite but
+  exploded state (the update of a far too large learning rate) is caught here, before it is
+  saved, not when a resume diverges again. Returns None: nothing is held back any more."""
   if not np.isfinite(float(jax.device_get(pending[-1][1]["loss"]))):
-    _check_finite(_fetch(pending), stage, manager)
+    finite.check_finite_losses(_fetch(pending), stage, manager)
   step, state, metadata, metrics = deferred
   manager.save(step, state, metadata, metrics=metrics)
   return None
-
-
-def _check_finite_state(state: Any, step: int, stage: str,
-                        manager: checkpoint_lib.CheckpointManager) -> None:
-  """Refuses to checkpoint a state holding NaN or infinity: the step's loss was finite but its
-  update was not (a learning rate far too large); a saved checkpoint is always finite."""
-  if not bool(jax.device_get(_all_finite(state))):
-    raise NonFiniteLossError(
-        f"{stage}: the weights became non-finite at step {step} (its loss was finite, the "
-        f"update was not) and are not saved; {last_finite_checkpoint(manager)}. Lower the "
-        "learning rate.")
 
 
 def _fetch(pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
@@ -272,7 +230,7 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, st
     if done % config.log.every_steps == 0 or epoch_end or done == total_steps:
       history = _fetch(pending)
       pending = []
-      _check_finite(history, stage.name, out.manager)
+      finite.check_finite_losses(history, stage.name, out.manager)
       means = _mean_metrics(history)
       out.writer.write_scalars(done, means)
       out.progress.update(done, means, images_per_step * len(history), data_time=data_time)
@@ -291,8 +249,8 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, st
       if pending:  # Never checkpoint a state whose losses were not checked.
         history = _fetch(pending)
         pending = []
-        _check_finite(history, stage.name, out.manager)
-      _check_finite_state(state, done, stage.name, out.manager)
+        finite.check_finite_losses(history, stage.name, out.manager)
+      finite.check_finite_state(state, done, stage.name, out.manager)
       save = (done, state, {"config": config.to_dict(), "epoch": epoch + 1, "stage": stage.name,
                             "best": best, "selection": selection,
                             "data_fingerprint": data_fingerprint}, eval_metrics)

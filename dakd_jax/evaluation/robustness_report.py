@@ -17,6 +17,7 @@ import ml_collections
 
 from dakd_jax import errors
 from dakd_jax.evaluation import corruptions
+from dakd_jax.evaluation import evaluations
 from dakd_jax.evaluation import report
 from dakd_jax.evaluation import robustness
 
@@ -34,9 +35,14 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """<workdir>/eval/<robustness.output_folder(eval.corruption, eval.severity)>."""
-  return os.path.join(workdir, "eval", robustness.output_folder(config.eval.corruption,
-                                                                config.eval.severity))
+  """<workdir>/eval/<tag>: the evaluation's tag (`evaluations.evaluation_tag`: the checkpoint
+  and the scoring settings when they are not the default) ending in
+  `robustness.output_folder(eval.corruption, eval.severity)`, e.g. 'corrupted-fog-s3' or
+  'teacher-rerank-robustness', so corrupted evaluations of other checkpoints or settings never
+  replace each other."""
+  tag = evaluations.evaluation_tag(config, workdir)
+  folder = robustness.output_folder(config.eval.corruption, config.eval.severity)
+  return evaluations.evaluation_dir(workdir, f"{tag}-{folder}" if tag else folder)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data, evaluator, variables,

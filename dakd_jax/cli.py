@@ -18,13 +18,16 @@ Before anything is written, `start` checks what would fail later: a file where a
 needed, a resume under another config, unreadable weights, a non-teacher checkpoint given as the
 teacher. A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a
 non-zero exit (2 for a config mistake, else 1); with `--verbosity` given, the traceback is shown
-too. A full or read-only disk is a `StorageError`, also when a library thread hit it. Anything
+too. A full or read-only disk is a `StorageError`, also when a library thread hit it. SIGTERM (a
+scheduler's preemption) and SIGINT stop the run after the training loop has checkpointed its
+last step (dakd_jax.interrupts), with one line and exit 128 + the signal (143, 130). Anything
 else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -34,6 +37,7 @@ import ml_collections
 
 from dakd_jax import config as config_lib
 from dakd_jax import errors
+from dakd_jax import interrupts
 
 TRAINING_STAGES = ("pretrain", "teacher", "student", "all")
 EXIT_CONFIG, EXIT_RUN = 2, 1
@@ -234,6 +238,17 @@ def report_error(error: BaseException, verbose: bool) -> int:
   return EXIT_CONFIG if isinstance(user_error, errors.ConfigError) else EXIT_RUN
 
 
+def report_stopped(stop: interrupts.Stopped, verbose: bool) -> int:
+  """A stop signal (SIGTERM from a scheduler, SIGINT): one line saying what was saved and how
+  to go on (the traceback only when verbose); exit code 128 + the signal (143, 130)."""
+  if verbose:
+    traceback.print_exc()
+  saved = stop.saved or "each stage keeps its last saved checkpoint"
+  print(f"dakd_jax: stopped by {signal.Signals(stop.signal_number).name}: {saved}; run the "
+        "same command again to resume from it", file=sys.stderr)
+  return stop.exit_code
+
+
 def report_interrupt(verbose: bool) -> int:
   """Ctrl-C: one line saying how to go on (the traceback only when verbose); exit code 130."""
   if verbose:
@@ -289,7 +304,7 @@ def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
   """The command line's path: `--config` arguments -> validated config -> stages. Returns a
   process exit code."""
   config_args = list(config_args)
-  with BackgroundFailures(verbose) as background:
+  with BackgroundFailures(verbose) as background, interrupts.handle_stop_signals():
     try:
       coordinator, num_processes, process_id = distributed
       if coordinator:
@@ -300,6 +315,8 @@ def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
       start(config, workdir or default_workdir(config_args))
+    except interrupts.Stopped as stop:
+      return report_stopped(stop, verbose)
     except KeyboardInterrupt:
       return report_interrupt(verbose)
     except Exception as error:  # pylint: disable=broad-except  # report_error re-raises bugs.

@@ -14,7 +14,8 @@ PACKAGE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
                             "dakd_jax")
 # Module (or package prefix) -> level; the longest matching prefix decides.
 LEVELS = {
-    "dakd_jax.errors": 0, "dakd_jax.modalities": 0,
+    "dakd_jax.errors": 0, "dakd_jax.modalities": 0, "dakd_jax.interrupts": 0,
+    "dakd_jax.progress": 0,
     "dakd_jax.config": 1, "dakd_jax.sharding": 1, "dakd_jax.checkpoint": 1,
     "dakd_jax.stage_checkpoints": 1,
     "dakd_jax.writers": 1, "dakd_jax.augment": 1, "dakd_jax.data": 1, "dakd_jax.models": 1,

@@ -222,12 +222,14 @@ def write_run_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.nd
     first_trials.setdefault(protocol.setting, (protocol, pair))
   for setting, (protocol, (query_rows, gallery_rows)) in first_trials.items():
     caption = f"Ranked results: {protocol.name}"
-    paths[caption] = pictures.ranked_picture(
+    parts = pictures.ranked_picture(
         data.test_source, data.test_meta, embeddings, query_rows, gallery_rows,
         os.path.join(out_dir, f"ranked_{setting.replace('/', '_')}.png"),
         rule=data.spec.metric_rule, top_k=top_k, num_queries=num_queries, seed=seed,
         title=f"{protocol.name}: query | top-{top_k} (green = same identity, red = other)"
-    )["path"]
+    )["paths"]
+    for number, part in enumerate(parts):
+      paths[caption + (f" ({number + 1}/{len(parts)})" if len(parts) > 1 else "")] = part
   return paths
 
 

@@ -103,31 +103,53 @@ def run_seed_band(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """config.seeds: the stages once per seed in <workdir>/seed_<s>/, then every setting's
   numbers per seed with mean +- std, printed and written to <workdir>/seeds.json and
   <workdir>/seeds.md."""
-  import copy  # Only for the per-seed configs.
-  from dakd_jax.evaluation import report  # Deferred like run_stages' imports.
-  per_seed = {}
-  for seed in config.seeds:
-    derived = copy.deepcopy(config)
+  def with_seed(derived, seed):
     derived.seed, derived.seeds = seed, ()
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
+  return _run_band(config, workdir, "seed", config.seeds, with_seed)
+
+
+def run_trial_band(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """config.data.trials (RegDB): the stages once per trial in <workdir>/trial_<t>/, each
+  trained on its own split and resumed there, then every setting (both directions) per trial
+  with mean +- std, printed and written to <workdir>/trials.json and <workdir>/trials.md."""
+  def with_trial(derived, trial):
+    derived.data.trial, derived.data.trials = trial, ()
+  return _run_band(config, workdir, "trial", config.data.trials, with_trial)
+
+
+def _run_band(config: ml_collections.ConfigDict, workdir: str, kind: str, values,
+              derive) -> dict:
+  """The stages once per value in <workdir>/<kind>_<value>/ (`derive(config copy, value)`
+  sets it), then the band of their evaluations in <workdir>/<kind>s.json and <kind>s.md, each
+  labelled with the checkpoint selection rule. Returns {'<kind>s': band} ({} without eval)."""
+  import copy  # Only for the per-value configs.
+  from dakd_jax.evaluation import report  # Deferred like run_stages' imports.
+  per_value = {}
+  for value in values:
+    derived = copy.deepcopy(config)
+    derive(derived, value)
+    folder = os.path.join(workdir, f"{kind}_{value}")
     if jax_process_index() == 0:
-      print(f"dakd_jax: seed {seed} -> {seed_dir}", flush=True)
-    results = start(derived, seed_dir)
+      print(f"dakd_jax: {kind} {value} -> {folder}", flush=True)
+    results = start(derived, folder)
     if "eval" in results:
-      per_seed[seed] = results["eval"]
-  if not per_seed:
+      per_value[value] = results["eval"]
+  if not per_value:
     return {}
-  band = report.seed_band({seed: summary["results"] for seed, summary in per_seed.items()})
+  band = report.seed_band({value: summary["results"] for value, summary in per_value.items()})
+  selection = next(iter(per_value.values()))["checkpoint_selection"]
   if jax_process_index() == 0:
-    text = report.format_seed_band(band)
+    text = report.format_seed_band(band, kind=kind)
     print("\n" + text)
-    with open(os.path.join(workdir, "seeds.json"), "w") as f:
-      json.dump({"seeds": list(per_seed), "settings": band,
-                 "checkpoint_selection": next(iter(per_seed.values()))[
-                     "checkpoint_selection"]}, f, indent=2)
-    with open(os.path.join(workdir, "seeds.md"), "w") as f:
-      f.write(f"```\n{text}\n```\n")
-  return {"seeds": band}
+    # Each setting's per-value numbers under "<kind>s" ("seeds", "trials").
+    stored = {setting: {(f"{kind}s" if key == "seeds" else key): value
+                        for key, value in entry.items()} for setting, entry in band.items()}
+    with open(os.path.join(workdir, f"{kind}s.json"), "w") as f:
+      json.dump({f"{kind}s": list(per_value), "settings": stored,
+                 "checkpoint_selection": selection}, f, indent=2)
+    with open(os.path.join(workdir, f"{kind}s.md"), "w") as f:
+      f.write(f"Checkpoint selection: {selection}\n\n```\n{text}\n```\n")
+  return {f"{kind}s": band}
 
 
 def jax_process_index() -> int:
@@ -208,6 +230,8 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)  # Orbax refuses relative paths; notebooks change directory.
   if config.seeds:
     return run_seed_band(config, workdir)
+  if config.data.trials:
+    return run_trial_band(config, workdir)
   check_output_folders(config, workdir)
   if config.stage in TRAINING_STAGES:
     check_resumable(config, workdir)

@@ -420,14 +420,19 @@ def resnet_features(config: ml_collections.ConfigDict) -> int:
 
 
 def load_teacher(config: ml_collections.ConfigDict, model, data: prepare.DataBundle,
-                 teacher_source: str, mesh) -> steps_lib.FrozenTeacher:
+                 teacher_source: str, mesh, before_centres: Callable | None = None
+                 ) -> steps_lib.FrozenTeacher:
   """The frozen teacher of the student stage: a teacher checkpoint's (or weights file's)
-  variables and its centres computed on the training set (method.md 4.1)."""
+  variables and its centres computed on the training set (method.md 4.1).
+  `before_centres(variables)` runs once the variables are read, before the centres' pass over
+  the training set (the student's memory plan)."""
   variables, described = builders.restore_model_variables(
       config, model, teacher_source, mesh, stages=("teacher",), data_fingerprint=data.fingerprint,
       hint="train the teacher first (--config.stage=teacher or all) or point "
            "--config.distill.teacher_checkpoint at a teacher workdir, its checkpoints/ folder "
            "or a teacher weights file")
+  if before_centres is not None:
+    before_centres(variables)
   teacher = centres_lib.frozen_teacher(model, variables, data, mesh,
                                        batch_size=config.eval.batch_size,
                                        show_progress=config.log.progress)
@@ -453,14 +458,15 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare
       double_bn_update=config.distill.double_bn_update,
       student_forward=config.distill.student_forward)
   compiled = jit_step(step, mesh, num_extra=1)
-  # Sized before the teacher's centres are computed: the frozen teacher has the student's
-  # variable shapes (same network) and two [classes, D] centre tables.
+  # Sized once the teacher is read, before its centres' pass over the training set: the frozen
+  # teacher is its variables and two [classes, D] centre tables.
   centres = jax.ShapeDtypeStruct((data.num_classes, resnet_features(config)), jnp.float32)
-  memory_plan.check_step_memory(
-      compiled, (state, steps_lib.FrozenTeacher(variables, centres, centres),
-                 memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))),
-      "student", config)
-  teacher = load_teacher(config, model, data, teacher_source, mesh)
+  batch = memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))
+  teacher = load_teacher(
+      config, model, data, teacher_source, mesh,
+      before_centres=lambda teacher_variables: memory_plan.check_step_memory(
+          compiled, (state, steps_lib.FrozenTeacher(teacher_variables, centres, centres), batch),
+          "student", config))
   evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
   steps_per_epoch = stage_steps_per_epoch(config.distill.steps_per_epoch, config, data)
   stage = Stage(

@@ -39,6 +39,7 @@ from dakd_jax import config as config_lib  # noqa: E402
 from dakd_jax import sharding as sharding_lib  # noqa: E402
 from dakd_jax import writers  # noqa: E402
 from dakd_jax.evaluation import extract  # noqa: E402
+from dakd_jax.train import memory_plan  # noqa: E402
 from dakd_jax.train.steps import STUDENT_FORWARDS  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s per device kind: (substring of jax's device_kind, bfloat16,
@@ -124,10 +125,8 @@ def measure(jitted, args, steps: int, images: int, peak: float) -> dict:
     durations.append(time.perf_counter() - started)
   step_s = statistics.median(durations)
   device_memory = writers.device_memory_bytes()
-  # What the step needs on the device: its arguments, outputs and temporaries, less the outputs
-  # written over donated arguments.
-  step_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  # What the step needs on the device, as the training stages' start-up plan counts it.
+  step_bytes = memory_plan.step_bytes(memory)
   return {"img/s": images / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
           "XLA GiB": step_bytes / GIB,
           "device peak GiB": None if device_memory is None else device_memory[1] / GIB,

@@ -35,6 +35,10 @@ def get_config(arg=None):
   config.data.root = "data/SYSU-MM01"  # extracted dataset (the TFDS manual_dir)
   config.data.prepared_dir = "data/tfds"  # where prepared ArrayRecord files are written
   config.data.trial = 1  # RegDB trial 1..10 (train and test split); ignored elsewhere
+  # RegDB's reported number in one command: the stages once per listed trial into
+  # <workdir>/trial_<t>/, then each setting per trial with mean +- std (<workdir>/trials.json,
+  # trials.md); () = the one trial `data.trial`. configs/regdb.py:trials=all lists 1..10.
+  config.data.trials = ()
   config.data.image_height = 384  # pixels; SYSU-MM01 384, RegDB 288 [5.2]
   config.data.image_width = 128  # pixels; SYSU-MM01 128, RegDB 144
   config.data.ids_per_batch = 8  # P: identities per batch [5.1]

@@ -20,13 +20,16 @@ Before anything is written, `start` checks what would fail later: a file where a
 needed, a resume under another config, unreadable weights, a non-teacher checkpoint given as the
 teacher. A `UserError` (dakd_jax.errors) ends the run with its one-line message on stderr and a
 non-zero exit (2 for a config mistake, else 1); with `--verbosity` given, the traceback is shown
-too. A full or read-only disk is a `StorageError`, also when a library thread hit it. Anything
+too. A full or read-only disk is a `StorageError`, also when a library thread hit it. SIGTERM (a
+scheduler's preemption) and SIGINT stop the run after the training loop has checkpointed its
+last step (dakd_jax.interrupts), with one line and exit 128 + the signal (143, 130). Anything
 else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -36,6 +39,7 @@ import ml_collections
 
 from dakd_jax import config as config_lib
 from dakd_jax import errors
+from dakd_jax import interrupts
 
 TRAINING_STAGES = ("pretrain", "teacher", "student", "all")
 EXIT_CONFIG, EXIT_RUN = 2, 1
@@ -101,31 +105,53 @@ def run_seed_band(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """config.seeds: the stages once per seed in <workdir>/seed_<s>/, then every setting's
   numbers per seed with mean +- std, printed and written to <workdir>/seeds.json and
   <workdir>/seeds.md."""
-  import copy  # Only for the per-seed configs.
-  from dakd_jax.evaluation import report  # Deferred like run_stages' imports.
-  per_seed = {}
-  for seed in config.seeds:
-    derived = copy.deepcopy(config)
+  def with_seed(derived, seed):
     derived.seed, derived.seeds = seed, ()
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
+  return _run_band(config, workdir, "seed", config.seeds, with_seed)
+
+
+def run_trial_band(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """config.data.trials (RegDB): the stages once per trial in <workdir>/trial_<t>/, each
+  trained on its own split and resumed there, then every setting (both directions) per trial
+  with mean +- std, printed and written to <workdir>/trials.json and <workdir>/trials.md."""
+  def with_trial(derived, trial):
+    derived.data.trial, derived.data.trials = trial, ()
+  return _run_band(config, workdir, "trial", config.data.trials, with_trial)
+
+
+def _run_band(config: ml_collections.ConfigDict, workdir: str, kind: str, values,
+              derive) -> dict:
+  """The stages once per value in <workdir>/<kind>_<value>/ (`derive(config copy, value)`
+  sets it), then the band of their evaluations in <workdir>/<kind>s.json and <kind>s.md, each
+  labelled with the checkpoint selection rule. Returns {'<kind>s': band} ({} without eval)."""
+  import copy  # Only for the per-value configs.
+  from dakd_jax.evaluation import report  # Deferred like run_stages' imports.
+  per_value = {}
+  for value in values:
+    derived = copy.deepcopy(config)
+    derive(derived, value)
+    folder = os.path.join(workdir, f"{kind}_{value}")
     if jax_process_index() == 0:
-      print(f"dakd_jax: seed {seed} -> {seed_dir}", flush=True)
-    results = start(derived, seed_dir)
+      print(f"dakd_jax: {kind} {value} -> {folder}", flush=True)
+    results = start(derived, folder)
     if "eval" in results:
-      per_seed[seed] = results["eval"]
-  if not per_seed:
+      per_value[value] = results["eval"]
+  if not per_value:
     return {}
-  band = report.seed_band({seed: summary["results"] for seed, summary in per_seed.items()})
+  band = report.seed_band({value: summary["results"] for value, summary in per_value.items()})
+  selection = next(iter(per_value.values()))["checkpoint_selection"]
   if jax_process_index() == 0:
-    text = report.format_seed_band(band)
+    text = report.format_seed_band(band, kind=kind)
     print("\n" + text)
-    with open(os.path.join(workdir, "seeds.json"), "w") as f:
-      json.dump({"seeds": list(per_seed), "settings": band,
-                 "checkpoint_selection": next(iter(per_seed.values()))[
-                     "checkpoint_selection"]}, f, indent=2)
-    with open(os.path.join(workdir, "seeds.md"), "w") as f:
-      f.write(f"```\n{text}\n```\n")
-  return {"seeds": band}
+    # Each setting's per-value numbers under "<kind>s" ("seeds", "trials").
+    stored = {setting: {(f"{kind}s" if key == "seeds" else key): value
+                        for key, value in entry.items()} for setting, entry in band.items()}
+    with open(os.path.join(workdir, f"{kind}s.json"), "w") as f:
+      json.dump({f"{kind}s": list(per_value), "settings": stored,
+                 "checkpoint_selection": selection}, f, indent=2)
+    with open(os.path.join(workdir, f"{kind}s.md"), "w") as f:
+      f.write(f"Checkpoint selection: {selection}\n\n```\n{text}\n```\n")
+  return {f"{kind}s": band}
 
 
 def jax_process_index() -> int:
@@ -226,7 +252,7 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from dakd_jax import workdir_lock  # Deferred like run_stages' imports.
   workdir = os.path.abspath(workdir)  # Orbax refuses relative paths; notebooks change directory.
   check_output_folders(config, workdir)
-  if config.stage in TRAINING_STAGES and not config.seeds:
+  if config.stage in TRAINING_STAGES and not (config.seeds or config.data.trials):
     check_resumable(config, workdir)
   check_inputs(config)
   folder, what = written_folder(config, workdir)
@@ -234,7 +260,7 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock = contextlib.nullcontext()
   else:
     errors.check_writable_folder(folder, what)
-    if config.stage == "eval" and not config.seeds:  # Its folder may be read-only alone.
+    if config.stage == "eval" and not (config.seeds or config.data.trials):  # Its folder may be read-only alone.
       from dakd_jax.evaluation import evaluations  # Deferred like run_stages' imports.
       errors.check_writable_folder(evaluations.evaluation_dir(
           workdir, evaluations.evaluation_tag(config, workdir)), "evaluation folder")
@@ -242,6 +268,8 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with lock:
     if config.seeds:
       return run_seed_band(config, workdir)
+    if config.data.trials:
+      return run_trial_band(config, workdir)
     return start_locked(config, workdir)
 
 
@@ -273,6 +301,17 @@ def report_error(error: BaseException, verbose: bool) -> int:
   kind = "invalid config" if isinstance(user_error, errors.ConfigError) else "error"
   print(f"dakd_jax: {kind}: {user_error}", file=sys.stderr)
   return EXIT_CONFIG if isinstance(user_error, errors.ConfigError) else EXIT_RUN
+
+
+def report_stopped(stop: interrupts.Stopped, verbose: bool) -> int:
+  """A stop signal (SIGTERM from a scheduler, SIGINT): one line saying what was saved and how
+  to go on (the traceback only when verbose); exit code 128 + the signal (143, 130)."""
+  if verbose:
+    traceback.print_exc()
+  saved = stop.saved or "each stage keeps its last saved checkpoint"
+  print(f"dakd_jax: stopped by {signal.Signals(stop.signal_number).name}: {saved}; run the "
+        "same command again to resume from it", file=sys.stderr)
+  return stop.exit_code
 
 
 def report_interrupt(verbose: bool) -> int:
@@ -330,7 +369,7 @@ def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
   """The command line's path: `--config` arguments -> validated config -> stages. Returns a
   process exit code."""
   config_args = list(config_args)
-  with BackgroundFailures(verbose) as background:
+  with BackgroundFailures(verbose) as background, interrupts.handle_stop_signals():
     try:
       coordinator, num_processes, process_id = distributed
       if coordinator:
@@ -343,6 +382,8 @@ def main_from_args(config_args: Iterable[str], workdir: str | None = None, *,
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
       start(config, workdir or default_workdir(config_args))
+    except interrupts.Stopped as stop:
+      return report_stopped(stop, verbose)
     except KeyboardInterrupt:
       return report_interrupt(verbose)
     except Exception as error:  # pylint: disable=broad-except  # report_error re-raises bugs.

@@ -318,6 +318,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"config.seeds runs training and evaluation per seed; stage="
                       f"{config.stage!r} has no seed band (use stage=all)")
   _check_corruption(config)
+  _check_trials(config)
   _check_stage_lengths(config)
   _check_pretrain(config)
   if config.stage in ("teacher", "all"):
@@ -387,6 +388,27 @@ def teacher_schedule_warning(epochs: int, decay_epochs: tuple[int, int], warmup_
           f"({0.01 * lr:.3g}), where the network barely moves. Decay points are epochs, not "
           "fractions: when you change teacher.epochs, move them with it, e.g. "
           f"--config.teacher.decay_epochs='({max(first, epochs // 2)},{max(second, epochs)})'")
+
+
+def _check_trials(config: ml_collections.ConfigDict) -> None:
+  """config.data.trials: distinct RegDB trials 1..10, for the stages that train or evaluate,
+  not together with a seed band."""
+  trials = tuple(config.data.trials)
+  if not trials:
+    return
+  example = "e.g. --config.data.trials='(1,2,3)' or --config=configs/regdb.py:trials=all"
+  if any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 10 for t in trials) \
+      or len(set(trials)) != len(trials):
+    raise ConfigError(f"config.data.trials = {trials!r}: distinct RegDB trials 1..10, {example}")
+  if config.data.dataset != "regdb":
+    raise ConfigError(f"config.data.trials = {trials!r}: only RegDB trains per trial "
+                      f"(data.dataset = {config.data.dataset!r}); use config.data.trials=()")
+  if config.seeds:
+    raise ConfigError("config.data.trials and config.seeds both set: run one band at a time "
+                      "(set --config.seeds='()' or --config.data.trials='()')")
+  if config.stage not in ("all", "teacher", "student", "eval"):
+    raise ConfigError(f"config.data.trials runs training and evaluation per trial; stage="
+                      f"{config.stage!r} has no trial band (use stage=all)")
 
 
 def _check_stage_lengths(config):

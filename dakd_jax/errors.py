@@ -106,6 +106,11 @@ class StorageError(UserError, OSError):
   """A file that cannot be written: full disk, read-only folder, missing permission."""
 
 
+class InsufficientMemoryError(UserError, MemoryError):
+  """A training step that cannot fit in the device's (or host's) memory, found at start-up;
+  the message gives what it needs, what there is and the settings that reduce it."""
+
+
 class MissingExtraError(UserError, ImportError):
   """An optional package (an extra of pyproject.toml, or torch) that a requested feature needs;
   the message names the install command."""

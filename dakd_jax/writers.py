@@ -24,6 +24,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from dakd_jax import errors
+from dakd_jax.progress import format_duration  # Also this module's public name.
 
 RESERVED_KEYS = ("step", "stage", "wall_time")
 JSONL_NAME = "metrics.jsonl"
@@ -174,14 +175,6 @@ def drop_rows_after(path: str, step: int) -> int:
   return len(lines) - len(kept)
 
 
-def format_duration(seconds: float) -> str:
-  """Formats seconds as "H:MM:SS" (hours unbounded), "?" when not finite."""
-  if not math.isfinite(seconds):
-    return "?"
-  total = int(round(max(seconds, 0.0)))
-  return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
-
-
 def device_memory_bytes(device: Any = None) -> tuple[int, int] | None:
   """(bytes in use, peak bytes) of a device (default: the first local one), None when it
   reports no statistics (CPU). The peak is the allocator's high-water mark since the process
@@ -207,7 +200,8 @@ def device_memory_text(device: Any = None) -> str:
 class ProgressLine:
   """A stage's progress as one line that fits the terminal.
 
-  The line leads with the stage, step/total, the loss, images/s and the ETA; device memory (on
+  The line leads with the stage, step/total, the loss, images/s and the ETA (the steps left at
+  the recent rate, plus the caller's estimate of the other work left); device memory (on
   accelerators), the other loss terms, the epoch, step and data time follow, as many as fit in
   `width`
   columns (`shutil.get_terminal_size`, 80 when unknown; metrics.jsonl holds every term).
@@ -254,6 +248,7 @@ class ProgressLine:
     self._text = ""  # The last rendered line.
     self._shown = 0  # Characters of the in-place line now on the terminal.
     self._must_render = True  # The next update renders whatever the interval.
+    self._other_seconds_left = 0.0
     self.restart_clock(start_step)
 
   def restart_clock(self, step: int) -> None:
@@ -261,8 +256,15 @@ class ProgressLine:
     self._render_step, self._render_time = int(step), self._clock()
     self._images, self._data_time = 0, 0.0
 
+  def is_due(self, at_least_s: float = 10.0) -> bool:
+    """Whether a line is owed: `at_least_s` seconds (or the render interval, if longer) have
+    passed since the last one. The loop then fetches the losses early, so a slow step never
+    leaves a log silent until the next logging interval."""
+    return self._clock() - self._render_time >= max(at_least_s, self._min_interval)
+
   def update(self, step: int, metrics: Mapping[str, Any], images: int, *,
-             data_time: float = 0.0, epoch: int | None = None) -> str | None:
+             data_time: float = 0.0, epoch: int | None = None,
+             other_seconds_left: float = 0.0) -> str | None:
     """Records progress up to `step` and re-renders when the interval has passed.
 
     Args:
@@ -271,6 +273,8 @@ class ProgressLine:
       images: images processed since the previous `update` call.
       data_time: seconds spent waiting for input since the previous `update` call.
       epoch: shown instead of the epoch derived from steps_per_epoch.
+      other_seconds_left: time the stage still needs besides its steps (the teacher's memory
+        rebuilds, the evaluations to come), added to the ETA.
 
     Returns:
       The rendered text when a render happened, else None.
@@ -284,6 +288,7 @@ class ProgressLine:
       return None
     # A line without a rate yet ("ETA ?") is followed by one with it as soon as a step ran.
     self._must_render = step <= self._render_step
+    self._other_seconds_left = float(other_seconds_left)
     self._text = self._render(now, metrics, epoch)
     if self._use_tty:
       self._stream.write("\r" + self._text.ljust(self._shown))
@@ -317,8 +322,9 @@ class ProgressLine:
       tail.append(f"ep {epoch}{epochs}")
     if steps > 0:
       step_time = elapsed / steps
+      steps_left_s = (self.total_steps - self._last_step) * step_time
       lead += [f"{self._images / elapsed:.1f} img/s",
-               f"ETA {format_duration((self.total_steps - self._last_step) * step_time)}"]
+               f"ETA {format_duration(steps_left_s + self._other_seconds_left)}"]
       tail.append(f"step {step_time:.3f}s data {self._data_time / steps:.3f}s")
     else:  # Nothing ran since the clock restarted: no rate yet.
       lead += ["? img/s", "ETA ?"]

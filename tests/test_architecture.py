@@ -17,7 +17,8 @@ PACKAGE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # manager, which knows nothing of models or data) under the domain modules, and the config,
 # which reads its allowed values from the domain modules, above them.
 LEVELS = {
-    "dakd_jax.errors": 0, "dakd_jax.modalities": 0,
+    "dakd_jax.errors": 0, "dakd_jax.modalities": 0, "dakd_jax.interrupts": 0,
+    "dakd_jax.progress": 0,
     "dakd_jax.sharding": 1, "dakd_jax.writers": 1, "dakd_jax.checkpoint": 1,
     "dakd_jax.workdir_lock": 1,
     "dakd_jax.stage_checkpoints": 2, "dakd_jax.augment": 2, "dakd_jax.data": 2,

@@ -143,7 +143,7 @@ def test_cmc_plot_file_and_size(tmp_path):
                       "sysu_mm01/indoor/single-shot": [ramp ** 2, ramp ** 3]})
   path = plots.cmc_plot(results, str(tmp_path / "cmc.png"))
   picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
-  assert picture.shape == (400, 600, 3)
+  assert picture.shape == (400 + 22, 600, 3)  # Two settings: one legend row below the axes.
   # Curves are drawn in colour (grey axes and text alone would have r == g == b).
   assert (np.abs(picture[..., 0] - picture[..., 2]) > 80).sum() > 200
 
@@ -193,3 +193,43 @@ def test_table_fits_80_columns_and_puts_long_settings_on_their_own_line():
   numbers = [float(v) for v in lines[long_name + 1].split()]
   assert numbers[0] == pytest.approx(25.0) and numbers[-1] == 1
   assert lines[3].startswith("sysu_mm01/all/single-shot") and "50.00" in lines[3]
+
+
+def test_cmc_legend_sits_outside_the_curves():
+  """Eight settings (SYSU's four, twice): the legend's box and the axes' box do not meet."""
+  ramp = np.minimum(1, np.arange(1, 21) / 10)
+  results = _results({f"sysu_mm01/{mode}/{shot}-shot ({copy})": [ramp, ramp ** 2]
+                      for mode in ("all", "indoor") for shot in ("single", "multi")
+                      for copy in ("a", "b")})
+  pyplot, figure, axis, legend = plots.cmc_figure(results)
+  figure.canvas.draw()
+  legend_box, axis_box = legend.get_window_extent(), axis.get_window_extent()
+  figure_box = figure.bbox
+  pyplot.close(figure)
+  assert len(legend.get_texts()) == 8
+  assert legend_box.y1 < axis_box.y0  # Entirely below the axes...
+  assert legend_box.y0 >= figure_box.y0 and legend_box.x0 >= 0  # ... and inside the picture.
+  assert legend_box.x1 <= figure_box.x1
+
+
+def test_ranked_pictures_fit_a_screen_split_into_files(tmp_path):
+  """384x128 images, top-10, 8 queries: at most MAX_WIDTH wide, 4 rows a file, two files."""
+  count = 30
+  source = [{"image": np.full((384, 128, 3), 8 * i, np.uint8)} for i in range(count)]
+  meta = {"identity": np.arange(count) % 5, "camera": np.where(np.arange(count) < 8, 3, 1)}
+  embeddings = np.random.default_rng(0).normal(size=(count, 4))
+  embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+  out = pictures.ranked_picture(source, meta, embeddings, np.arange(8), np.arange(8, count),
+                                str(tmp_path / "ranked_x.png"), rule="regdb", top_k=10,
+                                num_queries=8)
+  assert out["paths"] == [str(tmp_path / "ranked_x.png"), str(tmp_path / "ranked_x_part2.png")]
+  # Width 8 + 11 panels + 10 gaps + 12 + 8 <= 1600: image width (1600 - 140) / 11 = 132.7 px.
+  scale = pictures.fit_scale((384, 128), 10)
+  assert scale == pytest.approx((1600 - (16 + 11 * 8 + 10 * 6 + 12)) / (11 * 128))
+  for path in out["paths"]:
+    width, height = Image.open(path).size
+    panel_h = round(384 * scale) + 2 * pictures.BORDER
+    assert width <= pictures.MAX_WIDTH
+    assert height == 2 * pictures.MARGIN + pictures.TITLE + 4 * (
+        panel_h + pictures.CAPTION) + 3 * pictures.GAP
+  assert pictures.fit_scale((96, 48), 10) == 2  # Small images keep twice their size.

@@ -121,7 +121,8 @@ def test_stage_eval_corrupted_is_the_same_on_1_and_2_devices_and_labelled(tmp_pa
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
     outputs[devices] = finish(run_py(args, workdir, env_extra=env))
-    folder = os.path.join(workdir, "eval", "corrupted-mixed-sall")
+    # The weights file's name leads the tag: another checkpoint than the workdir's student.
+    folder = os.path.join(workdir, "eval", "untrained-corrupted-mixed-sall")
     results[devices] = read_json(os.path.join(folder, "results.json"))
     assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))
     assert "one of the 20 corruptions drawn per image" in outputs[devices]
@@ -149,7 +150,7 @@ def test_stage_eval_sweep_writes_the_robustness_table_and_pictures(tmp_path, sha
                                           "eval.corruption": "rain", "eval.severity": "all"})
   workdir = str(tmp_path / "run")
   output = finish(run_py(args, workdir))
-  folder = os.path.join(workdir, "eval", "robustness")
+  folder = os.path.join(workdir, "eval", "untrained-robustness")
   stored = read_json(os.path.join(folder, "results.json"))
   assert stored["complete"] is True
   assert [(e["corruption"], e["severity"]) for e in stored["evaluations"]] == [

@@ -23,9 +23,9 @@ import shutil
 import sys
 
 import numpy as np
-import tqdm
 from PIL import Image
 
+from dakd_jax import progress
 from dakd_jax.data.synthetic_render import draw_camera, draw_person, make_rng, render
 
 FORMAT_VERSION = 3
@@ -47,9 +47,11 @@ _DISPLAY_PARAMS = ("show_progress",)
 
 
 def _persons(identities, kind: str, show_progress: bool):
-  """The identities to draw, as a progress bar over persons on a terminal (none otherwise)."""
-  return tqdm.tqdm(identities, desc=f"generating synthetic {kind} persons", unit=" persons",
-                   leave=False, disable=None if show_progress else True, file=sys.stderr)
+  """The identities to draw, with progress over persons (a bar on a terminal, plain lines at a
+  steady pace otherwise; none without show_progress)."""
+  identities = list(identities)
+  return progress.track(identities, len(identities), f"generating synthetic {kind} persons",
+                        unit="persons", enabled=show_progress)
 
 
 def _check_sizes(**sizes: tuple[int, int]) -> None:

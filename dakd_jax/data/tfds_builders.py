@@ -37,8 +37,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
+from dakd_jax import progress
 from dakd_jax.data import dataset_files
 from dakd_jax.data import prepared_files
 from dakd_jax.data import records as records_lib
@@ -146,22 +146,20 @@ def _split_table(records: list[ImageRecord], root: str,
 
 
 class _Progress:
-  """One progress bar over all images of all splits, opened on first use."""
+  """One progress display over all images of all splits, opened on first use: a bar on a
+  terminal, plain lines at a steady pace in a log file (dakd_jax.progress)."""
 
   def __init__(self, total: int, desc: str, enabled: bool):
-    self._total, self._desc, self._enabled, self._bar = total, desc, enabled, None
+    self._total, self._desc, self._enabled, self._shown = total, desc, enabled, None
 
   def update(self, count: int) -> None:
     if not self._enabled:
       return
-    if self._bar is None:
-      # Drawn on a terminal only (disable=None): in a log file a redrawn bar is noise, and the
-      # one-line "preparing" notice already says what happens.
-      self._bar = tqdm.tqdm(total=self._total, desc=self._desc, unit=" images", disable=None,
-                            leave=False)
-    self._bar.update(count)
-    if self._bar.n >= self._total:
-      self._bar.close()
+    if self._shown is None:
+      self._shown = progress.Progress(self._total, self._desc, unit="images")
+    self._shown.update(count)
+    if self._shown.done >= self._total:
+      self._shown.close()
 
 
 class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):

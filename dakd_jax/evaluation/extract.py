@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from dakd_jax import augment
+from dakd_jax import progress
 from dakd_jax import sharding as sharding_lib
 from dakd_jax.data import pipeline
 from dakd_jax.losses.memory import unit_rows
@@ -85,20 +85,20 @@ def extract_embeddings(embed_fn: Callable, variables, source, indices: Sequence[
   batches = pipeline.make_eval_batches(source, indices, batch_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  num_batches = -(-len(indices) // batch_size)
-  # None: tqdm draws the bar on a terminal only; in a log file a redrawn bar is noise.
-  disable = None if show_progress and jax.process_index() == 0 else True
   rows = []
-  for number, batch in enumerate(tqdm(batches, total=num_batches, desc=description,
-                                      disable=disable, leave=False, mininterval=2.0)):
-    # batch["index"] is a position in `indices` (-1 for padding), not a dataset index.
-    dataset_index = indices[np.where(batch["mask"], batch["index"], 0)]
-    local = {"images": batch["images"],
-             "modality": modality_codes[dataset_index].astype(np.int32)}
-    global_batch = sharding_lib.host_to_global(local, mesh)
-    embeddings = step_fn(variables, global_batch["images"], global_batch["modality"],
-                         jax.random.fold_in(key, number))
-    # Padding sits at the end of the global batch, so the first `valid` rows are real.
-    valid = min(batch_size, len(indices) - number * batch_size)
-    rows.append(sharding_lib.to_host(embeddings)[:valid])
+  # A bar on a terminal; plain lines at a steady pace in a log file (dakd_jax.progress).
+  with progress.Progress(len(indices), description, unit="images",
+                         enabled=show_progress and jax.process_index() == 0) as shown:
+    for number, batch in enumerate(batches):
+      # batch["index"] is a position in `indices` (-1 for padding), not a dataset index.
+      dataset_index = indices[np.where(batch["mask"], batch["index"], 0)]
+      local = {"images": batch["images"],
+               "modality": modality_codes[dataset_index].astype(np.int32)}
+      global_batch = sharding_lib.host_to_global(local, mesh)
+      embeddings = step_fn(variables, global_batch["images"], global_batch["modality"],
+                           jax.random.fold_in(key, number))
+      # Padding sits at the end of the global batch, so the first `valid` rows are real.
+      valid = min(batch_size, len(indices) - number * batch_size)
+      rows.append(sharding_lib.to_host(embeddings)[:valid])
+      shown.update(valid)
   return np.concatenate(rows).astype(np.float32)

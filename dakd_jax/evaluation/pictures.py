@@ -8,7 +8,9 @@ what the network sees in training.
 Ranked-result picture layout: one row per query; the query panel, then `QUERY_GAP` extra pixels,
 then the top-k gallery panels. A panel is the image scaled by `scale` inside a `BORDER`-pixel
 frame (query blue, true match green, false match red, grey when identities are unknown), with a
-caption strip of `CAPTION` pixels below it. `panel_box` gives the geometry.
+caption strip of `CAPTION` pixels below it. `panel_box` gives the geometry; `fit_scale` keeps
+a picture within MAX_WIDTH pixels and a file holds at most ROWS_PER_PICTURE rows, so the picture
+fits a screen at full size and its captions stay readable.
 
 Augmentation grid (one row per image: raw, then each view):
   python -m dakd_jax.evaluation.pictures --dataset sysu_mm01 --out grid.png IMAGE [IMAGE ...]
@@ -39,6 +41,13 @@ QUERY_GAP = 12  # extra space between the query and its ranked list
 CAPTION = 14  # caption strip below each panel
 MARGIN = 8
 TITLE = 18  # title strip at the top
+# A ranked-result picture fits a screen at full size, so its 11-pixel captions stay readable:
+# at most MAX_WIDTH pixels wide (images shrink to fit, never below MIN_IMAGE_WIDTH) and
+# ROWS_PER_PICTURE query rows per file (more queries go to further files).
+MAX_WIDTH = 1600
+MIN_IMAGE_WIDTH = 32
+ROWS_PER_PICTURE = 4
+LARGEST_SCALE = 2  # small images are shown twice their size
 
 
 def rank(query: np.ndarray, gallery: np.ndarray, *, top_k: int,
@@ -69,18 +78,35 @@ def rank(query: np.ndarray, gallery: np.ndarray, *, top_k: int,
   return order.astype(np.int64), values.astype(np.float32)
 
 
-def panel_box(row: int, column: int, image_hw: tuple[int, int], scale: int) -> tuple:
+def panel_box(row: int, column: int, image_hw: tuple[int, int], scale: float) -> tuple:
   """(left, top, right, bottom) of a panel's frame (right/bottom exclusive); column 0 = query."""
-  panel_h, panel_w = image_hw[0] * scale + 2 * BORDER, image_hw[1] * scale + 2 * BORDER
+  panel_h = int(round(image_hw[0] * scale)) + 2 * BORDER
+  panel_w = int(round(image_hw[1] * scale)) + 2 * BORDER
   left = MARGIN + column * (panel_w + GAP) + (QUERY_GAP if column > 0 else 0)
   top = MARGIN + TITLE + row * (panel_h + CAPTION + GAP)
   return left, top, left + panel_w, top + panel_h
 
 
+def fit_scale(image_hw: tuple[int, int], top_k: int, max_width: int = MAX_WIDTH) -> float:
+  """The panel scale that keeps a row of the query and `top_k` panels within `max_width`
+  pixels: LARGEST_SCALE when that fits, less for large images (never below MIN_IMAGE_WIDTH
+  pixels of image width)."""
+  fixed = 2 * MARGIN + (top_k + 1) * 2 * BORDER + top_k * GAP + QUERY_GAP
+  fitting = (max_width - fixed) / ((top_k + 1) * image_hw[1])
+  return min(float(LARGEST_SCALE), max(fitting, MIN_IMAGE_WIDTH / image_hw[1]))
+
+
+def part_paths(path: str, num_rows: int, rows_per_picture: int = ROWS_PER_PICTURE) -> list[str]:
+  """The files of a picture of `num_rows` rows: `path`, then `<stem>_part2.png`, ..."""
+  stem, extension = os.path.splitext(path)
+  parts = max(-(-num_rows // rows_per_picture), 1)
+  return [path] + [f"{stem}_part{number}{extension}" for number in range(2, parts + 1)]
+
+
 def draw_ranked_rows(query_images: Sequence[np.ndarray], ranked_images: Sequence[Sequence],
                      matches: np.ndarray | None, distances: np.ndarray, path: str, *,
                      query_captions: Sequence[str] | None = None, title: str = "",
-                     scale: int = 2) -> str:
+                     scale: float | None = None) -> str:
   """Draws the ranked-result picture (layout in the module docstring) and saves it as PNG.
 
   Args:
@@ -90,10 +116,12 @@ def draw_ranked_rows(query_images: Sequence[np.ndarray], ranked_images: Sequence
     matches: bool [Q, k]: green frame where True, red where False; None: grey frames
       (identities unknown, e.g. folders of new images).
     distances: float [Q, k], printed as '#rank d=distance'.
+    scale: panel size over image size; None = `fit_scale` (the picture fits a screen).
   Returns: `path`.
   """
   height, width = np.asarray(query_images[0]).shape[:2]
   num_rows, top_k = np.asarray(distances).reshape(len(query_images), -1).shape
+  scale = fit_scale((height, width), top_k) if scale is None else scale
   right, bottom = panel_box(num_rows - 1, top_k, (height, width), scale)[2:]
   canvas = Image.new("RGB", (right + MARGIN, bottom + CAPTION + MARGIN), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
@@ -144,8 +172,9 @@ def ranked_picture(source, meta: dict, embeddings: np.ndarray, query_rows: np.nd
     query_rows, gallery_rows: int rows of the protocol (`Evaluator.rows`).
     rule: the dataset's CameraRule (or its name); gallery images it ignores for a query are not shown.
     queries: positions in query_rows to show; None = `num_queries` random ones (seeded).
+  More than ROWS_PER_PICTURE queries go to further files (`part_paths`).
   Returns:
-    {'path', 'queries' [q] test rows, 'gallery' [q, k] test rows (-1 pad), 'matches' bool
+    {'path' (the first file), 'paths' (all files), 'queries' [q] test rows, 'gallery' [q, k] test rows (-1 pad), 'matches' bool
      [q, k], 'distances' [q, k]}.
   """
   positions = (np.asarray(queries, np.int64) if queries is not None
@@ -159,13 +188,17 @@ def ranked_picture(source, meta: dict, embeddings: np.ndarray, query_rows: np.nd
                           removed=removed)
   ranked = np.where(order >= 0, gallery_rows[np.maximum(order, 0)], -1)
   matches = (ranked >= 0) & (identity[np.maximum(ranked, 0)] == identity[chosen][:, None])
-  draw_ranked_rows(
-      [source[int(r)]["image"] for r in chosen],
-      [[source[int(g)]["image"] if g >= 0 else None for g in row] for row in ranked],
-      matches, distances, path, title=title,
-      query_captions=[f"id {identity[r]} cam {camera[r]}" for r in chosen])
-  return {"path": path, "queries": chosen, "gallery": ranked, "matches": matches,
-          "distances": distances}
+  paths = part_paths(path, len(chosen))
+  for number, part in enumerate(paths):
+    rows = slice(number * ROWS_PER_PICTURE, (number + 1) * ROWS_PER_PICTURE)
+    draw_ranked_rows(
+        [source[int(r)]["image"] for r in chosen[rows]],
+        [[source[int(g)]["image"] if g >= 0 else None for g in row] for row in ranked[rows]],
+        matches[rows], distances[rows], part,
+        title=title + (f" ({number + 1}/{len(paths)})" if len(paths) > 1 else ""),
+        query_captions=[f"id {identity[r]} cam {camera[r]}" for r in chosen[rows]])
+  return {"path": path, "paths": paths, "queries": chosen, "gallery": ranked,
+          "matches": matches, "distances": distances}
 
 
 _AUGMENT_JIT = jax.jit(augment.augment_batch, static_argnames="settings")

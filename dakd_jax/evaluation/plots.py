@@ -19,13 +19,12 @@ def _figure(rows: int = 1, columns: int = 1, size=(6.0, 4.0)):
   return pyplot, figure, axes
 
 
-def cmc_plot(results: dict, path: str, *, title: str = "CMC") -> str:
-  """CMC curves (rank 1..len) of every setting: mean over trials, min-max band shaded.
-
-  Args: results: results.json's 'results' ({setting: {'mean': {'cmc'}, 'trials': [...]}}).
-  Returns: `path`, a 600x400 PNG.
-  """
-  pyplot, figure, axes = _figure()
+def cmc_figure(results: dict, *, title: str = "CMC"):
+  """The CMC figure of `cmc_plot`, not saved: (pyplot, figure, axis, legend). The legend sits
+  below the curves, outside the axes (two columns; the figure grows 0.22 inch per legend row),
+  so it never hides a curve."""
+  legend_rows = -(-len(results) // 2)
+  pyplot, figure, axes = _figure(size=(6.0, 4.0 + 0.22 * legend_rows))
   axis = axes[0, 0]
   for name, setting in results.items():
     trials = np.array([t["cmc"] for t in setting["trials"]]) * 100
@@ -36,8 +35,20 @@ def cmc_plot(results: dict, path: str, *, title: str = "CMC") -> str:
   axis.set(xlabel="rank", ylabel="matching rate (%)", title=title, ylim=(0, 101))
   axis.set_xticks(ranks[::max(1, len(ranks) // 10)])
   axis.grid(alpha=0.3)
-  axis.legend(fontsize=7, loc="lower right")
-  figure.tight_layout()
+  legend = axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+                       frameon=False)
+  figure.tight_layout()  # Counts the legend: the axes shrink to leave it room below.
+  return pyplot, figure, axis, legend
+
+
+def cmc_plot(results: dict, path: str, *, title: str = "CMC") -> str:
+  """CMC curves (rank 1..len) of every setting: mean over trials, min-max band shaded, the
+  legend below the axes (`cmc_figure`).
+
+  Args: results: results.json's 'results' ({setting: {'mean': {'cmc'}, 'trials': [...]}}).
+  Returns: `path`, a PNG 600 pixels wide, 400 + 22 per legend row (two settings a row) high.
+  """
+  pyplot, figure, _, _ = cmc_figure(results, title=title)
   figure.savefig(path)
   pyplot.close(figure)
   return path

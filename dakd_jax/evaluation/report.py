@@ -68,19 +68,21 @@ def seed_band(results_by_seed: dict) -> dict:
   return band
 
 
-def format_seed_band(band: dict) -> str:
-  """Per setting: one line per seed, then mean +- std (percent), at most 80 columns."""
+def format_seed_band(band: dict, kind: str = "seed") -> str:
+  """Per setting: one line per seed (or trial: `kind`), then mean +- std (percent), at most 80
+  columns."""
   lines = []
   for setting, entry in band.items():
-    lines += [setting, f"  {'seed':<8}{'R1':>18}{'mAP':>18}{'mINP':>18}"]
+    lines += [setting, f"  {kind:<8}{'R1':>18}{'mAP':>18}{'mINP':>18}"]
     for seed, values in entry["seeds"].items():
       lines.append(f"  {seed!s:<8}" + "".join(f"{100 * values[n]:>18.2f}"
                                                for n in ("R1", "mAP", "mINP")))
     spread = [f"{100 * entry['mean'][n]:.2f} +- {100 * entry['std'][n]:.2f}"
               for n in ("R1", "mAP", "mINP")]
     lines.append(f"  {'mean+-sd':<8}" + "".join(f"{text:>18}" for text in spread))
-  return "\n".join([f"seed band over {len(next(iter(band.values()))['seeds'])} seeds "
-                     "(percent, each seed the mean over its trials):"] + lines)
+  count = len(next(iter(band.values()))["seeds"])
+  return "\n".join([f"{kind} band over {count} {kind}s (percent, each {kind} the mean over its "
+                    "gallery trials):"] + lines)
 
 
 def format_verification(results: dict) -> str:
@@ -246,12 +248,14 @@ def write_run_pictures(workdir: str, data: prepare.DataBundle, embeddings: np.nd
     first_trials.setdefault(protocol.setting, (protocol, pair))
   for setting, (protocol, (query_rows, gallery_rows)) in first_trials.items():
     caption = f"Ranked results: {protocol.name}"
-    paths[caption] = pictures.ranked_picture(
+    parts = pictures.ranked_picture(
         data.test_source, data.test_meta, embeddings, query_rows, gallery_rows,
         os.path.join(out_dir, f"ranked_{setting.replace('/', '_')}.png"),
         rule=data.spec.camera_rule, top_k=top_k, num_queries=num_queries, seed=seed,
         title=f"{protocol.name}: query | top-{top_k} (green = same identity, red = other)"
-    )["path"]
+    )["paths"]
+    for number, part in enumerate(parts):
+      paths[caption + (f" ({number + 1}/{len(parts)})" if len(parts) > 1 else "")] = part
   return paths
 
 

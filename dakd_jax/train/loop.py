@@ -23,6 +23,7 @@ import numpy as np
 
 from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
+from dakd_jax import interrupts
 from dakd_jax import sharding as sharding_lib
 from dakd_jax import writers
 from dakd_jax.data import pipeline
@@ -33,6 +34,7 @@ from dakd_jax.evaluation import report
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.train import centres as centres_lib
 from dakd_jax.train import finite
+from dakd_jax.train import memory_plan
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
 
@@ -158,6 +160,23 @@ class _Outputs:
   progress: writers.ProgressLine
 
 
+@dataclasses.dataclass
+class _Position:
+  """How far a running stage has come, kept up to date by the loop so that a stop signal can
+  checkpoint it (`_save_on_stop`).
+
+  step: the steps done; state: the state after them (consistent: every step's work is done);
+  pending: (step, metrics) not yet fetched and checked; best, last_eval: as `_train_steps`
+  returns them; evaluation_due: the evaluation of `step` started and has not finished.
+  """
+  step: int
+  state: Any
+  best: dict
+  last_eval: dict = dataclasses.field(default_factory=dict)
+  pending: list = dataclasses.field(default_factory=list)
+  evaluation_due: bool = False
+
+
 def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
               data: prepare.DataBundle, state: Any, mesh,
               evaluator: evaluator_lib.Evaluator) -> dict:
@@ -165,6 +184,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
 
   Returns {'best': metrics of the best evaluation, 'last': metrics of the last, 'steps'}.
   Whatever was opened is closed on the way out, also when a step, a save or a write fails.
+  A stop signal (interrupts.Stopped, KeyboardInterrupt) first checkpoints the steps done.
   """
   total_steps = stage.epochs * stage.steps_per_epoch
   with contextlib.ExitStack() as cleanup:
@@ -190,77 +210,164 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
                                     steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
                                     use_tty=None if config.log.progress else False)
     cleanup.callback(progress.close)
-    best = dict(metadata.get("best", {})) if metadata else {}
-    best, last_eval = _train_steps(stage, config, state, start_step, iterator, mesh, evaluator,
-                                   _Outputs(manager, writer, progress), best, data.fingerprint)
-  return {"best": best, "last": last_eval, "steps": total_steps}
+    out = _Outputs(manager, writer, progress)
+    position = _Position(start_step, state, dict(metadata.get("best", {})) if metadata else {})
+    try:
+      if metadata and metadata.get("evaluation_due"):  # Stopped during this step's evaluation.
+        _evaluate_step(stage, config, evaluator, out, position)
+      _train_steps(stage, config, iterator, mesh, evaluator, out, position, data.fingerprint)
+    except (interrupts.Stopped, KeyboardInterrupt) as stop:
+      _save_on_stop(stage, config, out, position, data.fingerprint, stop)
+      raise
+  return {"best": position.best, "last": position.last_eval, "steps": total_steps}
 
 
-def _train_steps(stage: Stage, config: ml_collections.ConfigDict, state: Any, start_step: int,
-                 iterator, mesh, evaluator: evaluator_lib.Evaluator, out: _Outputs,
-                 best: dict, data_fingerprint: str) -> tuple[dict, dict]:
-  """The steps from `start_step` to the stage's end; returns (best, last) evaluation metrics.
+def _checkpoint_metadata(stage: Stage, config: ml_collections.ConfigDict, done: int,
+                         best: dict, data_fingerprint: str) -> dict:
+  """What every checkpoint of a stage records beside its state."""
+  return {"config": config.to_dict(), "epoch": -(-done // stage.steps_per_epoch),
+          "stage": stage.name, "best": best, "selection": config.checkpoint.select,
+          "data_fingerprint": data_fingerprint}
+
+
+def _fetch_checked(position: _Position, stage_name: str,
+                   manager: checkpoint_lib.CheckpointManager) -> None:
+  """Fetches and checks the losses not yet checked (never checkpoint a state whose losses were
+  not checked)."""
+  if position.pending:
+    history = _fetch(position.pending)
+    position.pending = []
+    finite.check_finite_losses(history, stage_name, manager)
+
+
+def _evaluate_step(stage: Stage, config: ml_collections.ConfigDict,
+                   evaluator: evaluator_lib.Evaluator, out: _Outputs,
+                   position: _Position) -> dict | None:
+  """The training-time evaluation of `position.step`; updates last_eval and (unless
+  checkpoint.select is "last", where evaluations only show progress) best. Returns the metrics
+  that rank the step's checkpoint, or None."""
+  out.progress.clear()
+  position.evaluation_due = True
+  position.last_eval = evaluate_during_training(
+      evaluator, stage.variables_of(position.state), out.writer, position.step,
+      config.checkpoint.select)
+  position.evaluation_due = False
+  if config.checkpoint.select == "last":
+    return None
+  if not position.best or position.last_eval["mAP"] > position.best["mAP"]:
+    position.best = dict(position.last_eval, step=position.step)
+  return {"mAP": position.last_eval["mAP"]}
+
+
+def _train_steps(stage: Stage, config: ml_collections.ConfigDict, iterator, mesh,
+                 evaluator: evaluator_lib.Evaluator, out: _Outputs, position: _Position,
+                 data_fingerprint: str) -> None:
+  """The steps from `position.step` to the stage's end, keeping `position` up to date.
 
   Evaluations rank checkpoints (and update `best`) unless checkpoint.select is "last", where
   they only show progress; every checkpoint records the selection rule and the data's
-  fingerprint."""
+  fingerprint. Each step and each save runs in `interrupts.deferred()`: a stop signal ends
+  the run between them, never inside."""
   total_steps = stage.epochs * stage.steps_per_epoch
-  selection = config.checkpoint.select
-  last_eval, pending, data_time, deferred = {}, [], 0.0, None
+  start_step, data_time = position.step, 0.0
+  shown_step = start_step  # The step of the progress line's latest update.
+  deferred = None  # A checkpoint held back until the next step's loss is checked.
   images_per_step = 2 * config.data.ids_per_batch * config.data.images_per_id
+  phase_seconds = {"epoch_start": 0.0, "evaluation": 0.0}  # The latest of each, for the ETA.
   for step in range(start_step, total_steps):
-    epoch = step // stage.steps_per_epoch
     if step % stage.steps_per_epoch == 0:
       out.progress.clear()  # The memory rebuild may draw its own bars.
-      state = stage.on_epoch_start(state, epoch)
-    started = time.perf_counter()
-    host_batch = next(iterator)
-    data_time += time.perf_counter() - started
-    batch = sharding_lib.host_to_global(
-        {k: host_batch[k] for k in ("visible", "infrared", "labels")}, mesh)
-    state, metrics = stage.step_fn(state, batch)
-    if step == start_step:  # Compiled now: rates and the ETA count from here.
-      out.progress.restart_clock(start_step)
-      data_time = 0.0
-    pending.append((step + 1, metrics))
+      started = time.perf_counter()
+      position.state = stage.on_epoch_start(position.state, step // stage.steps_per_epoch)
+      phase_seconds["epoch_start"] = time.perf_counter() - started
     done = step + 1
-    if deferred is not None:  # Saved once this step's loss, computed from it, is finite.
-      deferred = _save_when_followed_by_a_finite_loss(deferred, pending, stage.name, out.manager)
-    epoch_end = done % stage.steps_per_epoch == 0
-    if done % config.log.every_steps == 0 or epoch_end or done == total_steps:
-      history = _fetch(pending)
-      pending = []
-      finite.check_finite_losses(history, stage.name, out.manager)
-      means = _mean_metrics(history)
-      out.writer.write_scalars(done, means)
-      out.progress.update(done, means, images_per_step * len(history), data_time=data_time)
-      data_time = 0.0
-    eval_metrics, evaluated = None, False
-    if epoch_end and (stage.eval_due(done // stage.steps_per_epoch) or done == total_steps):
-      out.progress.clear()
-      evaluated = True
-      last_eval = evaluate_during_training(evaluator, stage.variables_of(state), out.writer,
-                                           done, selection)
-      if selection != "last":  # Only a selecting evaluation ranks checkpoints.
-        eval_metrics = {"mAP": last_eval["mAP"]}
-        if not best or last_eval["mAP"] > best["mAP"]:
-          best = dict(last_eval, step=done)
-    if evaluated or done % config.checkpoint.every_steps == 0 or done == total_steps:
-      if pending:  # Never checkpoint a state whose losses were not checked.
-        history = _fetch(pending)
-        pending = []
+    with interrupts.deferred():
+      started = time.perf_counter()
+      host_batch = next(iterator)
+      data_time += time.perf_counter() - started
+      batch = sharding_lib.host_to_global(
+          {k: host_batch[k] for k in ("visible", "infrared", "labels")}, mesh)
+      position.state, metrics = stage.step_fn(position.state, batch)
+      position.step = done
+      if step == start_step:  # Compiled now: rates and the ETA count from here.
+        out.progress.restart_clock(start_step)
+        data_time = 0.0
+      position.pending.append((done, metrics))
+      if deferred is not None:  # Saved once this step's loss, computed from it, is finite.
+        deferred = _save_when_followed_by_a_finite_loss(deferred, position.pending, stage.name,
+                                                        out.manager)
+      log_due = done % config.log.every_steps == 0 or done % stage.steps_per_epoch == 0 \
+          or done == total_steps
+      if log_due or out.progress.is_due():
+        history = _fetch(position.pending)
         finite.check_finite_losses(history, stage.name, out.manager)
-      finite.check_finite_state(state, done, stage.name, out.manager)
-      save = (done, state, {"config": config.to_dict(), "epoch": epoch + 1, "stage": stage.name,
-                            "best": best, "selection": selection,
-                            "data_fingerprint": data_fingerprint}, eval_metrics)
-      if done == total_steps:
-        out.manager.save(*save[:3], metrics=save[3])
-      else:  # A copy: the next step consumes (donates) the state.
-        deferred = (done, jax.tree.map(jnp.copy, state), *save[2:])
+        means = _mean_metrics(history)
+        out.progress.update(done, means, images_per_step * (done - shown_step),
+                            data_time=data_time,
+                            other_seconds_left=_other_seconds_left(stage, done, phase_seconds))
+        shown_step, data_time = done, 0.0
+        if log_due:
+          out.writer.write_scalars(done, means)
+          position.pending = []
+    eval_metrics, evaluated = None, False
+    if done % stage.steps_per_epoch == 0 and (
+        stage.eval_due(done // stage.steps_per_epoch) or done == total_steps):
+      evaluated, started = True, time.perf_counter()
+      eval_metrics = _evaluate_step(stage, config, evaluator, out, position)
+      phase_seconds["evaluation"] = time.perf_counter() - started
+    if evaluated or done % config.checkpoint.every_steps == 0 or done == total_steps:
+      with interrupts.deferred():
+        _fetch_checked(position, stage.name, out.manager)
+        finite.check_finite_state(position.state, done, stage.name, out.manager)
+        metadata = _checkpoint_metadata(stage, config, done, position.best, data_fingerprint)
+        if done == total_steps:
+          out.manager.save(done, position.state, metadata, metrics=eval_metrics)
+        else:  # A copy: the next step consumes (donates) the state.
+          deferred = (done, jax.tree.map(jnp.copy, position.state), metadata, eval_metrics)
   if stage.on_finish is not None:
-    stage.on_finish(state)
-  return best, last_eval
+    stage.on_finish(position.state)
+
+
+def _other_seconds_left(stage: Stage, done: int, phase_seconds: dict) -> float:
+  """The time a stage needs after `done` steps besides the steps: the epoch starts (the
+  teacher's memory rebuild) and the evaluations still to come, each at its latest duration
+  (an evaluation not run yet counts 0)."""
+  per_epoch = stage.steps_per_epoch
+  starts_left = sum(1 for epoch in range(stage.epochs) if epoch * per_epoch >= done)
+  evaluations_left = sum(1 for epoch in range(1, stage.epochs + 1) if epoch * per_epoch >= done
+                         and (stage.eval_due(epoch) or epoch == stage.epochs))
+  return (starts_left * phase_seconds["epoch_start"]
+          + evaluations_left * phase_seconds["evaluation"])
+
+
+def _save_on_stop(stage: Stage, config: ml_collections.ConfigDict, out: _Outputs,
+                  position: _Position, data_fingerprint: str, stop: BaseException) -> None:
+  """On a stop signal: checkpoints the steps done unless the newest checkpoint holds them and
+  waits for the saves; records on `stop` (when it is interrupts.Stopped) what was saved.
+
+  A step stopped during its evaluation is saved marked "evaluation_due" (the resumed run
+  evaluates it first) when evaluations only show progress (checkpoint.select=last); when they
+  rank checkpoints the step is not saved, as its checkpoint needs the evaluation's metrics.
+  A state whose buffers were donated to a step cut in the middle (Ctrl-C without the handlers
+  of interrupts.handle_stop_signals) cannot be saved either.
+  """
+  with interrupts.ignored():
+    out.progress.clear()
+    latest = out.manager.latest_step()
+    savable = not any(isinstance(leaf, jax.Array) and leaf.is_deleted()
+                      for leaf in jax.tree.leaves(position.state))
+    ranked_evaluation = position.evaluation_due and config.checkpoint.select != "last"
+    if savable and not ranked_evaluation and (latest is None or latest < position.step):
+      _fetch_checked(position, stage.name, out.manager)
+      finite.check_finite_state(position.state, position.step, stage.name, out.manager)
+      metadata = _checkpoint_metadata(stage, config, position.step, position.best,
+                                      data_fingerprint)
+      metadata["evaluation_due"] = position.evaluation_due
+      out.manager.save(position.step, position.state, metadata)
+    out.manager.wait()
+    latest = out.manager.latest_step()
+    if isinstance(stop, interrupts.Stopped) and latest is not None:
+      stop.saved = f"{stage.name} step {latest} saved in {out.manager.directory}"
 
 
 def _drop_later_evaluation(workdir: str, start_step: int) -> None:
@@ -311,6 +418,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
       model, tx, builders.teacher_settings(config), builders.augment_views(config, "teacher"),
       hard_momentum=config.teacher.hard_momentum, mean_momentum=config.teacher.mean_momentum)
   compiled = jit_step(step, mesh)
+  memory_plan.check_step_memory(
+      compiled, (state, memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))),
+      "teacher", config)
 
   def on_epoch_start(state, epoch):
     memories = centres_lib.build_teacher_memories(
@@ -333,14 +443,19 @@ def resnet_features(config: ml_collections.ConfigDict) -> int:
 
 
 def load_teacher(config: ml_collections.ConfigDict, model, data: prepare.DataBundle,
-                 teacher_source: str, mesh) -> steps_lib.FrozenTeacher:
+                 teacher_source: str, mesh, before_centres: Callable | None = None
+                 ) -> steps_lib.FrozenTeacher:
   """The frozen teacher of the student stage: a teacher checkpoint's (or weights file's)
-  variables and its centres computed on the training set (method.md 4.1)."""
+  variables and its centres computed on the training set (method.md 4.1).
+  `before_centres(variables)` runs once the variables are read, before the centres' pass over
+  the training set (the student's memory plan)."""
   variables, described = builders.restore_model_variables(
       config, model, teacher_source, mesh, stages=("teacher",), data_fingerprint=data.fingerprint,
       hint="train the teacher first (--config.stage=teacher or all) or point "
            "--config.distill.teacher_checkpoint at a teacher workdir, its checkpoints/ folder "
            "or a teacher weights file")
+  if before_centres is not None:
+    before_centres(variables)
   teacher = centres_lib.frozen_teacher(model, variables, data, mesh,
                                        batch_size=config.eval.batch_size,
                                        show_progress=config.log.progress)
@@ -356,9 +471,6 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare
   """Stage 2 (method.md 4): DAKD self-distillation from a frozen teacher."""
   mesh = sharding_lib.make_mesh()
   model = builders.model_from_config(config)
-  teacher = load_teacher(config, model, data, teacher_source, mesh)
-  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
-  steps_per_epoch = stage_steps_per_epoch(config.distill.steps_per_epoch, config, data)
   tx = builders.make_student_optimizer(config)
   # The student starts from ImageNet (or random) weights, not from the teacher (method.md 2.4).
   key_init, key_state = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
@@ -369,6 +481,17 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare
       double_bn_update=config.distill.double_bn_update,
       student_forward=config.distill.student_forward)
   compiled = jit_step(step, mesh, num_extra=1)
+  # Sized once the teacher is read, before its centres' pass over the training set: the frozen
+  # teacher is its variables and two [classes, D] centre tables.
+  centres = jax.ShapeDtypeStruct((data.num_classes, resnet_features(config)), jnp.float32)
+  batch = memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))
+  teacher = load_teacher(
+      config, model, data, teacher_source, mesh,
+      before_centres=lambda teacher_variables: memory_plan.check_step_memory(
+          compiled, (state, steps_lib.FrozenTeacher(teacher_variables, centres, centres), batch),
+          "student", config))
+  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
+  steps_per_epoch = stage_steps_per_epoch(config.distill.steps_per_epoch, config, data)
   stage = Stage(
       name="student", epochs=config.distill.epochs, steps_per_epoch=steps_per_epoch,
       eval_due=lambda e: e % config.distill.eval_every_epochs == 0,

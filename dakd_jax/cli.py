@@ -260,7 +260,8 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock = contextlib.nullcontext()
   else:
     errors.check_writable_folder(folder, what)
-    if config.stage == "eval" and not (config.seeds or config.data.trials):  # Its folder may be read-only alone.
+    # The evaluation folder may be read-only alone.
+    if config.stage == "eval" and not (config.seeds or config.data.trials):
       from dakd_jax.evaluation import evaluations  # Deferred like run_stages' imports.
       errors.check_writable_folder(evaluations.evaluation_dir(
           workdir, evaluations.evaluation_tag(config, workdir)), "evaluation folder")

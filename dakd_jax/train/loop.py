@@ -35,6 +35,7 @@ from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.train import centres as centres_lib
 from dakd_jax.train import finite
 from dakd_jax.train import memory_plan
+from dakd_jax.train import saving
 from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
 
@@ -76,25 +77,6 @@ def jit_step(step_fn: Callable, mesh, num_extra: int = 0) -> Callable:
   data = sharding_lib.data_sharding(mesh)
   return jax.jit(step_fn, in_shardings=(replicated,) * (1 + num_extra) + (data,),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-def _save_when_followed_by_a_finite_loss(deferred: tuple, pending: list, stage: str,
-                                         manager: checkpoint_lib.CheckpointManager) -> None:
-  """Saves a checkpoint held back one step (step, state, metadata, metrics) once the step after
-  it, the last of `pending`, computed a finite loss from it; raises NonFiniteLossError
-  (`finite.check_finite_losses`, naming the checkpoint before it) when not. A finite but
-  exploded state (the update of a far too large learning rate) is caught here, before it is
-  saved, not when a resume diverges again. Returns None: nothing is held back any more."""
-  if not np.isfinite(float(jax.device_get(pending[-1][1]["loss"]))):
-    finite.check_finite_losses(_fetch(pending), stage, manager)
-  step, state, metadata, metrics = deferred
-  manager.save(step, state, metadata, metrics=metrics)
-  return None
-
-
-def _fetch(pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
-  values = jax.device_get([m for _, m in pending])
-  return [(step, {k: float(v) for k, v in m.items()}) for (step, _), m in zip(pending, values)]
 
 
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
@@ -152,31 +134,6 @@ def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writ
   return summary
 
 
-@dataclasses.dataclass
-class _Outputs:
-  """Where a running stage's results go: checkpoints, metrics, the progress line."""
-  manager: checkpoint_lib.CheckpointManager
-  writer: writers.MetricWriter
-  progress: writers.ProgressLine
-
-
-@dataclasses.dataclass
-class _Position:
-  """How far a running stage has come, kept up to date by the loop so that a stop signal can
-  checkpoint it (`_save_on_stop`).
-
-  step: the steps done; state: the state after them (consistent: every step's work is done);
-  pending: (step, metrics) not yet fetched and checked; best, last_eval: as `_train_steps`
-  returns them; evaluation_due: the evaluation of `step` started and has not finished.
-  """
-  step: int
-  state: Any
-  best: dict
-  last_eval: dict = dataclasses.field(default_factory=dict)
-  pending: list = dataclasses.field(default_factory=list)
-  evaluation_due: bool = False
-
-
 def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
               data: prepare.DataBundle, state: Any, mesh,
               evaluator: evaluator_lib.Evaluator) -> dict:
@@ -210,39 +167,22 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
                                     steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
                                     use_tty=None if config.log.progress else False)
     cleanup.callback(progress.close)
-    out = _Outputs(manager, writer, progress)
-    position = _Position(start_step, state, dict(metadata.get("best", {})) if metadata else {})
+    out = saving.Outputs(manager, writer, progress)
+    best = dict(metadata.get("best", {})) if metadata else {}
+    position = saving.Position(start_step, state, best)
     try:
       if metadata and metadata.get("evaluation_due"):  # Stopped during this step's evaluation.
         _evaluate_step(stage, config, evaluator, out, position)
       _train_steps(stage, config, iterator, mesh, evaluator, out, position, data.fingerprint)
     except (interrupts.Stopped, KeyboardInterrupt) as stop:
-      _save_on_stop(stage, config, out, position, data.fingerprint, stop)
+      saving.save_on_stop(stage, config, out, position, data.fingerprint, stop)
       raise
   return {"best": position.best, "last": position.last_eval, "steps": total_steps}
 
 
-def _checkpoint_metadata(stage: Stage, config: ml_collections.ConfigDict, done: int,
-                         best: dict, data_fingerprint: str) -> dict:
-  """What every checkpoint of a stage records beside its state."""
-  return {"config": config.to_dict(), "epoch": -(-done // stage.steps_per_epoch),
-          "stage": stage.name, "best": best, "selection": config.checkpoint.select,
-          "data_fingerprint": data_fingerprint}
-
-
-def _fetch_checked(position: _Position, stage_name: str,
-                   manager: checkpoint_lib.CheckpointManager) -> None:
-  """Fetches and checks the losses not yet checked (never checkpoint a state whose losses were
-  not checked)."""
-  if position.pending:
-    history = _fetch(position.pending)
-    position.pending = []
-    finite.check_finite_losses(history, stage_name, manager)
-
-
 def _evaluate_step(stage: Stage, config: ml_collections.ConfigDict,
-                   evaluator: evaluator_lib.Evaluator, out: _Outputs,
-                   position: _Position) -> dict | None:
+                   evaluator: evaluator_lib.Evaluator, out: saving.Outputs,
+                   position: saving.Position) -> dict | None:
   """The training-time evaluation of `position.step`; updates last_eval and (unless
   checkpoint.select is "last", where evaluations only show progress) best. Returns the metrics
   that rank the step's checkpoint, or None."""
@@ -260,7 +200,7 @@ def _evaluate_step(stage: Stage, config: ml_collections.ConfigDict,
 
 
 def _train_steps(stage: Stage, config: ml_collections.ConfigDict, iterator, mesh,
-                 evaluator: evaluator_lib.Evaluator, out: _Outputs, position: _Position,
+                 evaluator: evaluator_lib.Evaluator, out: saving.Outputs, position: saving.Position,
                  data_fingerprint: str) -> None:
   """The steps from `position.step` to the stage's end, keeping `position` up to date.
 
@@ -294,12 +234,12 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, iterator, mesh
         data_time = 0.0
       position.pending.append((done, metrics))
       if deferred is not None:  # Saved once this step's loss, computed from it, is finite.
-        deferred = _save_when_followed_by_a_finite_loss(deferred, position.pending, stage.name,
-                                                        out.manager)
+        deferred = saving.save_when_followed_by_a_finite_loss(
+            deferred, position.pending, stage.name, out.manager)
       log_due = done % config.log.every_steps == 0 or done % stage.steps_per_epoch == 0 \
           or done == total_steps
       if log_due or out.progress.is_due():
-        history = _fetch(position.pending)
+        history = saving.fetch(position.pending)
         finite.check_finite_losses(history, stage.name, out.manager)
         means = _mean_metrics(history)
         out.progress.update(done, means, images_per_step * (done - shown_step),
@@ -317,9 +257,10 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, iterator, mesh
       phase_seconds["evaluation"] = time.perf_counter() - started
     if evaluated or done % config.checkpoint.every_steps == 0 or done == total_steps:
       with interrupts.deferred():
-        _fetch_checked(position, stage.name, out.manager)
+        saving.fetch_checked(position, stage.name, out.manager)
         finite.check_finite_state(position.state, done, stage.name, out.manager)
-        metadata = _checkpoint_metadata(stage, config, done, position.best, data_fingerprint)
+        metadata = saving.checkpoint_metadata(stage, config, done, position.best,
+                                              data_fingerprint)
         if done == total_steps:
           out.manager.save(done, position.state, metadata, metrics=eval_metrics)
         else:  # A copy: the next step consumes (donates) the state.
@@ -338,36 +279,6 @@ def _other_seconds_left(stage: Stage, done: int, phase_seconds: dict) -> float:
                          and (stage.eval_due(epoch) or epoch == stage.epochs))
   return (starts_left * phase_seconds["epoch_start"]
           + evaluations_left * phase_seconds["evaluation"])
-
-
-def _save_on_stop(stage: Stage, config: ml_collections.ConfigDict, out: _Outputs,
-                  position: _Position, data_fingerprint: str, stop: BaseException) -> None:
-  """On a stop signal: checkpoints the steps done unless the newest checkpoint holds them and
-  waits for the saves; records on `stop` (when it is interrupts.Stopped) what was saved.
-
-  A step stopped during its evaluation is saved marked "evaluation_due" (the resumed run
-  evaluates it first) when evaluations only show progress (checkpoint.select=last); when they
-  rank checkpoints the step is not saved, as its checkpoint needs the evaluation's metrics.
-  A state whose buffers were donated to a step cut in the middle (Ctrl-C without the handlers
-  of interrupts.handle_stop_signals) cannot be saved either.
-  """
-  with interrupts.ignored():
-    out.progress.clear()
-    latest = out.manager.latest_step()
-    savable = not any(isinstance(leaf, jax.Array) and leaf.is_deleted()
-                      for leaf in jax.tree.leaves(position.state))
-    ranked_evaluation = position.evaluation_due and config.checkpoint.select != "last"
-    if savable and not ranked_evaluation and (latest is None or latest < position.step):
-      _fetch_checked(position, stage.name, out.manager)
-      finite.check_finite_state(position.state, position.step, stage.name, out.manager)
-      metadata = _checkpoint_metadata(stage, config, position.step, position.best,
-                                      data_fingerprint)
-      metadata["evaluation_due"] = position.evaluation_due
-      out.manager.save(position.step, position.state, metadata)
-    out.manager.wait()
-    latest = out.manager.latest_step()
-    if isinstance(stop, interrupts.Stopped) and latest is not None:
-      stop.saved = f"{stage.name} step {latest} saved in {out.manager.directory}"
 
 
 def _drop_later_evaluation(workdir: str, start_step: int) -> None:

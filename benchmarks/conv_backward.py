@@ -17,6 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args():
@@ -85,8 +86,8 @@ def max_relative_difference(expected, actual):
 
 def main():
   args = parse_args()
-  import model_step  # pylint: disable=g-import-not-at-top
-  model_step.limit_xla_threads(args.threads)
+  import train_step  # pylint: disable=g-import-not-at-top
+  train_step.limit_xla_threads(args.threads)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -31,7 +31,9 @@ import optax
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dakd_jax.models import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train_step import limit_xla_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -189,13 +191,6 @@ def time_steps(run, steps):
   for _ in range(steps):
     loss = run()
   return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, loss
-
-
-def limit_xla_threads(threads):
-  """Must run before the first JAX computation: XLA reads the flags when its backend starts."""
-  flags = (f"--xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
-           f"intra_op_parallelism_threads={threads}")
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
 
 def main():

@@ -12,7 +12,9 @@ of dakd_jax/models/conv.py) and the torch step.
   python benchmarks/model_step.py --batch 16 --height 128 --width 64 --steps 5
   python benchmarks/model_step.py --batch 24 --height 192 --width 96 --threads 1
 
-The CPU/wall column (process CPU time over wall time) shows how many threads really worked.
+The CPU/wall column (process CPU time over wall time) shows how many threads really worked:
+the XLA flags set by --threads 1 do not keep XLA:CPU on one thread (CPU/wall 1.4-1.5 on two
+cores), so for a one-thread comparison run the script under `taskset -c 0`.
 
 Differences in work: the JAX model runs both stems on every image and keeps each image's own
 output (one compiled step for any modality mix); the torch model runs each stem on its own

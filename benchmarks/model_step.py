@@ -3,10 +3,18 @@
 One step = forward (train mode) + backward + Adam update, loss = mean(g^2) of the BNNeck output.
 Both models have the same layout: two stems (conv1, bn1, relu, maxpool per modality), shared
 layer1..4 with last stride 1, non-local blocks (O(N) rank-one form, method.md 2.1), GeM and a
-BNNeck without shift. The batch is half visible, half infrared. Both run in the same process, one
-after the other, so the ratio compares like with like on this machine.
+BNNeck without shift. The batch is half visible, half infrared. All variants run in the same
+process, alternating `--repeats` rounds of `--steps` steps (medians printed), so the ratios
+compare like with like on this machine: the JAX step once per `--conv-backwards` setting
+(model.conv_backward: "xla" = autodiff's convolution gradients, "custom" = the hand-written ones
+of dakd_jax/models/conv.py) and the torch step.
 
   python benchmarks/model_step.py --batch 16 --height 128 --width 64 --steps 5
+  python benchmarks/model_step.py --batch 24 --height 192 --width 96 --threads 1
+
+The CPU/wall column (process CPU time over wall time) shows how many threads really worked:
+the XLA flags set by --threads 1 do not keep XLA:CPU on one thread (CPU/wall 1.4-1.5 on two
+cores), so for a one-thread comparison run the script under `taskset -c 0`.
 
 Differences in work: the JAX model runs both stems on every image and keeps each image's own
 output (one compiled step for any modality mix); the torch model runs each stem on its own
@@ -14,6 +22,7 @@ images only. The stem is about 3% of the ResNet-50 FLOPs.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -24,7 +33,9 @@ import optax
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dakd_jax.models import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train_step import limit_xla_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args():
@@ -39,11 +50,16 @@ def parse_args():
   parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="CPU threads for both (torch.set_num_threads; XLA intra-op threads)")
+  parser.add_argument("--conv-backwards", default="xla,custom",
+                      help="model.conv_backward settings timed, comma-separated")
+  parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
   return parser.parse_args()
 
 
-def time_jax(args, images, modality):
-  model = resnet.create_model(args.depth, args.net_width, dtype=jnp.dtype(args.dtype))
+def make_jax_step(args, images, modality, conv_backward):
+  """A function running one compiled JAX training step per call (the first call compiles)."""
+  model = resnet.create_model(args.depth, args.net_width, dtype=jnp.dtype(args.dtype),
+                              conv_backward=conv_backward)
   variables = resnet.init_variables(model, jax.random.key(0), images.shape[1:3])
   optimizer = optax.adam(3.5e-4)
   state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
@@ -62,15 +78,12 @@ def time_jax(args, images, modality):
 
   step = jax.jit(step, donate_argnums=0)
   images, modality = jnp.asarray(images), jnp.asarray(modality)
-  start = time.perf_counter()
-  state, loss = step(state, images, modality)
-  loss.block_until_ready()
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, loss = step(state, images, modality)
-  loss.block_until_ready()
-  return first, (time.perf_counter() - start) / args.steps, float(loss)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], loss = step(holder["state"], images, modality)
+    return float(loss)  # waits for the step
+  return run
 
 
 class TorchBottleneck(torch.nn.Module):
@@ -156,7 +169,8 @@ class TorchReIDResNet(torch.nn.Module):
     return self.bottleneck(pooled)
 
 
-def time_torch(args, images, modality):
+def make_torch_step(args, images, modality):
+  """A function running one eager PyTorch training step per call."""
   torch.manual_seed(0)
   torch.set_num_threads(args.threads)
   model = TorchReIDResNet(args.depth, args.net_width).train()
@@ -169,22 +183,16 @@ def time_torch(args, images, modality):
     loss = model(images, modality).square().mean()
     loss.backward()
     optimizer.step()
-    return loss.detach()
-
-  start = time.perf_counter()
-  step()
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    loss = step()
-  return first, (time.perf_counter() - start) / args.steps, float(loss)
+    return float(loss.detach())
+  return step
 
 
-def limit_xla_threads(threads):
-  """Must run before the first JAX computation: XLA reads the flags when its backend starts."""
-  flags = (f"--xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
-           f"intra_op_parallelism_threads={threads}")
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+def time_steps(run, steps):
+  """(wall seconds per step, process CPU seconds per step, last loss) over `steps` calls."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    loss = run()
+  return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, loss
 
 
 def main():
@@ -197,13 +205,25 @@ def main():
         f"{args.width}, JAX {args.dtype}, {args.steps} timed steps, {os.cpu_count()} CPUs, "
         f"{args.threads} threads each, jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__}")
-  jax_first, jax_step, jax_loss = time_jax(args, images, modality)
-  torch_first, torch_step, torch_loss = time_torch(args, images, modality)
-  print(f"{'':8s}{'first step s':>14s}{'step s':>10s}{'images/s':>10s}{'loss':>10s}")
-  for name, first, step, loss in (("jax", jax_first, jax_step, jax_loss),
-                                  ("torch", torch_first, torch_step, torch_loss)):
-    print(f"{name:8s}{first:14.2f}{step:10.3f}{args.batch / step:10.1f}{loss:10.4f}")
-  print(f"torch step / jax step = {torch_step / jax_step:.2f} (first jax step includes compile)")
+  runners = {f"jax {setting}": make_jax_step(args, images, modality, setting)
+             for setting in args.conv_backwards.split(",")}
+  runners["torch"] = make_torch_step(args, images, modality)
+  first = {name: time_steps(run, 1)[0] for name, run in runners.items()}
+  wall, cpu, loss = ({name: [] for name in runners} for _ in range(3))
+  for _ in range(args.repeats):
+    for name, run in runners.items():
+      for times, value in zip((wall, cpu, loss), time_steps(run, args.steps)):
+        times[name].append(value)
+  print(f"median of {args.repeats} alternating rounds of {args.steps} steps")
+  print(f"{'':14s}{'first step s':>14s}{'step s':>10s}{'images/s':>10s}{'CPU/wall':>10s}"
+        f"{'x torch':>9s}{'loss':>10s}")
+  torch_step = statistics.median(wall["torch"])
+  for name in runners:
+    step = statistics.median(wall[name])
+    print(f"{name:14s}{first[name]:14.2f}{step:10.3f}{args.batch / step:10.1f}"
+          f"{statistics.median(cpu[name]) / step:10.2f}{step / torch_step:9.2f}"
+          f"{loss[name][-1]:10.4f}")
+  print("(the first JAX step includes compilation)")
 
 
 if __name__ == "__main__":

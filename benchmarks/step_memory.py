@@ -2,6 +2,7 @@
 
   python benchmarks/step_memory.py            # ResNet-50 width 64, 8 pairs of 192x96 (24 images)
   python benchmarks/step_memory.py --height 384 --width 128 --pairs 32 --dtype bfloat16
+  python benchmarks/step_memory.py --remats "" --conv-backward xla    # then custom: before/after
 
 Two views of the same question, for each model.remat setting in --remats:
   1. XLA's memory analysis of the compiled teacher step (the real step of train_step.py:
@@ -55,6 +56,8 @@ def parse_args(argv=None):
   parser.add_argument("--remats", default=";stem;non_local;stem,non_local",
                       help="model.remat settings to compare, ';' between them")
   parser.add_argument("--top", type=int, default=6, help="producing operations listed")
+  parser.add_argument("--conv-backward", default="auto",
+                      help="model.conv_backward (auto | custom | xla): whose conv gradients")
   return parser.parse_args(argv)
 
 
@@ -65,7 +68,8 @@ def sized_config(args, remat):
   per_id = 4 if args.pairs % 4 == 0 and args.pairs >= 8 else 2
   overrides = {"data.image_height": args.height, "data.image_width": args.width,
                "data.ids_per_batch": args.pairs // per_id, "data.images_per_id": per_id,
-               "model.compute_dtype": args.dtype, "model.remat": remat}
+               "model.compute_dtype": args.dtype, "model.remat": remat,
+               "model.conv_backward": args.conv_backward}
   return config_lib.load_config(args.config, overrides)
 
 
@@ -162,7 +166,8 @@ def main(argv=None):
   args = parse_args(argv)
   mesh = sharding_lib.make_mesh()
   print(f"device {jax.devices()[0].device_kind}, {args.config}, {args.pairs} pairs of "
-        f"{args.height}x{args.width} ({3 * args.pairs} images through the teacher), {args.dtype}")
+        f"{args.height}x{args.width} ({3 * args.pairs} images through the teacher), {args.dtype}, "
+        f"model.conv_backward {args.conv_backward}")
   results = {}
   for setting in args.remats.split(";"):
     remat = tuple(part for part in setting.split(",") if part)

@@ -90,6 +90,9 @@ def get_config(arg=None):
   # images of 192x96: benchmarks/step_memory.py); measure on an accelerator with
   # benchmarks/gpu_report.py --remat stem,non_local before turning it on.
   config.model.remat = ()
+  # Convolution gradients: auto (hand-written on CPU, dakd_jax/models/conv.py) | custom | xla.
+  # xla until the demo table under auto is explained (README Results, issue 25).
+  config.model.conv_backward = "xla"
 
   config.augment = ml_collections.ConfigDict()
   # CutSwap on visible views where the dataset's recipe has it (SYSU-MM01, LLCM; never RegDB)

@@ -53,11 +53,13 @@ VARIABLE_COLLECTIONS = ("params", "batch_stats")
 
 # Config fields that may change between a run and its resume without changing the result:
 # paths, logging, checkpoint bookkeeping, the number of loader workers (batches are a function
-# of the step), how the same values are computed (recomputation in the backward pass, the
-# student's grouped or two-call forward). Patterns are fnmatch-style on dotted names.
+# of the step), how the same values are computed (recomputation in the backward pass, which
+# convolution gradient, the student's grouped or two-call forward). Patterns are fnmatch-style
+# on dotted names.
 RESUME_IGNORED_FIELDS = (
     "stage", "checkpoint.*", "log.*", "data.root", "data.prepared_dir", "data.num_workers",
-    "distill.teacher_checkpoint", "eval.*", "extract.*", "model.remat", "distill.student_forward",
+    "distill.teacher_checkpoint", "eval.*", "extract.*", "model.remat", "model.conv_backward",
+    "distill.student_forward",
 )
 # With pretrain.enabled the teacher and student start from the file the pretrain stage wrote in
 # the workdir (train/pretrain.pretrained_init); their configs name it by its absolute path,

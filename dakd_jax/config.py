@@ -86,12 +86,14 @@ def _choices() -> dict[str, tuple]:
   from dakd_jax.evaluation import corruptions
   from dakd_jax.losses import distill
   from dakd_jax.models import batch_norm
+  from dakd_jax.models import conv
   from dakd_jax.models import resnet
   return {
       "stage": STAGES,
       "data.dataset": specs.DATASET_NAMES,
       "model.depth": tuple(resnet.STAGE_SIZES),
       "model.compute_dtype": tuple(resnet.COMPUTE_DTYPES),
+      "model.conv_backward": conv.CONV_BACKWARDS,
       "augment.cutswap_mode": augment.CUTSWAP_MODES,
       "distill.mask_keep": distill.MASK_KEEP,
       "distill.mask_mode": distill.MASK_MODES,

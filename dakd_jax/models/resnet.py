@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.models.batch_norm import BN_EPSILON, BN_MOMENTUM, GroupedBatchNorm
 from dakd_jax.models.batch_norm import at_least_float32
+from dakd_jax.models.conv import conv_general_dilated_for
 
 # Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
@@ -85,11 +87,13 @@ def _uniform_init(bound: float):
   return init
 
 
-def _conv(features, kernel, stride, dtype, name):
+def _conv(features, kernel, stride, dtype, convolve, name):
+  """kxk convolution with padding k//2, no bias; `convolve` computes it (model.conv_backward)."""
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=_conv_init, name=name)
+                 param_dtype=jnp.float32, kernel_init=_conv_init, conv_general_dilated=convolve,
+                 name=name)
 
 
 def _batch_norm(train, dtype, name, groups=1, **kwargs):
@@ -111,10 +115,11 @@ class Stem(nn.Module):
   width: int
   dtype: Any = jnp.float32
   bn_groups: int = 1
+  convolve: Callable = lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
-    x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
+    x = _conv(self.width, 7, 2, self.dtype, self.convolve, "conv1")(x)
     x = GroupedBatchNorm(groups=self.bn_groups if train else 1, dtype=self.dtype,
                          name="bn1")(x, mask, train)
     return nn.relu(x)
@@ -126,14 +131,16 @@ class BasicBlock(nn.Module):
   stride: int
   dtype: Any = jnp.float32
   bn_groups: int = 1
+  convolve: Callable = lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool):
-    out = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
+    out = _conv(self.planes, 3, self.stride, self.dtype, self.convolve, "conv1")(x)
     out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups)(out))
-    out = _conv(self.planes, 3, 1, self.dtype, "conv2")(out)
+    out = _conv(self.planes, 3, 1, self.dtype, self.convolve, "conv2")(out)
     out = _batch_norm(train, self.dtype, "bn2", self.bn_groups)(out)
-    return nn.relu(out + _shortcut(x, self.planes, self.stride, train, self.dtype, self.bn_groups))
+    return nn.relu(out + _shortcut(x, self.planes, self.stride, train, self.dtype, self.bn_groups,
+                                    self.convolve))
 
 
 class Bottleneck(nn.Module):
@@ -142,20 +149,21 @@ class Bottleneck(nn.Module):
   stride: int
   dtype: Any = jnp.float32
   bn_groups: int = 1
+  convolve: Callable = lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool):
-    out = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+    out = _conv(self.planes, 1, 1, self.dtype, self.convolve, "conv1")(x)
     out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups)(out))
-    out = _conv(self.planes, 3, self.stride, self.dtype, "conv2")(out)
+    out = _conv(self.planes, 3, self.stride, self.dtype, self.convolve, "conv2")(out)
     out = nn.relu(_batch_norm(train, self.dtype, "bn2", self.bn_groups)(out))
-    out = _conv(4 * self.planes, 1, 1, self.dtype, "conv3")(out)
+    out = _conv(4 * self.planes, 1, 1, self.dtype, self.convolve, "conv3")(out)
     out = _batch_norm(train, self.dtype, "bn3", self.bn_groups)(out)
     return nn.relu(out + _shortcut(x, 4 * self.planes, self.stride, train, self.dtype,
-                                    self.bn_groups))
+                                    self.bn_groups, self.convolve))
 
 
-def _shortcut(x, features, stride, train, dtype, groups):
+def _shortcut(x, features, stride, train, dtype, groups, convolve):
   """Identity, or 1x1 projection + BN when the stride or channel count changes.
 
   Called inside a block's compact `__call__`, so the projection's modules belong to that block.
@@ -164,7 +172,7 @@ def _shortcut(x, features, stride, train, dtype, groups):
     return x
   x = nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False,
               dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
-              name="downsample_conv")(x)
+              conv_general_dilated=convolve, name="downsample_conv")(x)
   return _batch_norm(train, dtype, "downsample_bn", groups)(x)
 
 
@@ -178,6 +186,7 @@ class NonLocalBlock(nn.Module):
   """
   dtype: Any = jnp.float32
   bn_groups: int = 1
+  convolve: Callable = lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -186,7 +195,8 @@ class NonLocalBlock(nn.Module):
     def conv(features, fan_in, name):
       init = _uniform_init(1.0 / math.sqrt(fan_in))
       return nn.Conv(features, (1, 1), use_bias=True, dtype=self.dtype,
-                     param_dtype=jnp.float32, kernel_init=init, bias_init=init, name=name)
+                     param_dtype=jnp.float32, kernel_init=init, bias_init=init,
+                     conv_general_dilated=self.convolve, name=name)
 
     theta = at_least_float32(conv(1, channels, "theta")(x))
     phi = at_least_float32(conv(1, channels, "phi")(x))
@@ -237,8 +247,11 @@ class ReIDResNet(nn.Module):
   which is the same as having none (and keeps it out of the optimiser and weight decay).
   `remat` names parts (REMAT_PARTS) recomputed in the backward pass instead of stored: same
   values and gradients, less memory, a little more compute.
+  `conv_backward` (conv.CONV_BACKWARDS) chooses, for every convolution at once, autodiff's
+  gradient or the hand-written one XLA:CPU runs fast ("auto": hand-written on the CPU backend);
+  same values, gradients equal within rounding, same variables.
   Raises ValueError for an unsupported depth, a modality of the wrong shape, a bn_groups that
-  does not divide the batch or an unknown remat part.
+  does not divide the batch, an unknown remat part or conv_backward.
   """
   depth: int = 50
   width: int = 64
@@ -248,6 +261,7 @@ class ReIDResNet(nn.Module):
   last_stride: int = 1
   dtype: Any = jnp.float32
   remat: tuple[str, ...] = ()  # parts of REMAT_PARTS recomputed in the backward pass
+  conv_backward: str = "auto"  # conv.CONV_BACKWARDS: whose gradient the convolutions use
 
   @nn.compact
   def __call__(self, images, modality, train: bool = False, return_feature_map: bool = False,
@@ -262,10 +276,12 @@ class ReIDResNet(nn.Module):
     if groups < 1 or images.shape[0] % groups:
       raise ValueError(f"bn_groups must be >= 1 and divide the batch of {images.shape[0]} "
                        f"images, got {bn_groups}")
-    stem = nn.remat(_stem_and_pool, static_argnums=(3, 4)) if "stem" in self.remat \
+    # The one place the convolutions' backward pass is chosen.
+    convolve = conv_general_dilated_for(self.conv_backward)
+    stem = nn.remat(_stem_and_pool, static_argnums=(3, 4, 5)) if "stem" in self.remat \
         else _stem_and_pool
-    x = stem(self, images.astype(self.dtype), modality, train, groups)
-    x = self._stages(x, train, groups)
+    x = stem(self, images.astype(self.dtype), modality, train, groups, convolve)
+    x = self._stages(x, train, groups, convolve)
     pooled = GeM(p_init=self.gem_p_init, name="gem")(x)
     features = _batch_norm(train, jnp.promote_types(self.dtype, jnp.float32), "bnneck", groups,
                            use_bias=False)(pooled)
@@ -277,7 +293,7 @@ class ReIDResNet(nn.Module):
       outputs["feature_map"] = at_least_float32(x)
     return outputs
 
-  def _stages(self, x, train, groups):
+  def _stages(self, x, train, groups, convolve):
     block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
     non_local_cls = nn.remat(NonLocalBlock, static_argnums=(2,)) if "non_local" in self.remat \
         else NonLocalBlock
@@ -287,29 +303,32 @@ class ReIDResNet(nn.Module):
       with_non_local = non_local_positions(self.depth, stage) if self.non_local else ()
       for index in range(blocks):
         stride = first_stride if index == 0 else 1
-        x = block_cls(planes, stride, self.dtype, groups, name=f"layer{stage}_{index}")(x, train)
+        x = block_cls(planes, stride, self.dtype, groups, convolve,
+                      name=f"layer{stage}_{index}")(x, train)
         if index in with_non_local:
-          x = non_local_cls(self.dtype, groups, name=f"non_local{stage}_{index}")(x, train)
+          x = non_local_cls(self.dtype, groups, convolve,
+                            name=f"non_local{stage}_{index}")(x, train)
     return x
 
 
-def _stem_and_pool(model: ReIDResNet, images, modality, train: bool, groups: int):
+def _stem_and_pool(model: ReIDResNet, images, modality, train: bool, groups: int,
+                   convolve: Callable):
   """The stem(s) and the shared max-pool of `model`: [n, H, W, 3] -> [n, H/4, W/4, width].
 
   A function of the model (not a method) so that `nn.remat` can wrap it whole: with
   model.remat including "stem" only the max-pool output is kept for the backward pass.
   """
   if not model.modality_specific_stem:
-    x = Stem(model.width, model.dtype, groups, name="stem")(images, None, train)
+    x = Stem(model.width, model.dtype, groups, convolve, name="stem")(images, None, train)
   else:
     modality = jnp.asarray(modality)
     if modality.shape != images.shape[:1]:
       raise ValueError(f"modality must have shape [n] = {images.shape[:1]}, got {modality.shape}")
     is_infrared = modality == INFRARED_CODE
-    visible = Stem(model.width, model.dtype, groups, name="stem_visible")(images, ~is_infrared,
-                                                                          train)
-    infrared = Stem(model.width, model.dtype, groups, name="stem_infrared")(images, is_infrared,
-                                                                            train)
+    visible = Stem(model.width, model.dtype, groups, convolve, name="stem_visible")(
+        images, ~is_infrared, train)
+    infrared = Stem(model.width, model.dtype, groups, convolve, name="stem_infrared")(
+        images, is_infrared, train)
     x = jnp.where(is_infrared[:, None, None, None], infrared, visible)
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -321,7 +340,8 @@ ResNet50 = functools.partial(ReIDResNet, depth=50)
 
 def create_model(depth: int = 50, width: int = 64, **kwargs) -> ReIDResNet:
   """Builds a `ReIDResNet`; kwargs are its other fields (modality_specific_stem, non_local,
-  gem_p_init, last_stride, dtype, remat). Raises ValueError for an unsupported depth or width."""
+  gem_p_init, last_stride, dtype, remat, conv_backward). Raises ValueError for an unsupported
+  depth or width."""
   if depth not in STAGE_SIZES:
     raise ValueError(f"model depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
   if width < 1:
@@ -331,7 +351,8 @@ def create_model(depth: int = 50, width: int = 64, **kwargs) -> ReIDResNet:
 
 def model_from_settings(settings) -> ReIDResNet:
   """The network described by a config's `model` section (a mapping or ConfigDict with depth,
-  width, modality_specific_stem, non_local, gem_p, compute_dtype, optionally remat), e.g. the
+  width, modality_specific_stem, non_local, gem_p, compute_dtype, optionally remat and
+  conv_backward), e.g. the
   one stored in a checkpoint. Raises ValueError for an unsupported depth, width or dtype."""
   if settings["compute_dtype"] not in COMPUTE_DTYPES:
     raise ValueError(f"model compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
@@ -342,7 +363,8 @@ def model_from_settings(settings) -> ReIDResNet:
       non_local=settings["non_local"], gem_p_init=settings["gem_p"],
       dtype=COMPUTE_DTYPES[settings["compute_dtype"]],
       # Settings stored before the field existed have no remat (it changes no variable).
-      remat=tuple(settings.get("remat", ())))
+      remat=tuple(settings.get("remat", ())),
+      conv_backward=settings.get("conv_backward", "auto"))
 
 
 def tie_stems(variables: dict) -> dict:

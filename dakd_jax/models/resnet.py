@@ -261,7 +261,9 @@ class ReIDResNet(nn.Module):
   last_stride: int = 1
   dtype: Any = jnp.float32
   remat: tuple[str, ...] = ()  # parts of REMAT_PARTS recomputed in the backward pass
-  conv_backward: str = "auto"  # conv.CONV_BACKWARDS: whose gradient the convolutions use
+  # conv.CONV_BACKWARDS: whose gradient the convolutions use; "xla" as configs/base.py until the
+  # demo's numbers under "auto" are explained (issue 25).
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, images, modality, train: bool = False, return_feature_map: bool = False,
@@ -364,7 +366,7 @@ def model_from_settings(settings) -> ReIDResNet:
       dtype=COMPUTE_DTYPES[settings["compute_dtype"]],
       # Settings stored before the field existed have no remat (it changes no variable).
       remat=tuple(settings.get("remat", ())),
-      conv_backward=settings.get("conv_backward", "auto"))
+      conv_backward=settings.get("conv_backward", "xla"))
 
 
 def tie_stems(variables: dict) -> dict:

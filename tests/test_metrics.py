@@ -14,29 +14,30 @@ from dakd_jax.evaluation import rank_metrics
 
 
 def slow_rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams, protocol,
-                      max_rank):
-  """One query at a time; ties by gallery index (stable argsort)."""
+                      max_rank, dropped=None, distinct=None):
+  """One query at a time; ties by gallery index (stable argsort). `dropped(i, g)` and
+  `distinct` state another rule directly (default: the protocol's, written out here)."""
   distmat = np.asarray(distmat)
   hits = np.zeros(max_rank)
   average_precisions, inverse_precisions = [], []
+  if dropped is None:
+    dropped = lambda i, g: ((protocol == "sysu" and query_cams[i] == 3 and gallery_cams[g] == 2)
+                            or (protocol == "llcm" and gallery_ids[g] == query_ids[i]
+                                and gallery_cams[g] == query_cams[i]))
+  distinct = protocol in ("sysu", "llcm") if distinct is None else distinct
   for i in range(distmat.shape[0]):
-    ranked = list(np.argsort(distmat[i], kind="stable"))
-    if protocol == "sysu" and query_cams[i] == 3:
-      ranked = [g for g in ranked if gallery_cams[g] != 2]
-    if protocol == "llcm":
-      ranked = [g for g in ranked
-                if not (gallery_ids[g] == query_ids[i] and gallery_cams[g] == query_cams[i])]
+    ranked = [g for g in np.argsort(distmat[i], kind="stable") if not dropped(i, g)]
     positions = [p + 1 for p, g in enumerate(ranked) if gallery_ids[g] == query_ids[i]]
     if not positions:
       continue
     average_precisions.append(np.mean([j / p for j, p in enumerate(positions, start=1)]))
     inverse_precisions.append(len(positions) / positions[-1])
-    if protocol in ("sysu", "llcm"):
-      distinct = []
+    if distinct:
+      seen = []
       for g in ranked:
-        if gallery_ids[g] not in distinct:
-          distinct.append(gallery_ids[g])
-      first_hit = distinct.index(query_ids[i]) + 1
+        if gallery_ids[g] not in seen:
+          seen.append(gallery_ids[g])
+      first_hit = seen.index(query_ids[i]) + 1
     else:
       first_hit = positions[0]
     for k in range(1, max_rank + 1):
@@ -334,22 +335,13 @@ def test_a_new_datasets_camera_rule_is_ranked_without_changes_to_the_metrics(dis
   distmat, query_ids, gallery_ids, query_cams, gallery_cams = random_problem(5, levels=6)
   gallery_cams = np.where(np.arange(gallery_cams.size) % 5 == 0, 3, gallery_cams)
   max_rank = 8
-  hits, average_precisions, inverse_precisions = np.zeros(max_rank), [], []
-  for i in range(distmat.shape[0]):
-    ranked = [g for g in np.argsort(distmat[i], kind="stable")
-              if not (query_cams[i] == 3 and gallery_cams[g] == 2)
-              and not (query_cams[i] == 6 and gallery_cams[g] == 4)
-              and not (gallery_ids[g] == query_ids[i] and gallery_cams[g] == query_cams[i])]
-    positions = [p + 1 for p, g in enumerate(ranked) if gallery_ids[g] == query_ids[i]]
-    if not positions:
-      continue
-    average_precisions.append(np.mean([j / p for j, p in enumerate(positions, start=1)]))
-    inverse_precisions.append(len(positions) / positions[-1])
-    order = list(dict.fromkeys(gallery_ids[g] for g in ranked)) if distinct else None
-    first_hit = order.index(query_ids[i]) + 1 if distinct else positions[0]
-    hits += np.arange(1, max_rank + 1) >= first_hit
-  expected = {"cmc": hits / len(average_precisions), "mAP": np.mean(average_precisions),
-              "mINP": np.mean(inverse_precisions), "num_valid_queries": len(average_precisions)}
+  expected = slow_rank_metrics(
+      distmat, query_ids, gallery_ids, query_cams, gallery_cams, None, max_rank,
+      dropped=lambda i, g: ((query_cams[i] == 3 and gallery_cams[g] == 2)
+                            or (query_cams[i] == 6 and gallery_cams[g] == 4)
+                            or (gallery_ids[g] == query_ids[i]
+                                and gallery_cams[g] == query_cams[i])),
+      distinct=distinct)
   result = rank_metrics(distmat, query_ids, gallery_ids, query_cams, gallery_cams,
                         protocol=rule, max_rank=max_rank, query_chunk_size=7)
   assert_same(result, expected)

@@ -3,9 +3,19 @@
 Grain reads absl flags at import/use time and raises UnparsedFlagAccessError unless they are
 parsed; pytest never calls absl.app.run, so mark them parsed here (also in worker processes,
 which import this module again).
+
+Compiled programs are shared by the whole session through JAX's persistent compilation cache:
+most tests train or evaluate the same tiny network at the same shapes, in this process, in
+xdist workers and in `run.py` subprocesses, and compiling is most of a tiny run's time. The
+first process to import this module (pytest itself, before xdist starts its workers, which
+inherit the environment) makes a fresh folder and removes it at the end; results do not depend
+on it (a cached program is the same compiled program). DAKD_TEST_COMPILATION_CACHE=0 turns it
+off, e.g. to time compilation itself.
 """
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import flags
 
@@ -16,3 +26,24 @@ if not flags.FLAGS.is_parsed():
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+_CACHE_OWNER = "DAKD_TEST_COMPILATION_CACHE_OWNER"
+if (os.environ.get("DAKD_TEST_COMPILATION_CACHE", "1") != "0"
+    and "JAX_COMPILATION_CACHE_DIR" not in os.environ):
+  # Set before anything imports jax, which reads these once.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dakd-jax-test-compiled-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  os.environ[_CACHE_OWNER] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+  if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first: under `-n 2` the long ones then start at once and the short ones fill
+  the gaps, instead of one long test running alone at the end (stable, so each group keeps its
+  file order)."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -41,11 +41,11 @@ from dakd_jax import builders  # noqa: E402
 from dakd_jax import config as config_lib  # noqa: E402
 from dakd_jax import errors  # noqa: E402
 from dakd_jax import sharding as sharding_lib  # noqa: E402
+from dakd_jax import stage_parts  # noqa: E402
 from dakd_jax import stages  # noqa: E402
 from dakd_jax.data import prepare  # noqa: E402
 from dakd_jax.data import specs  # noqa: E402
 from dakd_jax.train import centres as centres_lib  # noqa: E402
-from dakd_jax.train import loop  # noqa: E402
 from dakd_jax.train import memory_plan  # noqa: E402
 
 GIB = 1024 ** 3
@@ -208,14 +208,15 @@ def main(argv=None) -> str:
   eval_s = phases.rows[-1]["wall s"]
   if args.checkpoint:
     config.eval.checkpoint = args.checkpoint
-    phases.run("export", lambda: stages.export_stage(config, args.workdir),
+    phases.run("export", lambda: stages.export_stage(
+        config, args.workdir,
+        stage_parts.make_evaluation_parts(config, None, "export", workdir=args.workdir)),
                disk=os.path.join(args.workdir, "export"))
   else:
     phases.skip("export", "skipped: needs --checkpoint")
-  steps_per_epoch = {"teacher": loop.stage_steps_per_epoch(config.teacher.steps_per_epoch,
-                                                           config, data),
-                     "student": loop.stage_steps_per_epoch(config.distill.steps_per_epoch,
-                                                           config, data)}
+  steps_per_epoch = {
+      "teacher": stage_parts.stage_steps_per_epoch(config.teacher.steps_per_epoch, config, data),
+      "student": stage_parts.stage_steps_per_epoch(config.distill.steps_per_epoch, config, data)}
   seconds = projected_seconds(config, steps_per_epoch, per_step, rebuild_s, eval_s)
   projection = ("projected full run: not computed (a step was not timed)" if seconds is None else
                 f"projected full run ({config.teacher.epochs} teacher + {config.distill.epochs} "

@@ -1,10 +1,11 @@
 """Translate a resolved config into what the stages run: model, variables, settings, data.
 
-The only place below the stage loops that reads config fields, so a knob's name in
-`configs/base.py` and its effect are one lookup apart: the model and its initial or restored
-variables, the augmentation, loss and evaluation settings, the optimisers and their schedules,
-the protocol options and the prepared data. Everything it returns is a plain object the lower
-modules take as arguments.
+The pieces `stage_parts` puts together into each stage's parts, once per stage, and the
+start-up checks `cli` runs; with `stage_parts`, the only place below the stage loops that reads
+config fields, so a knob's name in `configs/base.py` and its effect are one lookup apart: the
+model and its initial or restored variables, the augmentation, loss and evaluation settings,
+the optimisers and their schedules, the protocol options and the prepared data. Everything it
+returns is a plain object the lower modules take as arguments.
 """
 from __future__ import annotations
 
@@ -224,6 +225,12 @@ def make_teacher_optimizer(config: ml_collections.ConfigDict,
 def make_student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam, constant learning rate, no weight decay (method.md 4.7)."""
   return optax.adam(config.distill.lr, b1=config.optim.b1, b2=config.optim.b2,
+                    eps=config.optim.eps)
+
+
+def make_pretrain_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam, constant learning rate pretrain.lr, no weight decay (`train/pretrain.py`)."""
+  return optax.adam(config.pretrain.lr, b1=config.optim.b1, b2=config.optim.b2,
                     eps=config.optim.eps)
 
 

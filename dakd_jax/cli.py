@@ -191,16 +191,21 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the stages `config.stage` names; returns {stage: result}."""
+  """Runs the stages `config.stage` names; returns {stage: result}.
+
+  The config is read here and in what it calls to build each stage's parts
+  (`stage_parts`), once per stage, right before the stage runs; the stages take the parts.
+  """
   from dakd_jax import builders  # Deferred: heavy imports only once the config is valid.
+  from dakd_jax import stage_parts
   from dakd_jax import stages
   from dakd_jax.train import loop
   from dakd_jax.train import pretrain
   builders.check_settings(config)  # Notebooks come here directly, after load_config.
-  if config.stage == "extract":  # New images only: no dataset needed.
-    return {"extract": stages.extract_stage(config, workdir)}
-  if config.stage == "export":
-    return {"export": stages.export_stage(config, workdir)}
+  if config.stage in ("extract", "export"):  # A trained network only: no dataset needed.
+    parts = stage_parts.make_evaluation_parts(config, None, config.stage, workdir=workdir)
+    run = stages.extract_stage if config.stage == "extract" else stages.export_stage
+    return {config.stage: run(config, workdir, parts)}
   results = {}
   pretrain_dir = os.path.join(workdir, "pretrain")
   if config.stage != "pretrain":
@@ -211,23 +216,28 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
     builders.check_evaluation(config, data, during_training=True)
     builders.check_evaluation(config, data)
   if config.pretrain.enabled and config.stage in ("pretrain", "all"):
-    results["pretrain"] = pretrain.train_pretrain(config, pretrain_dir)
+    derived = pretrain.pretrain_config(config)
+    parts = stage_parts.make_training_parts(derived, builders.prepare_data(derived), "pretrain")
+    results["pretrain"] = pretrain.train_pretrain(derived, pretrain_dir, parts)
   if config.stage == "pretrain":
     return results
   if config.stage in ("teacher", "student", "all"):
     # Both start from the pretrain stage's weights when it is enabled (method.md 2.4: ImageNet).
     initial = pretrain.with_pretrained_init(config, pretrain_dir)
   if config.stage in ("teacher", "all"):
-    results["teacher"] = loop.train_teacher(initial, os.path.join(workdir, "teacher"), data)
+    parts = stage_parts.make_training_parts(initial, data, "teacher")
+    results["teacher"] = loop.train_teacher(initial, os.path.join(workdir, "teacher"), parts)
   if config.stage in ("student", "all"):
     teacher_source = config.distill.teacher_checkpoint or os.path.join(workdir, "teacher")
-    results["student"] = loop.train_student(initial, os.path.join(workdir, "student"), data,
-                                            teacher_source)
+    parts = stage_parts.make_training_parts(initial, data, "student",
+                                            teacher_source=teacher_source)
+    results["student"] = loop.train_student(initial, os.path.join(workdir, "student"), parts)
   if config.stage in ("eval", "all"):
-    results["eval"] = stages.evaluate_stage(config, workdir, data)
+    parts = stage_parts.make_evaluation_parts(config, data, "eval", workdir=workdir)
+    results["eval"] = stages.evaluate_stage(config, workdir, parts)
   if config.stage == "all":
-    results["stages"] = stages.summarize_stages(config, workdir, data,
-                                                initial.model.init_weights)
+    parts = stage_parts.make_evaluation_parts(initial, data, "summary")
+    results["stages"] = stages.summarize_stages(initial, workdir, parts)
   return results
 
 

@@ -1,7 +1,8 @@
 """The stages that use a trained network: evaluation, extraction of new images, export.
 
-Like the training loops (`train/loop.py`), these read the config and hand plain objects to the
-modules below: the evaluator, the extractor, the report writers, the deployment export. Outputs:
+Like the training loops (`train/loop.py`), each takes its parts built once by `stage_parts`
+(the network, the evaluator or extractor, the restored variables) and hands them to the modules
+below: the report writers, the deployment export. Outputs:
   <workdir>/eval/      config.json, results.json, features.npz, pictures; <workdir>/report.md
   <workdir>/extract/   config.json, embeddings of image folders, a ranking and its picture
   <workdir>/export/    config.json, extractor.onnx, extractor.stablehlo, manifest.json
@@ -9,7 +10,6 @@ modules below: the evaluator, the extractor, the report writers, the deployment 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -17,20 +17,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from dakd_jax import builders
 from dakd_jax import errors
 from dakd_jax import provenance
 from dakd_jax import sharding as sharding_lib
+from dakd_jax import stage_parts
 from dakd_jax.data import prepare
 from dakd_jax.evaluation import evaluations
 from dakd_jax.evaluation import evaluator as evaluator_lib
-from dakd_jax.evaluation import extractor as extractor_lib
 from dakd_jax.evaluation import folders
 from dakd_jax.evaluation import report
 from dakd_jax.evaluation import robustness_report
 from dakd_jax.train import loop
-
-CHECKPOINT_HINT = "train first (--config.stage=all) or set --config.eval.checkpoint"
 
 
 def write_config(config: ml_collections.ConfigDict, directory: str) -> str:
@@ -68,12 +65,13 @@ def describe_protocol(config: ml_collections.ConfigDict, data: prepare.DataBundl
 
 
 def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
-                   data: prepare.DataBundle) -> dict:
+                   parts: stage_parts.EvaluationParts) -> dict:
   """stage=eval: every protocol of config.eval on a checkpoint (or saved features).
 
-  Reads config.eval.features if set, else config.eval.checkpoint (default <workdir>/student): a
-  stage checkpoint (its best evaluated step, else its newest) or a weights file. Prints the
-  table and writes <workdir>/eval/{config.json, results.json, features.npz} and, with
+  Reads config.eval.features if set, else the variables `parts` restored from
+  config.eval.checkpoint (default <workdir>/student): a stage checkpoint (its best evaluated
+  step, else its newest) or a weights file. Prints the table and writes
+  <workdir>/eval/{config.json, results.json, features.npz} and, with
   config.eval.pictures, the pictures and <workdir>/report.md; an evaluation of another
   checkpoint or with other settings writes them in <workdir>/eval/<tag>/ instead
   (`evaluations.evaluation_tag`). Every evaluation is listed in <workdir>/eval/index.json.
@@ -82,20 +80,12 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   """
   tag = evaluations.evaluation_tag(config, workdir)
   out_dir = evaluations.evaluation_dir(workdir, tag)
-  if robustness_report.is_requested(config):
-    robustness_report.check(config)
-  mesh = builders.make_mesh()
-  model = builders.model_from_config(config)
-  evaluator = builders.make_evaluator(config, model, data, mesh)
+  data, model, evaluator = parts.data, parts.model, parts.evaluator
+  variables, described = parts.variables, parts.source
   is_main = jax.process_index() == 0
-  described = {"source": config.eval.features, "stage": "saved features"}
-  variables = None
   if config.eval.features:
     embeddings = report.load_saved_features(config.eval.features, data)
   else:
-    variables, described = builders.restore_model_variables(
-        config, model, config.eval.checkpoint or os.path.join(workdir, "student"), mesh,
-        hint=CHECKPOINT_HINT, data_fingerprint=data.fingerprint)
     embeddings = evaluator.embed(variables, rows=np.arange(len(data.test_meta["label"])))
   source = described["source"]
   results = evaluator.score(embeddings)
@@ -153,27 +143,18 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
-def extract_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """stage=extract: embeds config.extract's folders with eval.checkpoint (default
-  <workdir>/student) and ranks the queries against the gallery; see `folders`."""
+def extract_stage(config: ml_collections.ConfigDict, workdir: str,
+                  parts: stage_parts.EvaluationParts) -> dict:
+  """stage=extract: embeds config.extract's folders with the extractor of `parts` (the network
+  of eval.checkpoint, default <workdir>/student) and ranks the queries against the gallery;
+  see `folders`."""
   e = config.extract
-  for folder in (e.query_dir, e.gallery_dir):
-    if folder:
-      folders.check_folder(folder)  # Before the checkpoint is read or anything is written.
-  source = config.eval.checkpoint or os.path.join(workdir, "student")
-  model = builders.model_from_config(config)
-  mesh = builders.make_mesh()
-  variables, described = builders.restore_model_variables(config, model, source, mesh,
-                                                          hint=CHECKPOINT_HINT)
-  extractor = extractor_lib.Extractor(
-      model, variables, image_size=builders.image_size(config),
-      batch_size=config.eval.batch_size, use_flip=config.eval.flip,
-      source=described["source"], mesh=mesh)
+  described = parts.source
   out_dir = os.path.join(workdir, folders.OUT_DIR)
   with errors.writing(f"extracted embeddings in {out_dir}"):
     write_config(config, out_dir)
     result = folders.extract_folders(
-        extractor, out_dir, query_dir=e.query_dir, query_modality=e.query_modality,
+        parts.extractor, out_dir, query_dir=e.query_dir, query_modality=e.query_modality,
         gallery_dir=e.gallery_dir, gallery_modality=e.gallery_modality,
         top_k=config.eval.visual_top_k, num_pictured=config.eval.num_visual_queries)
   print(f"dakd_jax: embeddings of {len(result['query_files'])} query and "
@@ -185,12 +166,11 @@ def extract_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
 VERIFY_IMAGES = 8  # test images of each modality run through the exported files
 
 
-def verification_images(config: ml_collections.ConfigDict):
+def verification_images(data: prepare.DataBundle | None):
   """(images uint8 [n, H, W, 3], modality codes [n]) of the prepared test split: the first
-  VERIFY_IMAGES of each modality; (None, None) when no dataset is there to prepare."""
-  if not (config.synthetic.enabled or os.path.isdir(config.data.root)):
+  VERIFY_IMAGES of each modality; (None, None) without a dataset."""
+  if data is None:
     return None, None
-  data = builders.prepare_data(config)
   modality = np.asarray(data.test_meta["modality"])
   rows = np.concatenate([np.flatnonzero(modality == code)[:VERIFY_IMAGES] for code in (0, 1)])
   images = np.stack([data.test_source[int(row)]["image"] for row in rows])
@@ -223,16 +203,14 @@ def recorded_results(workdir: str, source: str, use_flip: bool = False) -> dict 
   return None
 
 
-def export_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """stage=export: eval.checkpoint (default <workdir>/student) as a verified ONNX file and a
-  StableHLO file with a manifest, in <workdir>/export (see `dakd_jax.deploy`)."""
+def export_stage(config: ml_collections.ConfigDict, workdir: str,
+                 parts: stage_parts.EvaluationParts) -> dict:
+  """stage=export: the network of `parts` (eval.checkpoint, default <workdir>/student) as a
+  verified ONNX file and a StableHLO file with a manifest, in <workdir>/export (see
+  `dakd_jax.deploy`); verified on the test images of `parts.data` when there is one."""
   from dakd_jax import deploy  # Deferred: the optional export extra.
-  deploy.check_export_packages()
-  source = config.eval.checkpoint or os.path.join(workdir, "student")
-  model = builders.model_from_config(config)
-  variables, described = builders.restore_model_variables(
-      config, model, source, builders.make_mesh(), hint=CHECKPOINT_HINT)
-  images, modality = verification_images(config)
+  model, variables, described = parts.model, parts.variables, parts.source
+  images, modality = verification_images(parts.data)
   out_dir = os.path.join(workdir, "export")
   write_config(config, out_dir)
   manifest = {"checkpoint": described["source"], "checkpoint_stage": described["stage"],
@@ -283,38 +261,33 @@ def format_stages(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def summarize_stages(config: ml_collections.ConfigDict, workdir: str, data: prepare.DataBundle,
-                     initial_weights: str = "") -> dict:
+def summarize_stages(config: ml_collections.ConfigDict, workdir: str,
+                     parts: stage_parts.EvaluationParts) -> dict:
   """stage=all's closing table: what each stage contributes, all on one protocol.
 
-  The protocol is the training-time one (builders.make_evaluator(during_training=True)), whose
-  first setting is reported, e.g. SYSU-MM01 all-search single-shot over config.eval.num_trials
-  trials. Rows, in order:
-    untrained        the architecture at the teacher's random initialisation (loop.teacher_keys),
-                     where the teacher starts when there are no initial weights;
-    initial weights  `initial_weights` (model.init_weights, or the pretrain stage's backbone.npz),
-                     the start of both the teacher and the student; only when given;
+  `config` is the one the teacher and student trained with, `parts` built from it
+  (`stage_parts.make_evaluation_parts(..., "summary")`). The protocol is the training-time one,
+  whose first setting is reported, e.g. SYSU-MM01 all-search single-shot over
+  config.eval.num_trials trials. Rows, in order:
+    untrained        the architecture at the teacher's random initialisation
+                     (stage_parts.teacher_keys), where the teacher starts when there are no
+                     initial weights;
+    initial weights  config.model.init_weights (a file, or the pretrain stage's backbone.npz),
+                     the start of both the teacher and the student; only when set;
     teacher, student the stages' last training-time evaluations (loop.LAST_EVALUATION in
                      <workdir>/teacher and <workdir>/student), not a best-of selection.
   Prints the table (process 0), writes <workdir>/STAGES_SUMMARY and returns
   {'setting': name, 'rows': [{'name', 'source', 'step', 'results'}]}, where 'results' is the
   evaluator's {setting: {'mean', 'trials'}}.
   """
-  mesh = builders.make_mesh()
-  model = builders.model_from_config(config)
-  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
-  random_config = copy.deepcopy(config)
-  random_config.model.init_weights = ""
-  untrained = builders.init_model_variables(random_config, model, loop.teacher_keys(config)[0])
+  evaluator, mesh = parts.evaluator, parts.mesh
   rows = [_stage_row("untrained (random init)", f"random initialisation, seed {config.seed}",
-                     0, evaluator.run(sharding_lib.replicate(untrained, mesh)))]
-  if initial_weights:
-    # Loaded over the untrained variables, as the stages load them (no second initialisation).
-    variables = builders.load_initial_weights(untrained, initial_weights,
-                                              depth=config.model.depth)
+                     0, evaluator.run(sharding_lib.replicate(parts.variables, mesh)))]
+  if parts.initial_variables is not None:
     label = "pretrain" if config.pretrain.enabled else "file"
-    rows.append(_stage_row(f"initial weights ({label})", initial_weights, 0,
-                           evaluator.run(sharding_lib.replicate(variables, mesh))))
+    rows.append(_stage_row(f"initial weights ({label})", config.model.init_weights, 0,
+                           evaluator.run(sharding_lib.replicate(parts.initial_variables,
+                                                                mesh))))
   for stage in ("teacher", "student"):
     last = loop.read_last_evaluation(os.path.join(workdir, stage))
     if last is not None:

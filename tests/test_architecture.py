@@ -29,10 +29,11 @@ LEVELS = {
     "dakd_jax.evaluation": 4, "dakd_jax.deploy": 4,
     "dakd_jax.provenance": 4,  # versions (deploy.packages), devices, git commit
     "dakd_jax.builders": 5,
-    "dakd_jax.train": 6,
-    "dakd_jax.stages": 7,
-    "dakd_jax.cli": 8,
-    "dakd_jax": 9,
+    "dakd_jax.stage_parts": 6,  # each stage's parts, built once from the builders
+    "dakd_jax.train": 7,
+    "dakd_jax.stages": 8,
+    "dakd_jax.cli": 9,
+    "dakd_jax": 10,
 }
 
 

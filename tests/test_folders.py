@@ -18,6 +18,7 @@ import dakd_jax
 from dakd_jax import augment
 from dakd_jax import builders
 from dakd_jax import config as config_lib
+from dakd_jax import stage_parts
 from dakd_jax import stages
 from dakd_jax.evaluation import folders
 from dakd_jax.evaluation.extractor import Extractor
@@ -203,7 +204,8 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
       "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),
       "stage": "extract", "extract.query_dir": str(root / "cam3" / person),
       "extract.gallery_dir": str(root / "cam1" / person)})
-  result = stages.extract_stage(config, workdir)
+  result = stages.extract_stage(config, workdir, stage_parts.make_evaluation_parts(
+      config, None, "extract", workdir=workdir))
   assert len(result["query_files"]) == 3 and len(result["gallery_files"]) == 3
   assert json.load(open(f"{workdir}/extract/query.json"))["checkpoint"].startswith(
       f"{workdir}/student/checkpoints step ")
@@ -218,10 +220,12 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   np.testing.assert_allclose(extractor(files, "infrared"),
                              np.load(f"{workdir}/extract/query.npy"), atol=1e-5)
   # stage=export: the student as verified ONNX and StableHLO files, its results recorded.
-  stages.export_stage(config_lib.load_config("configs/demo.py", {
+  export_config = config_lib.load_config("configs/demo.py", {
       **{k: v for k, v in overrides.items() if not isinstance(v, str) or not v.startswith("(")},
       "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),
-      "stage": "export"}), workdir)
+      "stage": "export"})
+  stages.export_stage(export_config, workdir, stage_parts.make_evaluation_parts(
+      export_config, None, "export", workdir=workdir))
   manifest = json.load(open(f"{workdir}/export/manifest.json"))
   assert manifest["checkpoint"] == extractor.source
   assert manifest["results"]["results"]["sysu_mm01/all/single-shot"] == mean

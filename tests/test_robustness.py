@@ -12,11 +12,11 @@ import pytest
 
 from dakd_jax import builders
 from dakd_jax import config as config_lib
+from dakd_jax import stage_parts
 from dakd_jax.errors import ConfigError
 from dakd_jax.evaluation import corruptions
 from dakd_jax.evaluation import robustness
 from dakd_jax.models import weights
-from dakd_jax.train import loop
 from tests.test_train import REPO
 from tests.test_train import finish
 from tests.test_train import run_py
@@ -93,7 +93,7 @@ def untrained_weights(path):
   config = config_lib.load_config("configs/demo.py", {"model.width": 8}, validate_config=False)
   model = builders.model_from_config(config)
   weights.save_variables(builders.init_model_variables(config, model,
-                                                       loop.teacher_keys(config)[0]), path)
+                                                       stage_parts.teacher_keys(config)[0]), path)
   return path
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from dakd_jax import builders
 from dakd_jax import config as config_lib
+from dakd_jax import stage_parts
 from dakd_jax import stages
 from dakd_jax.models import weights
 from dakd_jax.train import loop
@@ -91,7 +92,7 @@ def test_stage_all_ends_with_every_stage_on_one_protocol(tmp_path):
   model = builders.model_from_config(config)
   assert config.model.init_weights == "" and config.seed == 0
   weights.save_variables(builders.init_model_variables(config, model,
-                                                       loop.teacher_keys(config)[0]),
+                                                       stage_parts.teacher_keys(config)[0]),
                          untrained_file)
   for name, path in (("untrained", untrained_file),
                      ("initial weights", os.path.join(workdir, "pretrain", "backbone.npz"))):

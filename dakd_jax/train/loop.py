@@ -1,5 +1,8 @@
 """The training loops: teacher (stage 1) and DAKD student (stage 2).
 
+Each stage takes its parts (`stage_parts.TrainingParts`: network, mesh, evaluator, optimiser,
+loss settings, views, initial variables, steps per epoch), built once by the caller, and reads
+from the config only the loop's own knobs (epochs, evaluation and logging cadence, checkpoints).
 Data flows one way: Grain host batches -> global arrays on the mesh -> one compiled step ->
 metrics, fetched only at logging intervals -> writers. Both stages share `run_stage`, which owns
 resuming, logging, evaluation and checkpoints; the stages differ in their state, their step and
@@ -21,17 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dakd_jax import builders
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import interrupts
 from dakd_jax import sharding as sharding_lib
+from dakd_jax import stage_parts
 from dakd_jax import writers
 from dakd_jax.data import pipeline
-from dakd_jax.data import prepare
-from dakd_jax.data import sampler
 from dakd_jax.evaluation import evaluator as evaluator_lib
 from dakd_jax.evaluation import report
-from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.train import centres as centres_lib
 from dakd_jax.train import finite
 from dakd_jax.train import memory_plan
@@ -57,17 +57,6 @@ class Stage:
   variables_of: Callable = lambda state: state.variables
   # state -> None, once the last step is done (also when a finished run is resumed).
   on_finish: Callable | None = None
-
-
-def stage_steps_per_epoch(config_value: int, config: ml_collections.ConfigDict,
-                          data: prepare.DataBundle) -> int:
-  """config_value if set, else the sampler's epoch length (method.md 5.1)."""
-  if config_value:
-    return config_value
-  return sampler.steps_per_epoch(
-      len(prepare.modality_rows(data.train_meta, VISIBLE_CODE)),
-      len(prepare.modality_rows(data.train_meta, INFRARED_CODE)),
-      config.data.ids_per_batch, config.data.images_per_id)
 
 
 def jit_step(step_fn: Callable, mesh, num_extra: int = 0) -> Callable:
@@ -135,15 +124,16 @@ def evaluate_during_training(evaluator: evaluator_lib.Evaluator, variables, writ
 
 
 def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
-              data: prepare.DataBundle, state: Any, mesh,
-              evaluator: evaluator_lib.Evaluator) -> dict:
-  """Trains `stage` from `state` (fresh or resumed inside), evaluates and checkpoints.
+              parts: stage_parts.TrainingParts, state: Any) -> dict:
+  """Trains `stage` from `state` (fresh or resumed inside), evaluates and checkpoints, on the
+  data, mesh, evaluator and loader workers of `parts`.
 
   Returns {'best': metrics of the best evaluation, 'last': metrics of the last, 'steps'}.
   Whatever was opened is closed on the way out, also when a step, a save or a write fails.
   A stop signal (interrupts.Stopped, KeyboardInterrupt) first checkpoints the steps done.
   """
   total_steps = stage.epochs * stage.steps_per_epoch
+  data, mesh, evaluator = parts.data, parts.mesh, parts.evaluator
   with contextlib.ExitStack() as cleanup:
     manager = checkpoint_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"), keep_last=config.checkpoint.keep_last,
@@ -160,7 +150,7 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         data.train_source, data.train_meta, seed=config.seed,
         ids_per_batch=config.data.ids_per_batch, images_per_id=config.data.images_per_id,
         start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=builders.num_workers(config))
+        process_count=jax.process_count(), num_workers=parts.num_workers)
     if hasattr(iterator, "close"):  # Stops Grain worker processes.
       cleanup.callback(iterator.close)
     progress = writers.ProgressLine(total_steps, stage=stage.name,
@@ -307,26 +297,16 @@ def _maybe_resume(config, workdir, manager, state, mesh):
   return restored, metadata
 
 
-def teacher_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The teacher's (initialisation, state, memory) keys, from config.seed."""
-  return tuple(jax.random.split(jax.random.key(config.seed), 3))
-
-
 def train_teacher(config: ml_collections.ConfigDict, workdir: str,
-                  data: prepare.DataBundle) -> dict:
-  """Stage 1 (method.md 3): memory-based teacher. Returns run_stage's summary."""
-  mesh = sharding_lib.make_mesh()
-  model = builders.model_from_config(config)
-  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
-  steps_per_epoch = stage_steps_per_epoch(config.teacher.steps_per_epoch, config, data)
-  tx = builders.make_teacher_optimizer(config, steps_per_epoch)
-  key_init, key_state, key_memory = teacher_keys(config)
-  variables = builders.init_model_variables(config, model, key_init)
+                  parts: stage_parts.TrainingParts) -> dict:
+  """Stage 1 (method.md 3): memory-based teacher, from `parts` (`stage_parts`). Returns
+  run_stage's summary."""
+  model, data, mesh = parts.model, parts.data, parts.mesh
   state = state_lib.create_replicated_state(
-      variables, tx, key_state, mesh,
-      centres_lib.zero_memories(data.num_classes, resnet_features(config)))
+      parts.variables, parts.optimizer, parts.state_key, mesh,
+      centres_lib.zero_memories(data.num_classes, parts.features))
   step = steps_lib.make_teacher_step(
-      model, tx, builders.teacher_settings(config), builders.augment_views(config, "teacher"),
+      model, parts.optimizer, parts.losses, parts.views,
       hard_momentum=config.teacher.hard_momentum, mean_momentum=config.teacher.mean_momentum)
   compiled = jit_step(step, mesh)
   memory_plan.check_step_memory(
@@ -335,76 +315,55 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
 
   def on_epoch_start(state, epoch):
     memories = centres_lib.build_teacher_memories(
-        model, state.variables, data, mesh, jax.random.fold_in(key_memory, epoch),
+        model, state.variables, data, mesh, jax.random.fold_in(parts.memory_key, epoch),
         batch_size=config.eval.batch_size, show_progress=config.log.progress)
     return state.replace(memories=memories)
 
   first_eval = config.teacher.eval_start_epoch
   stage = Stage(
-      name="teacher", epochs=config.teacher.epochs, steps_per_epoch=steps_per_epoch,
+      name="teacher", epochs=config.teacher.epochs, steps_per_epoch=parts.steps_per_epoch,
       eval_due=lambda e: e > first_eval and e % config.teacher.eval_every_epochs == 0,
       step_fn=compiled, on_epoch_start=on_epoch_start)
-  return run_stage(stage, config, workdir, data, state, mesh, evaluator)
+  return run_stage(stage, config, workdir, parts, state)
 
 
-def resnet_features(config: ml_collections.ConfigDict) -> int:
-  """The embedding width of config's network."""
-  from dakd_jax.models import resnet  # The model module, for its arithmetic only.
-  return resnet.output_features(config.model.depth, config.model.width)
-
-
-def load_teacher(config: ml_collections.ConfigDict, model, data: prepare.DataBundle,
-                 teacher_source: str, mesh, before_centres: Callable | None = None
-                 ) -> steps_lib.FrozenTeacher:
-  """The frozen teacher of the student stage: a teacher checkpoint's (or weights file's)
-  variables and its centres computed on the training set (method.md 4.1).
-  `before_centres(variables)` runs once the variables are read, before the centres' pass over
-  the training set (the student's memory plan)."""
-  variables, described = builders.restore_model_variables(
-      config, model, teacher_source, mesh, stages=("teacher",), data_fingerprint=data.fingerprint,
-      hint="train the teacher first (--config.stage=teacher or all) or point "
-           "--config.distill.teacher_checkpoint at a teacher workdir, its checkpoints/ folder "
-           "or a teacher weights file")
-  if before_centres is not None:
-    before_centres(variables)
-  teacher = centres_lib.frozen_teacher(model, variables, data, mesh,
+def frozen_teacher(config: ml_collections.ConfigDict,
+                   parts: stage_parts.TrainingParts) -> steps_lib.FrozenTeacher:
+  """The frozen teacher of the student stage: the teacher variables of `parts` and its centres
+  computed on the training set (method.md 4.1)."""
+  data = parts.data
+  teacher = centres_lib.frozen_teacher(parts.model, parts.teacher_variables, data, parts.mesh,
                                        batch_size=config.eval.batch_size,
                                        show_progress=config.log.progress)
   if jax.process_index() == 0:
+    described = parts.teacher_source
     chosen = f", {described['selection_label']}" if "selection_label" in described else ""
     print(f"dakd_jax: teacher from {described['source']}{chosen} ({data.num_classes} centres "
-          f"of dim {resnet_features(config)})")
+          f"of dim {parts.features})")
   return teacher
 
 
-def train_student(config: ml_collections.ConfigDict, workdir: str, data: prepare.DataBundle,
-                  teacher_source: str) -> dict:
-  """Stage 2 (method.md 4): DAKD self-distillation from a frozen teacher."""
-  mesh = sharding_lib.make_mesh()
-  model = builders.model_from_config(config)
-  tx = builders.make_student_optimizer(config)
-  # The student starts from ImageNet (or random) weights, not from the teacher (method.md 2.4).
-  key_init, key_state = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-  variables = builders.init_model_variables(config, model, key_init)
-  state = state_lib.create_replicated_state(variables, tx, key_state, mesh)
+def train_student(config: ml_collections.ConfigDict, workdir: str,
+                  parts: stage_parts.TrainingParts) -> dict:
+  """Stage 2 (method.md 4): DAKD self-distillation from the frozen teacher of `parts`."""
+  mesh = parts.mesh
+  state = state_lib.create_replicated_state(parts.variables, parts.optimizer, parts.state_key,
+                                            mesh)
   step = steps_lib.make_student_step(
-      model, tx, builders.distill_settings(config), builders.augment_views(config, "student"),
+      parts.model, parts.optimizer, parts.losses, parts.views,
       double_bn_update=config.distill.double_bn_update,
       student_forward=config.distill.student_forward)
   compiled = jit_step(step, mesh, num_extra=1)
-  # Sized once the teacher is read, before its centres' pass over the training set: the frozen
-  # teacher is its variables and two [classes, D] centre tables.
-  centres = jax.ShapeDtypeStruct((data.num_classes, resnet_features(config)), jnp.float32)
+  # Sized before the teacher's centres' pass over the training set: the frozen teacher is its
+  # variables and two [classes, D] centre tables.
+  centres = jax.ShapeDtypeStruct((parts.data.num_classes, parts.features), jnp.float32)
   batch = memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))
-  teacher = load_teacher(
-      config, model, data, teacher_source, mesh,
-      before_centres=lambda teacher_variables: memory_plan.check_step_memory(
-          compiled, (state, steps_lib.FrozenTeacher(teacher_variables, centres, centres), batch),
-          "student", config))
-  evaluator = builders.make_evaluator(config, model, data, mesh, during_training=True)
-  steps_per_epoch = stage_steps_per_epoch(config.distill.steps_per_epoch, config, data)
+  memory_plan.check_step_memory(
+      compiled, (state, steps_lib.FrozenTeacher(parts.teacher_variables, centres, centres), batch),
+      "student", config)
+  teacher = frozen_teacher(config, parts)
   stage = Stage(
-      name="student", epochs=config.distill.epochs, steps_per_epoch=steps_per_epoch,
+      name="student", epochs=config.distill.epochs, steps_per_epoch=parts.steps_per_epoch,
       eval_due=lambda e: e % config.distill.eval_every_epochs == 0,
       step_fn=lambda s, batch: compiled(s, teacher, batch), on_epoch_start=lambda s, e: s)
-  return run_stage(stage, config, workdir, data, state, mesh, evaluator)
+  return run_stage(stage, config, workdir, parts, state)

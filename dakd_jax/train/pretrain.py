@@ -22,13 +22,11 @@ import ml_collections
 import optax
 
 from dakd_jax import augment
-from dakd_jax import builders
 from dakd_jax import errors
-from dakd_jax import sharding as sharding_lib
+from dakd_jax import stage_parts
 from dakd_jax.data import specs
 from dakd_jax.errors import CheckpointNotFoundError
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
-from dakd_jax.models import resnet
 from dakd_jax.models import weights
 from dakd_jax.train import loop
 from dakd_jax.train import state as state_lib
@@ -150,33 +148,22 @@ def _export(state: state_lib.TrainState, path: str) -> None:
     multihost_utils.sync_global_devices("dakd_jax: pretrained weights written")
 
 
-def train_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage 0: prepares the pretraining set, trains, writes `weights_path(workdir)`.
+def train_pretrain(config: ml_collections.ConfigDict, workdir: str,
+                   parts: stage_parts.TrainingParts) -> dict:
+  """Stage 0: trains the network and classifier of `parts`, writes `weights_path(workdir)`.
 
-  `workdir` is the stage's own folder (<run workdir>/pretrain). Starts from
-  config.model.init_weights when set (else random). Returns run_stage's summary.
+  `config` is `pretrain_config`'s (the run's config with the pretraining set's data), `parts`
+  built from it (`stage_parts.make_training_parts(..., "pretrain")`: the network starts from
+  config.model.init_weights when set, else random). `workdir` is the stage's own folder
+  (<run workdir>/pretrain). Returns run_stage's summary.
   """
-  derived = pretrain_config(config)
-  data = builders.prepare_data(derived)
-  mesh = sharding_lib.make_mesh()
-  model = builders.model_from_config(derived)
-  key_init, key_classifier, key_state = jax.random.split(
-      jax.random.fold_in(jax.random.key(config.seed), 2), 3)
-  variables = builders.init_model_variables(derived, model, key_init)
-  dim = resnet.output_features(config.model.depth, config.model.width)
-  classifier = 0.01 * jax.random.normal(key_classifier, (dim, data.num_classes), jnp.float32)
-  tx = optax.adam(config.pretrain.lr, b1=config.optim.b1, b2=config.optim.b2,
-                  eps=config.optim.eps)
-  state = state_lib.create_replicated_state(
-      {"params": {"backbone": variables["params"], "classifier": classifier},
-       "batch_stats": variables["batch_stats"]}, tx, key_state, mesh)
-  step = make_pretrain_step(model, tx, builders.augment_views(derived, "teacher"))
+  state = state_lib.create_replicated_state(parts.variables, parts.optimizer, parts.state_key,
+                                            parts.mesh)
+  step = make_pretrain_step(parts.model, parts.optimizer, parts.views)
   stage = loop.Stage(
-      name="pretrain", epochs=config.pretrain.epochs,
-      steps_per_epoch=loop.stage_steps_per_epoch(config.pretrain.steps_per_epoch, derived, data),
+      name="pretrain", epochs=config.pretrain.epochs, steps_per_epoch=parts.steps_per_epoch,
       eval_due=lambda epoch: False,  # run_stage still evaluates after the last step
-      step_fn=loop.jit_step(step, mesh), on_epoch_start=lambda s, epoch: s,
+      step_fn=loop.jit_step(step, parts.mesh), on_epoch_start=lambda s, epoch: s,
       variables_of=lambda s: {"params": s.params["backbone"], "batch_stats": s.batch_stats},
       on_finish=lambda s: _export(s, weights_path(workdir)))
-  evaluator = builders.make_evaluator(derived, model, data, mesh, during_training=True)
-  return loop.run_stage(stage, derived, workdir, data, state, mesh, evaluator)
+  return loop.run_stage(stage, config, workdir, parts, state)

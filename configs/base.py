@@ -91,7 +91,8 @@ def get_config(arg=None):
   # benchmarks/gpu_report.py --remat stem,non_local before turning it on.
   config.model.remat = ()
   # Convolution gradients: auto (hand-written on CPU, dakd_jax/models/conv.py) | custom | xla.
-  # xla until the demo table under auto is explained (README Results, issue 25).
+  # xla: the README's demo numbers were measured with it; auto changes them only by rounding,
+  # which the demo's pretrain and teacher stages amplify (README Results, issue 25).
   config.model.conv_backward = "xla"
 
   config.augment = ml_collections.ConfigDict()

@@ -31,6 +31,7 @@ SHAPES = [
     (3, 1, 1, 8, 7, 8, 8),
     (3, 2, 1, 9, 7, 8, 16),     # strided bottleneck conv2
     (3, 2, 1, 10, 8, 8, 16),
+    (1, 1, 0, 6, 3, 1, 8),      # non-local 1 -> c (its output conv), at the demo's 6x3
 ]
 
 

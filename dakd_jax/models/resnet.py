@@ -261,8 +261,7 @@ class ReIDResNet(nn.Module):
   last_stride: int = 1
   dtype: Any = jnp.float32
   remat: tuple[str, ...] = ()  # parts of REMAT_PARTS recomputed in the backward pass
-  # conv.CONV_BACKWARDS: whose gradient the convolutions use; "xla" as configs/base.py until the
-  # demo's numbers under "auto" are explained (issue 25).
+  # conv.CONV_BACKWARDS: whose gradient the convolutions use; "xla" as configs/base.py (issue 25).
   conv_backward: str = "xla"
 
   @nn.compact

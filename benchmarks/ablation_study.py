@@ -50,15 +50,18 @@ def parse_args(argv=None):
                       help="train a teacher per seed (default: one teacher per preset, seed "
                            "= the first seed, shared by every student of the preset)")
   parser.add_argument("--compilation_cache", default="",
-                      help="persistent XLA compilation cache folder; '' = <out>/jax_cache")
+                      help="persistent XLA compilation cache folder; '' = $JAX_COMPILATION_CACHE_DIR "
+                           "if set, else <out>/jax_cache")
   return parser.parse_args(argv)
 
 
 def enable_compilation_cache(folder):
-  """Runs of the same preset and ablation compile the same programs: seeds 2.. reuse them."""
+  """Runs of the same preset and ablation compile the same programs: seeds 2.. reuse them. Every
+  program is kept, the quick ones too: each run builds its steps anew, so even a program that
+  compiles in 0.5 s would otherwise be compiled again by every run."""
   import jax  # Deferred: after argument parsing.
   jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def run(config_path, overrides, workdir):
@@ -177,7 +180,8 @@ def main(argv=None):
   args = parse_args(argv)
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  enable_compilation_cache(args.compilation_cache or os.path.join(out, "jax_cache"))
+  enable_compilation_cache(args.compilation_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                           or os.path.join(out, "jax_cache"))
   from absl import flags  # Grain reads absl flags; a script must mark them parsed.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

@@ -42,8 +42,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_configure(config):
+  """Under xdist (`-n 2`), a worker takes the next test only when it is nearly idle
+  (--maxschedchunk=1 unless given): with the slow tests first (below) the two workers share
+  them, where xdist's default would hand the first ~90 tests, every slow one, to one worker."""
+  if getattr(config.option, "maxschedchunk", "no xdist") is None:
+    config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first: under `-n 2` the long ones then start at once and the short ones fill
-  the gaps, instead of one long test running alone at the end (stable, so each group keeps its
-  file order)."""
+  """Slow tests first: the long ones start at once and the short ones fill the gaps, instead
+  of one long test running alone at the end (stable, so each group keeps its file order)."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)

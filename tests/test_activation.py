@@ -38,6 +38,7 @@ def hand_head(feature_map, variables):
   return features / jnp.linalg.norm(features, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_intercepted_gradient_equals_gradient_of_hand_written_head(tiny_net):
   model, variables, images, modality = tiny_net
   forward = activation.make_model_forward(model)

@@ -156,6 +156,7 @@ def test_evaluate_for_onnx_removes_nested_max_pools_and_keeps_values():
   np.testing.assert_array_equal(np.asarray(rewritten(x)), np.asarray(function(x)))
 
 
+@pytest.mark.slow
 def test_files_reload_in_a_fresh_process_and_match_the_jax_extractor(exported, tmp_path):
   preset, out_dir, model, variables, _ = exported
   rng = np.random.default_rng(5)

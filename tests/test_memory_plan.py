@@ -65,6 +65,7 @@ def test_a_fitting_step_prints_its_plan_and_warns_near_the_limit(capsys):
   assert "close to the limit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit_bytes, code", [(2 ** 20, 1), (2 ** 40, 0)])
 def test_a_tiny_teacher_under_a_fake_limit(tmp_path, monkeypatch, capsys, limit_bytes, code):
   """1 MiB: refused in one line before any training (no checkpoint); 1 TiB: it trains."""

@@ -119,6 +119,7 @@ def test_pretrain_config_errors(overrides, message):
     config_lib.validate(small_config(*overrides), num_devices=1)
 
 
+@pytest.mark.slow
 def test_pretrain_step_learns_a_fixed_batch():
   """Six steps on one batch lower its identity loss (the step trains backbone and classifier)."""
   config = small_config()

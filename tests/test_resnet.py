@@ -307,6 +307,7 @@ def test_bad_arguments_raise():
     model.clone(remat=("blocks",)).apply(variables, images, jnp.zeros((2,), jnp.int32))
 
 
+@pytest.mark.slow
 def test_remat_recomputes_the_same_values_and_gradients(net):
   model, _, variables, images = net
   remat = model.clone(remat=resnet.REMAT_PARTS)

@@ -98,8 +98,8 @@ def test_one_teacher_call_equals_two_calls(modality_specific_stem):
     assert np.abs(np.asarray(teacher_i - run(variables, infrared, codes(0)))).max() > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32,
-                                   pytest.param(jnp.float64, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("modality_specific_stem", [True, False])
 def test_grouped_student_call_equals_two_calls(modality_specific_stem, dtype):
   """Same function: values, gradients and running averages agree.

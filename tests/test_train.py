@@ -98,6 +98,7 @@ def _tiny_model_and_batch(n=4, height=48, width=48, classes=5):
   return config, model, batch
 
 
+@pytest.mark.slow
 def test_teacher_step_compiles_once_and_moves_memories():
   config, model, batch = _tiny_model_and_batch()
   variables = builders.init_model_variables(config, model, jax.random.key(0))
@@ -132,6 +133,7 @@ def test_teacher_step_compiles_once_and_moves_memories():
   np.testing.assert_array_equal(np.asarray(state.memories.snapshot_visible), before)
 
 
+@pytest.mark.slow
 def test_student_step_trains_only_student_and_compiles_once():
   config, model, batch = _tiny_model_and_batch()
   teacher_vars = builders.init_model_variables(config, model, jax.random.key(2))

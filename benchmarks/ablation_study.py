@@ -20,7 +20,8 @@ single-shot, eval.num_trials gallery trials; no best-of selection). Writes <out>
 (mean +- sample std over seeds of R1, mAP, mINP, plus the paired full_mlkd - only_kd difference),
 <out>/ablation.json (every seed's numbers and CMC) and <out>/cmc.png. A finished run is resumed,
 not retrained, so running the study again only redoes what is missing. Programs are compiled
-once per preset and ablation (a persistent XLA cache in <out>/jax_cache serves later seeds).
+once per preset and ablation (a persistent XLA cache, <out>/jax_cache or
+$JAX_COMPILATION_CACHE_DIR, serves later seeds).
 """
 import argparse
 import json
@@ -50,8 +51,8 @@ def parse_args(argv=None):
                       help="train a teacher per seed (default: one teacher per preset, seed "
                            "= the first seed, shared by every student of the preset)")
   parser.add_argument("--compilation_cache", default="",
-                      help="persistent XLA compilation cache folder; '' = $JAX_COMPILATION_CACHE_DIR "
-                           "if set, else <out>/jax_cache")
+                      help="persistent XLA compilation cache folder; '' = "
+                           "$JAX_COMPILATION_CACHE_DIR if set, else <out>/jax_cache")
   return parser.parse_args(argv)
 
 

@@ -28,7 +28,9 @@ def table_rows(text, columns):
 def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys):
   report = load_report()
   output = tmp_path / "BENCHMARKS.md"
-  report.main(["--tiny", "--dtypes", "float32,bfloat16", "--multipliers", "1", "--steps", "2",
+  # bfloat16, the dtype the report is for (each row compiles its program: one dtype here; the
+  # float32 teacher row is measured by the test below).
+  report.main(["--tiny", "--dtypes", "bfloat16", "--multipliers", "1", "--steps", "2",
                "--peak-tflops", str(PEAK_TFLOPS), "--output", str(output)])
   printed = table_rows(capsys.readouterr().out, report.COLUMNS)
   written_text = output.read_text()
@@ -36,8 +38,7 @@ def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys)
   pairs = 2 * 2
   expected_batch = {"teacher step": 3 * pairs, "student grouped": 2 * pairs,
                     "student two_calls": 2 * pairs, "extraction": 8}
-  assert set(printed) == {(what, dtype) for what in expected_batch
-                          for dtype in ("float32", "bfloat16")}
+  assert set(printed) == {(what, "bfloat16") for what in expected_batch}
   assert written == printed
   for (what, dtype), row in printed.items():
     numbers = {c: float(row[c]) for c in report.COLUMNS[2:] if row[c] != "n/a"}
@@ -51,7 +52,7 @@ def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys)
     assert row["device peak GiB"] == "n/a"  # The CPU reports no allocator statistics.
   # XLA's FLOPs count the real work: a training step (forward + backward, about 3 forwards)
   # costs 2-4x the inference of as many images; both student forwards do the same work.
-  for dtype in ("float32", "bfloat16"):
+  for dtype in ("bfloat16",):
     assert float(printed[("student grouped", dtype)]["GFLOP/step"]) == pytest.approx(
         float(printed[("student two_calls", dtype)]["GFLOP/step"]), rel=0.05)
     per_image = float(printed[("extraction", dtype)]["GFLOP/step"]) / 8

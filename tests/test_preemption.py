@@ -63,36 +63,86 @@ def _stop_when_logged(process, metrics_path, step):
   return process.returncode, output
 
 
+# Checkpoints only at each stage's end: what a stopped run leaves is the stop's own save.
+RUN = {"stage": "all", "teacher.epochs": 2, "teacher.steps_per_epoch": 8,
+       "teacher.eval_every_epochs": 100, "distill.epochs": 2, "distill.steps_per_epoch": 8,
+       "distill.eval_every_epochs": 100, "checkpoint.every_steps": 100,
+       "eval.pictures": False, "data.num_workers": 0}
+STEPS = 16  # per training stage
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """The uninterrupted run every interrupted run of this module is compared with: (data
+  folder, workdir). Saving cadence and loader workers do not change the numbers (the step is
+  the data position), so one reference serves runs that differ in those."""
+  tmp = str(tmp_path_factory.mktemp("preemption"))
+  workdir = os.path.join(tmp, "straight")
+  finish(run_py(tiny_overrides(tmp, **RUN), workdir))
+  return tmp, workdir
+
+
+def logged_losses(workdir, stage):
+  return [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(workdir, stage,
+                                                                  "metrics.jsonl"))
+          if "loss" in r]
+
+
 @pytest.mark.slow
 def test_sigterm_mid_teacher_and_mid_student_then_resume_gives_the_uninterrupted_numbers(
-    tmp_path):
-  """Checkpoints only at each stage's end: what the stopped runs leave is the stop's own save."""
-  overrides = tiny_overrides(str(tmp_path), **{
-      "stage": "all", "teacher.epochs": 2, "teacher.steps_per_epoch": 8,
-      "teacher.eval_every_epochs": 100, "distill.epochs": 2, "distill.steps_per_epoch": 8,
-      "distill.eval_every_epochs": 100, "checkpoint.every_steps": 100,
-      "eval.pictures": False, "data.num_workers": 0})
-  straight = str(tmp_path / "straight")
-  finish(run_py(overrides, straight))
-  stopped = str(tmp_path / "stopped")
+    straight_run):
+  tmp, straight = straight_run
+  overrides = tiny_overrides(tmp, **RUN)
+  stopped = os.path.join(tmp, "stopped")
   for stage in ("teacher", "student"):
     code, output = _stop_when_logged(run_py(overrides, stopped),
                                      os.path.join(stopped, stage, "metrics.jsonl"), 3)
     checkpoints = os.path.join(stopped, stage, "checkpoints")
     saved = checkpoint_lib.complete_steps(checkpoints)
     assert code == 143, output[-3000:]
-    assert len(saved) == 1 and 3 <= saved[0] < 16, (saved, output[-3000:])
+    assert len(saved) == 1 and 3 <= saved[0] < STEPS, (saved, output[-3000:])
     assert output.strip().splitlines()[-1] == (
         f"dakd_jax: stopped by SIGTERM: {stage} step {saved[0]} saved in {checkpoints}; run "
         "the same command again to resume from it")
   output = finish(run_py(overrides, stopped))
   assert f"resumed from {os.path.join(stopped, 'student', 'checkpoints')}" in output
   for stage in ("teacher", "student"):
-    expected = restore_params(os.path.join(straight, stage, "checkpoints"), 16)
-    resumed = restore_params(os.path.join(stopped, stage, "checkpoints"), 16)
+    expected = restore_params(os.path.join(straight, stage, "checkpoints"), STEPS)
+    resumed = restore_params(os.path.join(stopped, stage, "checkpoints"), STEPS)
     jax.tree.map(np.testing.assert_array_equal, expected, resumed)
-    losses = lambda d: [(r["step"], r["loss"]) for r in read_jsonl(
-        os.path.join(d, stage, "metrics.jsonl")) if "loss" in r]
-    assert losses(stopped) == losses(straight)
+    assert logged_losses(stopped, stage) == logged_losses(straight, stage)
   results = lambda d: json.load(open(os.path.join(d, "eval", "results.json")))["results"]
   assert results(stopped) == results(straight)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(straight_run):
+  """Killed (no handler runs, nothing saved on the way out) mid-teacher with two loader worker
+  processes and a checkpoint every step, resumed with none: the resumed run sees the
+  uninterrupted run's batches and reaches its weights."""
+  tmp, straight = straight_run
+  overrides = tiny_overrides(tmp, **dict(RUN, **{
+      "stage": "teacher", "checkpoint.every_steps": 1, "checkpoint.keep_last": 10}))
+  killed = os.path.join(tmp, "killed")
+  process = run_py(overrides + ["--config.data.num_workers=2"], killed)
+  checkpoints = os.path.join(killed, "teacher", "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline and not any(
+      s >= 3 for s in checkpoint_lib.complete_steps(checkpoints)):
+    time.sleep(0.2)
+  # The whole job, as a scheduler kills it: SIGKILL to the process alone leaves its loader
+  # worker processes (Grain's) running, holding the output pipe open.
+  os.killpg(process.pid, signal.SIGKILL)
+  process.communicate()
+  interrupted_at = max(checkpoint_lib.complete_steps(checkpoints))
+  assert 3 <= interrupted_at < STEPS, interrupted_at
+  output = finish(run_py(overrides, killed))
+  assert f"resumed from {checkpoints} step {interrupted_at}" in output
+  # The logged losses are the uninterrupted run's, step for step, and metrics.jsonl holds
+  # each step once, in order: the rows logged after the restored step by the killed process
+  # are dropped on resume.
+  assert logged_losses(killed, "teacher") == logged_losses(straight, "teacher")
+  assert [step for step, _ in logged_losses(killed, "teacher")] == list(range(1, STEPS + 1))
+  expected = restore_params(os.path.join(straight, "teacher", "checkpoints"), STEPS)
+  resumed = restore_params(checkpoints, STEPS)
+  jax.tree.map(np.testing.assert_array_equal, expected, resumed)

@@ -99,10 +99,13 @@ def test_one_teacher_call_equals_two_calls(modality_specific_stem):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("modality_specific_stem", [True, False])
+@pytest.mark.parametrize("modality_specific_stem,dtype", [
+    (True, jnp.float32), (True, jnp.float64), (False, jnp.float64)])
 def test_grouped_student_call_equals_two_calls(modality_specific_stem, dtype):
   """Same function: values, gradients and running averages agree.
+
+  Both stem modes exactly (float64); float32 rounding with the default two-stream stem (the
+  shared stem only removes the grouped stem's split, checked exactly).
 
   float64, random BN parameters (every BN acts, non-local blocks included): to 1e-10. float32
   from the initial variables (the training start): values and running averages to 1e-5 (the

@@ -38,8 +38,10 @@ def small_disk() -> None:
 RESTRICTIONS = {"permissions": obey_file_permissions, "small_disk": small_disk}
 
 if __name__ == "__main__":
-  # The suite's shared compilation cache (conftest.py) is not the restricted run's storage: a
-  # cache entry cut at the size limit would be left for every later test to trip over.
-  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if sys.argv[1] == "small_disk":
+    # The suite's shared compilation cache (conftest.py) is not the restricted run's storage:
+    # a cache entry cut at the size limit would be left for every later test to trip over.
+    # Under `permissions` it stays: the cache folder is the caller's own, writable by it.
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   RESTRICTIONS[sys.argv[1]]()
   os.execv(sys.argv[2], sys.argv[2:])

@@ -90,10 +90,11 @@ def get_config(arg=None):
   # images of 192x96: benchmarks/step_memory.py); measure on an accelerator with
   # benchmarks/gpu_report.py --remat stem,non_local before turning it on.
   config.model.remat = ()
-  # Convolution gradients: auto (hand-written on CPU, dakd_jax/models/conv.py) | custom | xla.
-  # xla: the README's demo numbers were measured with it; auto changes them only by rounding,
-  # which the demo's pretrain and teacher stages amplify (README Results, issue 25).
-  config.model.conv_backward = "xla"
+  # Convolution gradients: auto | custom | xla. auto: on CPU the 1x1 convolutions' gradients
+  # are matrix products (dakd_jax/models/conv.py; ResNet-50 teacher step 19.1 -> 11.1 s on one
+  # CPU thread), elsewhere autodiff's (cuDNN and the TPU compiler run those well). Same
+  # gradients to rounding; configs/demo.py keeps xla (README Results, issue 25).
+  config.model.conv_backward = "auto"
 
   config.augment = ml_collections.ConfigDict()
   # CutSwap on visible views where the dataset's recipe has it (SYSU-MM01, LLCM; never RegDB)

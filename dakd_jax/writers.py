@@ -21,10 +21,28 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from dakd_jax import errors
 from dakd_jax.progress import format_duration  # Also this module's public name.
+
+
+def _import_summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX.writer imports torch
+  when it is installed (about 2 s per process) only to accept torch tensors, and only floats
+  are logged here. Where torch is already imported nothing changes; afterwards `import torch`
+  works as usual."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 RESERVED_KEYS = ("step", "stage", "wall_time")
 JSONL_NAME = "metrics.jsonl"

@@ -272,16 +272,15 @@ def released_double_update_step(model, tx, settings, views):
 @pytest.fixture(scope="module")
 def student_steps(student_setup):
   """Compiled student steps (two-stream stem) and their results on one state and batch, by
-  name: grouped / two_calls (single BN update), double (grouped, closed-form double update),
-  released (the released two-forward double update)."""
+  name: grouped (single BN update), double (grouped, closed-form double update), released (the
+  released two-forward double update). Grouped against two calls in float32 is checked at the
+  network level above (values, gradients, running averages)."""
   config, model, tx, teacher, state, batch = student_setup[True]
   settings = builders.distill_settings(config)
   views = builders.augment_views(config, "student")
   steps = {
       "grouped": steps_lib.make_student_step(model, tx, settings, views,
                                              student_forward="grouped"),
-      "two_calls": steps_lib.make_student_step(model, tx, settings, views,
-                                               student_forward="two_calls"),
       "double": steps_lib.make_student_step(model, tx, settings, views, double_bn_update=True,
                                             student_forward="grouped"),
       "released": released_double_update_step(model, tx, settings, views)}
@@ -309,15 +308,10 @@ def test_student_step_double_bn_update_matches_released_step_without_its_cost(st
   assert flops["released"] > 1.01 * flops["grouped"]
 
 
-@pytest.mark.slow
-def test_student_step_grouped_equals_two_calls_in_float32(student_setup, student_steps):
-  (_, (grouped_state, grouped)), (_, (two_state, two)) = (
-      student_steps[name] for name in ("grouped", "two_calls"))
-  assert largest_difference(two_state.batch_stats, grouped_state.batch_stats) <= 1e-5
-  np.testing.assert_allclose(grouped["loss"], two["loss"], rtol=1e-5)
-  np.testing.assert_allclose(grouped["grad_norm"], two["grad_norm"], rtol=1e-5)
-  assert np.isfinite(float(grouped["loss"])) and float(grouped["loss"]) > 0
-  config, model, tx, _, _, _ = student_setup[True]
+def test_student_step_refuses_an_unknown_forward():
+  config = config_lib.load_config("configs/demo.py", {"model.width": 4}, validate_config=False)
+  model = builders.model_from_config(config)
+  tx = builders.make_student_optimizer(config)
   with pytest.raises(ValueError, match="student_forward must be one of"):
     steps_lib.make_student_step(model, tx, builders.distill_settings(config),
                                 builders.augment_views(config, "student"),

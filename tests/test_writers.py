@@ -7,6 +7,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -341,3 +343,14 @@ def test_progress_line_shows_device_memory_once_per_line(monkeypatch):
     # Memory leads the optional part of the line, so it shows whenever anything does.
     assert text.count("mem ") == 1 and text.count("GiB") == 1
     assert text.split(" | ")[4] == f"mem 1.0/{peak} GiB"
+
+
+def test_the_writer_does_not_import_torch_and_leaves_it_importable():
+  """tensorboardX imports torch when installed (about 2 s per run); the writer avoids it, and
+  torch (installed with the dev extra) still imports afterwards."""
+  code = ("import sys; from dakd_jax import writers; loaded = 'torch' in sys.modules; "
+          "import torch; print(loaded, torch.zeros(2).sum().item())")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["False", "0.0"]

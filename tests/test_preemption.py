@@ -5,6 +5,7 @@ resumes and reaches the uninterrupted run's numbers.
 import json
 import os
 import signal
+import subprocess
 import time
 
 import jax
@@ -130,10 +131,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(straight_run):
   while time.time() < deadline and not any(
       s >= 3 for s in checkpoint_lib.complete_steps(checkpoints)):
     time.sleep(0.2)
-  # The whole job, as a scheduler kills it: SIGKILL to the process alone leaves its loader
-  # worker processes (Grain's) running, holding the output pipe open.
-  os.killpg(process.pid, signal.SIGKILL)
-  process.communicate()
+  # `kill -9` of the main process alone: its loader workers end with it (pipeline.
+  # end_with_parent), so the output pipe closes. Else they would run on holding it open.
+  process.send_signal(signal.SIGKILL)
+  try:
+    process.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)  # run_py's own process group: the orphans too.
+    raise AssertionError("the killed run's loader workers outlived it by 60 s")
   interrupted_at = max(checkpoint_lib.complete_steps(checkpoints))
   assert 3 <= interrupted_at < STEPS, interrupted_at
   output = finish(run_py(overrides, killed))

@@ -32,7 +32,10 @@ def run_py(workdir, *overrides, tmp):
           "pretrain.enabled": False, "data.ids_per_batch": 2, "data.images_per_id": 2,
           "eval.batch_size": 16, "eval.num_trials": 2, "eval.modes": "all",
           "eval.shots": "single", "eval.max_rank": 4, "eval.pictures": False,
-          "log.progress": False, "distill.epochs": 1, "distill.steps_per_epoch": 1}
+          "log.progress": False, "distill.epochs": 1, "distill.steps_per_epoch": 1,
+          # The real configs' default (the demo keeps xla): this ResNet-50's student step also
+          # compiles faster with it (64 s against 75 s for the test here).
+          "model.conv_backward": "auto"}
   command = [sys.executable, "run.py", "--config=configs/demo.py:released_code",
              f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in args.items()],
              *overrides]

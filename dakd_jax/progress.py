@@ -9,13 +9,17 @@ prints a plain line at a steady pace instead:
 
 at most every `DAKD_PROGRESS_EVERY_S` seconds (environment variable, default 30), and one
 closing line ("done") only when the phase printed any (short phases stay quiet). Training steps
-have their own line (`writers.ProgressLine`).
+have their own line (`writers.ProgressLine`). A phase made of a few opaque calls (an export's
+conversion and verification) has no items to count: `heartbeat` prints its current step and the
+elapsed time at the same pace from a background thread.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from typing import Callable, Iterable, Iterator, TextIO
 
@@ -134,3 +138,66 @@ def track(items: Iterable, total: int, description: str, *, unit: str = "items",
     for item in items:
       yield item
       progress.update(1)
+
+
+class Heartbeat:
+  """The current step of a phase without countable items, e.g. "export: ONNX conversion".
+
+  When plain lines are due (output not a terminal), a background thread prints
+
+    dakd_jax: export: ONNX conversion | elapsed 0:01:30
+
+  every `every_s` seconds while the phase lasts, and one closing line ("done") only when it
+  printed any. On a terminal, or when disabled, it prints nothing. Use `step(name)` as the
+  phase moves on and `close()` at the end (or `heartbeat(...)` as a context manager).
+  """
+
+  def __init__(self, description: str, *, enabled: bool = True, stream: TextIO | None = None,
+               use_tty: bool | None = None, every_s: float | None = None):
+    self.description, self.current = description, "starting"
+    self._stream = stream or sys.stderr
+    if use_tty is None:
+      use_tty = hasattr(self._stream, "isatty") and self._stream.isatty()
+    self._every_s = plain_interval_s() if every_s is None else every_s
+    self._started = time.monotonic()
+    self._printed = False
+    self._stop = threading.Event()
+    self._thread = None
+    if enabled and not use_tty:
+      self._thread = threading.Thread(target=self._beat, name=f"heartbeat {description}",
+                                      daemon=True)
+      self._thread.start()
+
+  def step(self, name: str) -> None:
+    """The phase is now doing `name` (shown in the following lines)."""
+    self.current = name
+
+  def _elapsed(self) -> str:
+    return format_duration(time.monotonic() - self._started)
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self._every_s):
+      print(f"dakd_jax: {self.description}: {self.current} | elapsed {self._elapsed()}",
+            file=self._stream, flush=True)
+      self._printed = True
+
+  def close(self) -> None:
+    """Stops the lines; prints the closing line when any was printed."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+    if self._printed:
+      print(f"dakd_jax: {self.description}: done in {self._elapsed()}", file=self._stream,
+            flush=True)
+
+
+@contextlib.contextmanager
+def heartbeat(description: str, **options) -> Iterator[Heartbeat]:
+  """A `Heartbeat` for the `with` block (options go to it)."""
+  beat = Heartbeat(description, **options)
+  try:
+    yield beat
+  finally:
+    beat.close()

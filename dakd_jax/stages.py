@@ -220,7 +220,8 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str,
   written = deploy.export_extractor(
       model, jax.device_get(variables), image_height=config.data.image_height,
       image_width=config.data.image_width, out_dir=out_dir, manifest=manifest,
-      verify_images=images, verify_modality=modality, use_flip=config.eval.flip)
+      verify_images=images, verify_modality=modality, use_flip=config.eval.flip,
+      show_progress=config.log.progress and jax.process_index() == 0)
   print(f"dakd_jax: exported {described['source']} to {out_dir} (extractor.onnx, "
         "extractor.stablehlo, manifest.json)")
   return written

@@ -7,10 +7,12 @@ sizes. The extractor itself is checked against `model.apply` on images normalise
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 
 import jax
@@ -230,19 +232,30 @@ def test_verification_names_a_file_that_computes_another_function(exported, tmp_
     assert f"{untouched} differs" not in str(error.value)
 
 
-def test_failed_verification_writes_no_manifest(tmp_path, monkeypatch):
+def test_failed_verification_writes_no_manifest(tmp_path, monkeypatch, capsys):
+  """...and, with the output in a file, the export said what it was doing while it ran (a
+  conversion slowed down here to outlast the progress interval) and ended its lines."""
   model = small_model(False)
   variables = random_variables(model, seed=4)
   other = random_variables(model, seed=5)
   convert = onnx_export.convert_to_onnx
-  # A converter that writes another network's graph must fail the export.
-  monkeypatch.setattr(onnx_export, "convert_to_onnx", lambda extract, specs: convert(
-      deploy.extractor_function(model, other), specs))
+
+  def slow_wrong_convert(extract, specs):
+    del extract
+    time.sleep(0.5)
+    # A converter that writes another network's graph must fail the export.
+    return convert(deploy.extractor_function(model, other), specs)
+  monkeypatch.setattr(onnx_export, "convert_to_onnx", slow_wrong_convert)
+  monkeypatch.setenv("DAKD_PROGRESS_EVERY_S", "0.1")
   (tmp_path / "manifest.json").write_text("{}")  # stale, from an earlier export
   with pytest.raises(deploy.ExportError, match="extractor.onnx differs.*no manifest.json written"):
     deploy.export_extractor(model, variables, image_height=HEIGHT, image_width=WIDTH,
                             out_dir=str(tmp_path), manifest={}, verify_count=2)
   assert not (tmp_path / "manifest.json").exists()
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert sum(line.startswith("dakd_jax: export: ONNX conversion | elapsed 0:00:0")
+             for line in lines) >= 2
+  assert re.fullmatch(r"dakd_jax: export: done in 0:00:\d\d", lines[-1])
 
 
 def test_bad_arguments_name_the_field(tmp_path):

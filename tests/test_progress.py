@@ -2,6 +2,7 @@
 counts the memory rebuilds and evaluations still to come (train/loop.py)."""
 import io
 import re
+import time
 
 import pytest
 
@@ -99,3 +100,34 @@ def test_training_eta_adds_rebuilds_and_evaluations_to_come():
   assert loop._other_seconds_left(stage, 20, seconds) == 2 * 3 + 2 * 20
   assert loop._other_seconds_left(stage, 21, seconds) == 1 * 3 + 1 * 20
   assert loop._other_seconds_left(stage, 40, seconds) == 0 * 3 + 1 * 20
+
+
+def test_heartbeat_names_the_current_step_at_the_interval_and_ends_its_lines():
+  stream = io.StringIO()
+  with progress.heartbeat("export", stream=stream, use_tty=False, every_s=0.05) as beat:
+    beat.step("ONNX conversion")
+    time.sleep(0.5)
+    beat.step("verification")
+    time.sleep(0.5)
+  lines = stream.getvalue().splitlines()
+  steps = [re.fullmatch(r"dakd_jax: export: (.*) \| elapsed 0:00:0[01]", line)
+           for line in lines[:-1]]
+  assert all(steps), lines
+  names = [match[1] for match in steps]
+  # In order, each step while it lasted (a few beats each; the thread may miss one).
+  assert names == sorted(names, key=["ONNX conversion", "verification"].index)
+  assert names.count("ONNX conversion") >= 2 and names.count("verification") >= 2
+  assert re.fullmatch(r"dakd_jax: export: done in 0:00:0[01]", lines[-1])
+  after = len(stream.getvalue())
+  time.sleep(0.15)
+  assert len(stream.getvalue()) == after  # The thread stopped with the phase.
+
+
+def test_a_short_heartbeat_a_terminal_or_a_disabled_one_prints_nothing():
+  for options in ({"use_tty": False, "every_s": 10.0}, {"use_tty": True, "every_s": 0.01},
+                  {"use_tty": False, "every_s": 0.01, "enabled": False}):
+    stream = io.StringIO()
+    with progress.heartbeat("export", stream=stream, **options) as beat:
+      beat.step("ONNX conversion")
+      time.sleep(0.1)
+    assert stream.getvalue() == "", options

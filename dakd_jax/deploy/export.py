@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from dakd_jax import augment
+from dakd_jax import progress
 from dakd_jax.deploy import extractor as extractor_lib
 from dakd_jax.deploy import onnx_export
 from dakd_jax.deploy import packages as packages_lib
@@ -47,7 +48,8 @@ def stablehlo_bytes(extract: Callable, specs, platforms) -> bytes:
 def export_extractor(model, variables, *, image_height: int, image_width: int, out_dir: str,
                      manifest: dict, verify_images: np.ndarray | None = None,
                      verify_modality=None, tolerance: float = 1e-4, use_flip: bool = False,
-                     platforms=None, verify_count: int = 8) -> dict:
+                     platforms=None, verify_count: int = 8,
+                     show_progress: bool = True) -> dict:
   """Writes extractor.onnx, extractor.stablehlo and manifest.json to out_dir, verified.
 
   model, variables: the network and its {'params', 'batch_stats'} (see `extractor_function`).
@@ -58,6 +60,8 @@ def export_extractor(model, variables, *, image_height: int, image_width: int, o
   use_flip: embeddings averaged with the mirror image (config eval.flip).
   platforms: where the StableHLO file runs, as `jax.export` names them ("cpu", "cuda", "rocm",
   "tpu"); default `default_platforms()`. This host's platform must be among them.
+  show_progress: with the output in a file, a line naming the current step at a steady pace
+  (`progress.heartbeat`; a ResNet-50's conversion takes minutes).
   Returns the manifest written. Raises ExportError if the extra is missing (before any work) or
   a file differs from the JAX extractor by more than `tolerance` (then no manifest.json is
   written and the files stay for inspection); ValueError for bad arguments.
@@ -71,21 +75,26 @@ def export_extractor(model, variables, *, image_height: int, image_width: int, o
   platforms = tuple(platforms or default_platforms())
   extract = extractor_lib.extractor_function(model, variables, use_flip=use_flip)
   specs = extractor_lib.input_specs(image_height, image_width)
-  _write_bytes(os.path.join(out_dir, verify_lib.STABLEHLO_FILE),
-               stablehlo_bytes(extract, specs, platforms))
-  _write_bytes(os.path.join(out_dir, verify_lib.ONNX_FILE),
-               onnx_export.convert_to_onnx(extract, specs))
   if verify_images is None:
     source = f"{verify_count} random images (seed 0)"
     verify_images = verify_lib.random_verification_images(verify_count, image_height,
                                                           image_width)
   else:
     source = f"{len(verify_images)} given images"
-  try:
-    differences = verify_lib.verify_export(out_dir, extract, verify_images, verify_modality,
-                                           tolerance=tolerance)
-  except packages_lib.ExportError as error:
-    raise packages_lib.ExportError(f"{error}; no {verify_lib.MANIFEST_FILE} written") from error
+  with progress.heartbeat("export", enabled=show_progress) as beat:
+    beat.step("StableHLO serialisation")
+    _write_bytes(os.path.join(out_dir, verify_lib.STABLEHLO_FILE),
+                 stablehlo_bytes(extract, specs, platforms))
+    beat.step("ONNX conversion")
+    _write_bytes(os.path.join(out_dir, verify_lib.ONNX_FILE),
+                 onnx_export.convert_to_onnx(extract, specs))
+    beat.step(f"verification on {source}")
+    try:
+      differences = verify_lib.verify_export(out_dir, extract, verify_images, verify_modality,
+                                             tolerance=tolerance)
+    except packages_lib.ExportError as error:
+      raise packages_lib.ExportError(
+          f"{error}; no {verify_lib.MANIFEST_FILE} written") from error
   embedding = jax.eval_shape(extract, *(jax.ShapeDtypeStruct((1,) + s.shape[1:], s.dtype)
                                         for s in specs))
   content = build_manifest(

@@ -9,6 +9,7 @@ The `--config` arguments go to `dakd_jax.config.config_from_args`, the same pars
 """
 import os
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -57,15 +58,28 @@ def is_shown(record) -> bool:
               or errors.storage_error(record.exc_info[1], "") is not None)
 
 
+# After a failed checkpoint save, Orbax's write coroutines that never started are collected
+# (possibly at exit) with a RuntimeWarning printed after the run's one error line.
+UNAWAITED_ORBAX_WRITES = r"coroutine '.*write_fragment' was never awaited"
+
+
+def hide_library_noise() -> None:
+  """Without --verbosity: library logs at WARNING and above, less the expected warnings and
+  the logged copies of a failure; no warning for Orbax writes a failed save left unstarted."""
+  # Orbax, TFDS and JAX log much at INFO; --verbosity=0 brings it back.
+  logging.set_verbosity(logging.WARNING)
+  # On the handler: it also prints what other libraries log through Python's root logger.
+  logging.get_absl_handler().addFilter(is_shown)
+  # Process-wide and kept: the coroutines may be collected after main returns.
+  warnings.filterwarnings("ignore", message=UNAWAITED_ORBAX_WRITES, category=RuntimeWarning)
+
+
 def main(argv, config_args):
   if len(argv) > 1:
     print(f"dakd_jax: unexpected arguments {argv[1:]}\n{USAGE}", file=sys.stderr)
     return 2
   if not flags.FLAGS["verbosity"].present:
-    # Orbax, TFDS and JAX log much at INFO; --verbosity=0 brings it back.
-    logging.set_verbosity(logging.WARNING)
-    # On the handler: it also prints what other libraries log through Python's root logger.
-    logging.get_absl_handler().addFilter(is_shown)
+    hide_library_noise()
   from dakd_jax import cli  # Imported after flag parsing: Grain reads absl flags.
   return cli.main_from_args(
       config_args, _WORKDIR.value, print_only=_PRINT_CONFIG.value,

@@ -188,3 +188,41 @@ def test_split_metadata_rejects_sliced_split(prepared):
   sliced = prepared["builder"].as_data_source("train[:2]")
   with pytest.raises(DatasetError, match="sidecar"):
     tfds_builders.split_metadata(sliced)
+
+
+def test_trials_share_one_copy_whose_views_equal_each_trials_own_copy(tmp_path):
+  """RegDB's trials split one image set: prepare_shared writes it once (the same folder for
+  both trials), and each trial's views give what a copy prepared for that trial alone holds:
+  the same images, labels, identities, cameras, modalities and paths, row for row, through
+  indexing and through the loader's batched reader."""
+  from dakd_jax.data import pipeline
+  from dakd_jax.data import synthetic
+  root = str(tmp_path / "RegDB")
+  synthetic.ensure_synthetic(root, "regdb", num_ids=8, images_per_modality=2, height=40,
+                             width=20, num_trials=2)
+  shared_dirs = set()
+  for trial in (1, 2):
+    records = tfds_builders.read_split_records("regdb", root, trial)
+    shared = tfds_builders.prepare_shared("regdb", root, str(tmp_path / "shared"), 32, 16,
+                                          records, progress=False)
+    shared_dirs.add(os.fspath(shared.data_dir))
+    views = tfds_builders.split_views(shared, records)
+    alone = tfds_builders.load_sources(tfds_builders.prepare(
+        "regdb", root, str(tmp_path / f"trial{trial}"), 32, 16, trial, progress=False,
+        split_records=records))
+    assert set(views) == set(alone) == {"train", "test"}
+    for split in ("train", "test"):
+      view, own = views[split], alone[split]
+      assert len(view) == len(own) == len(records[split])
+      expected = tfds_builders.split_metadata(own)
+      got = tfds_builders.split_metadata(view)
+      for name in ("label", "identity", "camera", "modality", "path"):
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{trial} {split}")
+      rows = np.arange(len(own))[::-1]
+      np.testing.assert_array_equal(pipeline.ImageReader(view).read(rows),
+                                    pipeline.ImageReader(own).read(rows))
+      for i in (0, len(own) - 1):
+        np.testing.assert_array_equal(view[i]["image"], own[i]["image"])
+        assert int(view[i]["label"]) == int(own[i]["label"])
+  assert len(shared_dirs) == 1
+  assert len(os.listdir(tmp_path / "shared" / "regdb")) == 1  # one prepared variant in all

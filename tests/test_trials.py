@@ -80,6 +80,8 @@ def test_two_regdb_trials_end_to_end_in_one_command(tmp_path, capsys):
   assert band["trials"] == [1, 2]
   per_trial = [json.load(open(tmp_path / "run" / f"trial_{t}" / "eval" / "results.json"))
                for t in (1, 2)]
+  # One prepared copy of the images, shared by both trials (each holds only its split lists).
+  assert len(os.listdir(tmp_path / "tfds" / "regdb")) == 1
   assert set(band["settings"]) == set(per_trial[0]["results"])
   assert len(band["settings"]) == 2  # Both directions.
   for setting, entry in band["settings"].items():

@@ -28,6 +28,7 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from dakd_jax.data import sampler
+from dakd_jax.data import tfds_builders
 
 # Batches each reading process keeps ready: enough to hide a slow read, small enough for memory
 # (one RegDB batch of 2 x 40 images at 288x144 is ~10 MB).
@@ -39,11 +40,14 @@ class ImageReader:
 
   For a prepared TFDS ArrayRecord source it reads the raw records in one batched call and parses
   only the image bytes (one protobuf parse + one copy per image, ~3x faster than TFDS's decoding
-  of all six features). Any other indexable of dicts (e.g. a list in a test) is read through
-  `source[i]["image"]`.
+  of all six features); a `tfds_builders.SplitView` the same way, through its rows. Any other
+  indexable of dicts (e.g. a list in a test) is read through `source[i]["image"]`.
   """
 
   def __init__(self, source: Sequence[dict[str, Any]]):
+    self._rows = None
+    if isinstance(source, tfds_builders.SplitView):
+      self._rows, source = source.rows, source.images
     self._source = source
     self._raw = getattr(source, "data_source", None)
     info = getattr(source, "dataset_info", None)
@@ -65,6 +69,8 @@ class ImageReader:
 
   def read(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Images of `indices` as uint8 [len(indices), H, W, 3], written into `out` if given."""
+    if self._rows is not None:
+      indices = self._rows[np.asarray(indices, dtype=np.int64)]
     indices = [int(i) for i in indices]
     if self._raw is not None:
       images = map(self._parse, self._raw.__getitems__(indices) if indices else [])

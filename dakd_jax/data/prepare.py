@@ -167,12 +167,16 @@ def prepare_data(dataset: str, root: str, prepared_dir: str, image_size: tuple[i
   def prepare():
     with errors.writing(f"prepared {spec.title} data in {os.path.abspath(prepared_dir)}",
                         fix=PREPARED_FIX):
+      if spec.trials:  # One copy of the images for every trial: each trial's splits are views.
+        return tfds_builders.prepare_shared(dataset, root, prepared_dir, image_size[0],
+                                            image_size[1], split_records, progress=show)
       return tfds_builders.prepare(dataset, root, prepared_dir, image_size[0], image_size[1],
                                    trial, progress=show, split_records=split_records)
 
   builder = process_zero_first(prepare)
   try:
-    sources = tfds_builders.load_sources(builder)
+    sources = (tfds_builders.split_views(builder, split_records) if spec.trials
+               else tfds_builders.load_sources(builder))
   except (RuntimeError, OSError, ValueError) as error:  # Damage its record could not see.
     raise DatasetError(
         f"the prepared copy {builder.data_dir} cannot be read ({str(error).splitlines()[0]}); "

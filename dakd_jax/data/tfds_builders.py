@@ -20,6 +20,11 @@ Choices worth knowing:
   hash of every record's split, path, identity, camera, modality, file size and modification
   time. A new size prepares a new directory; a repaired or replaced source file, or another
   root with other files, prepares again; the same files are reused.
+- A dataset whose trials split one set of images (RegDB: each trial's train and test halves
+  are the same 412 identities) is prepared once for all trials (`prepare_shared`: one "images"
+  split, config `h288_w144_images_<digest>`); each trial's splits are `SplitView`s, row lists
+  into it with the trial's own labels, built in memory from the reader's records. Ten trials
+  take one trial's disk and one preparation.
 - One builder class per dataset, named by its spec; the records come from the spec's reader.
 """
 from __future__ import annotations
@@ -48,6 +53,7 @@ from dakd_jax.data.records import DatasetError, ImageRecord
 # split name -> the records of that split (both modalities), in the reader's order.
 SplitRecords = Mapping[str, list[ImageRecord]]
 SPLITS = ("train", "test")  # always there; a held-out "val" split is added when asked for
+IMAGES_SPLIT = "images"  # the one split of a shared copy (`prepare_shared`)
 DATASET_VERSION = "1.0.0"
 # Examples per ArrayRecord shard; ShardWriter keeps one shard's examples in memory while writing
 # (1024 x 384x128x3 bytes ~ 150 MB).
@@ -57,12 +63,14 @@ _METADATA_FIELDS = ("label", "identity", "camera", "modality", "path")
 
 @dataclasses.dataclass(eq=False)
 class ReidConfig(tfds.core.BuilderConfig):
-  """One prepared variant: image size, RegDB trial (0 without trials), root, content digest."""
+  """One prepared variant: image size, RegDB trial (0 without trials), root, content digest;
+  shared: one "images" split for all trials, without labels (`prepare_shared`)."""
   height: int = 0
   width: int = 0
   trial: int = 0
   root: str = ""
   digest: str = ""
+  shared: bool = False
 
 
 def fingerprint(split_records: SplitRecords, root: str, split_files) -> str:
@@ -98,15 +106,25 @@ def content_digest(split_records: SplitRecords, root: str) -> str:
 
 
 def make_config(dataset: str, root: str, height: int, width: int, trial: int | None,
-                digest: str) -> ReidConfig:
-  """The BuilderConfig naming one prepared variant.
+                digest: str, *, shared: bool = False) -> ReidConfig:
+  """The BuilderConfig naming one prepared variant (shared: the trial-independent copy of
+  `prepare_shared`, trial None).
 
   Raises ConfigError for an unknown dataset; ValueError for a non-positive size, a trial given
-  to a dataset without trials, or a missing or unknown trial of a dataset with trials.
+  to a dataset without trials or to a shared copy, or a missing or unknown trial of a dataset
+  with trials.
   """
   spec = specs.get_spec(dataset)
   if height <= 0 or width <= 0:
     raise ValueError(f"image size must be positive, got height={height} width={width}")
+  if shared:
+    if trial is not None:
+      raise ValueError(f"a shared copy serves every trial, got trial={trial!r}; pass None")
+    return ReidConfig(
+        name=f"h{height}_w{width}_{IMAGES_SPLIT}_{digest}", version=DATASET_VERSION,
+        description=f"{dataset} images at {height}x{width} from {os.path.realpath(root)}, "
+        "shared by its trials", height=height, width=width, root=os.path.realpath(root),
+        digest=digest, shared=True)
   if spec.trials and trial not in spec.trials:
     raise ValueError(f"{dataset} needs a trial in {spec.trials}, got {trial!r}")
   if not spec.trials and trial is not None:
@@ -201,10 +219,12 @@ class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     del dl_manager  # Nothing is downloaded; the records were read by the dataset's reader.
     config = self.builder_config
     split_records = self._split_records or {}
-    for split in sorted(set(SPLITS) | set(split_records)):
+    required = {IMAGES_SPLIT} if config.shared else set(SPLITS)
+    for split in sorted(required | set(split_records)):
       if not split_records.get(split):
         raise DatasetError(f"{self.name}: split {split!r} has no images under {config.root}")
-    label_map = records_lib.make_label_map(split_records["train"])
+    # A shared copy has no labels: each trial's views label their own training identities.
+    label_map = None if config.shared else records_lib.make_label_map(split_records["train"])
     progress = _Progress(sum(len(records) for records in split_records.values()),
                          f"preparing {self.name}", self._progress)
     generators = {}
@@ -282,7 +302,7 @@ def remove_interrupted_preparations(builder: ReidBuilder) -> list[str]:
 
 def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
             trial: int | None = None, progress: bool = True, *,
-            split_records: SplitRecords | None = None) -> ReidBuilder:
+            split_records: SplitRecords | None = None, shared: bool = False) -> ReidBuilder:
   """Prepares `dataset` (unless this size/trial/content is prepared) and returns its builder.
 
   Args:
@@ -294,6 +314,8 @@ def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
     progress: print the one-line notice and a progress bar over the images while preparing.
     split_records: the records of "train" and "test"; default: the dataset's reader over
       `root`. Tests pass their own.
+    shared: split_records is {"images": records} and the copy serves every trial
+      (`prepare_shared`, trial None).
   Raises:
     DatasetError: root missing, a split without images, an image that cannot be decoded.
     ValueError: see `make_config`.
@@ -303,7 +325,7 @@ def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
   if split_records is None:
     split_records = read_split_records(dataset, root, trial)
   config = make_config(dataset, root, height, width, trial,
-                       content_digest(split_records, root))
+                       content_digest(split_records, root), shared=shared)
   def make_builder():
     return builder_class(dataset)(config=config, split_records=split_records,
                                   progress=progress, data_dir=data_dir,
@@ -326,6 +348,66 @@ def prepare(dataset: str, root: str, data_dir: str, height: int, width: int,
         download_config=tfds.download.DownloadConfig(manual_dir=root))
     prepared_files.record_files(os.fspath(builder.data_dir))
   return builder
+
+
+def shared_images(split_records: SplitRecords) -> list[ImageRecord]:
+  """Every image of the splits once, ordered by path, identity -1: for a dataset whose trials
+  split one set of images, the same list (and so the same shared copy) for every trial. (A
+  RegDB identity is the label in the trial's index file, which differs between trials; the
+  trial's views carry it.)"""
+  by_path = {record.path: record for records in split_records.values() for record in records}
+  return [dataclasses.replace(by_path[path], identity=-1) for path in sorted(by_path)]
+
+
+def prepare_shared(dataset: str, root: str, data_dir: str, height: int, width: int,
+                   split_records: SplitRecords, progress: bool = True) -> ReidBuilder:
+  """Prepares (unless already there) one copy of every image of a trial's splits, the copy
+  every trial of the same files reuses; `split_views` then gives the trial's splits."""
+  return prepare(dataset, root, data_dir, height, width, None, progress,
+                 split_records={IMAGES_SPLIT: shared_images(split_records)}, shared=True)
+
+
+class SplitView:
+  """One split as rows of a shared copy: `view[i]` is `images[rows[i]]` with the split's own
+  metadata (training labels 0..C-1 of this trial in "train", -1 elsewhere).
+
+  images: the shared copy's "images" source. rows: int64 [N]. metadata: the split's table
+  (`split_metadata`'s fields, aligned with rows). Picklable like the source (loader workers).
+  """
+
+  def __init__(self, images, rows: np.ndarray, metadata: Mapping[str, np.ndarray]):
+    self.images, self.rows, self.metadata = images, rows, metadata
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = dict(self.images[int(self.rows[index])])
+    example.update({name: self.metadata[name][index] for name in _METADATA_FIELDS})
+    return example
+
+
+def split_views(builder: ReidBuilder, split_records: SplitRecords) -> dict[str, SplitView]:
+  """split name -> `SplitView` of a shared copy (`prepare_shared` of these records).
+
+  Raises DatasetError when a record is missing from the copy (it was prepared from other
+  files).
+  """
+  images = builder.as_data_source(IMAGES_SPLIT)
+  root = builder.builder_config.root
+  row_of = {path: row for row, path in enumerate(split_metadata(images)["path"].tolist())}
+  label_map = records_lib.make_label_map(split_records["train"])
+  views = {}
+  for split, records in split_records.items():
+    table = _split_table(records, root, label_map if split == "train" else None)
+    missing = [path for path in table["path"].tolist() if path not in row_of]
+    if missing:
+      raise DatasetError(f"{missing[0]} is not in the prepared copy {builder.data_dir} "
+                         f"({len(missing)} images missing); delete that folder and run again "
+                         "to prepare it anew")
+    rows = np.array([row_of[path] for path in table["path"].tolist()], dtype=np.int64)
+    views[split] = SplitView(images, rows, table)
+  return views
 
 
 def discard_damaged_copy(directory: str) -> bool:
@@ -361,6 +443,8 @@ def split_metadata(source) -> dict[str, np.ndarray]:
   Raises DatasetError if the sidecar is missing or does not match the source (e.g. a sliced
   split such as "train[:10%]").
   """
+  if isinstance(source, SplitView):
+    return dict(source.metadata)
   data_dir = os.fspath(source.dataset_info.data_dir)
   path = os.path.join(data_dir, f"{source.split}_metadata.npz")
   if not os.path.isfile(path):

@@ -326,6 +326,19 @@ def test_command_line(tmp_path):
   assert failed.returncode == 2 and "generated with" in failed.stderr
 
 
+@pytest.mark.parametrize("kind,params", [("sysu", SMALL_SYSU), ("regdb", SMALL_REGDB),
+                                         ("llcm", SMALL_LLCM)])
+def test_worker_processes_write_the_same_tree_and_marker(tmp_path, kind, params):
+  """Persons written by two processes (large trees take every CPU by default) give the bytes
+  one process writes, the marker included (the worker count is not a content parameter)."""
+  one = synthetic.ensure_synthetic(str(tmp_path / "one"), kind, workers=1, **params)
+  two = synthetic.ensure_synthetic(str(tmp_path / "two"), kind, workers=2, **params)
+  assert tree_bytes(one) == tree_bytes(two)
+  assert synthetic.ensure_synthetic(two, kind, workers=1, **params) == two  # reused as it is
+  assert synthetic.default_workers(63) == 1
+  assert synthetic.default_workers(64) == (os.cpu_count() or 1)
+
+
 def pixel_features(paths, centre):
   """Raw pixels, 4 x 4 block means; RGB as is, or grey minus its mean; unit L2 norm."""
   images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float64) for p in paths])

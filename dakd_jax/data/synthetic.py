@@ -16,7 +16,10 @@ BMP (RegDB).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import inspect
+import multiprocessing
 import json
 import os
 import shutil
@@ -43,15 +46,35 @@ LLCM_INFRARED_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
 _LLCM_FOLDERS = {"vis": ("vis", "test_vis"), "nir": ("nir", "test_nir")}
 _DATASET_TAG = {"sysu": 1, "regdb": 2, "llcm": 3}
 # Writer keywords that change how a tree is written, not what it holds (left out of the marker).
-_DISPLAY_PARAMS = ("show_progress",)
+_DISPLAY_PARAMS = ("show_progress", "workers")
+# Below this many persons a tree is written in this process: starting worker processes (each
+# imports NumPy and Pillow) costs more than it saves.
+_PARALLEL_FROM_PERSONS = 64
 
 
-def _persons(identities, kind: str, show_progress: bool):
-  """The identities to draw, with progress over persons (a bar on a terminal, plain lines at a
-  steady pace otherwise; none without show_progress)."""
+def default_workers(num_persons: int) -> int:
+  """Processes that write a tree of `num_persons`: every CPU for a large tree, else 1."""
+  return (os.cpu_count() or 1) if num_persons >= _PARALLEL_FROM_PERSONS else 1
+
+
+def _for_each_person(write_person, identities, kind: str, show_progress: bool,
+                     workers: int | None) -> list:
+  """[write_person(identity) for identity in identities], in that order, with progress over
+  persons (a bar on a terminal, plain lines at a steady pace otherwise; none without
+  show_progress). `workers` > 1 (None: `default_workers`) writes persons in that many
+  processes; each person's images come from generators seeded by its own keys, so the bytes
+  are the same with any number of workers."""
   identities = list(identities)
-  return progress.track(identities, len(identities), f"generating synthetic {kind} persons",
-                        unit="persons", enabled=show_progress)
+  workers = default_workers(len(identities)) if workers is None else workers
+  shown = functools.partial(progress.track, total=len(identities),
+                            description=f"generating synthetic {kind} persons", unit="persons",
+                            enabled=show_progress)
+  if workers <= 1:
+    return [write_person(identity) for identity in shown(identities)]
+  # spawn: the caller may hold JAX's threads, which a fork would copy half-way.
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    return list(shown(pool.map(write_person, identities, chunksize=4)))
 
 
 def _check_sizes(**sizes: tuple[int, int]) -> None:
@@ -70,9 +93,29 @@ def _prepare_root(root: str) -> None:
   os.makedirs(root, exist_ok=True)
 
 
+def _sysu_person(identity: int, *, root: str, cameras: dict, seed: int, images_per_camera: int,
+                 height: int, width: int) -> None:
+  """Writes one SYSU-MM01-style identity's camera folders."""
+  tag = _DATASET_TAG["sysu"]
+  person_rng = make_rng(seed, tag, 2, identity)
+  person = draw_person(person_rng)
+  present = []
+  for pair in _CAMERA_PAIRS:
+    present += list(pair) if person_rng.random() < 0.5 else [pair[person_rng.integers(2)]]
+  for camera in sorted(present):
+    images = render(person, cameras[camera], make_rng(seed, tag, 3, identity, camera),
+                    images_per_camera, height, width, camera in VISIBLE_CAMERAS)
+    folder = os.path.join(root, f"cam{camera}", f"{identity:04d}")
+    os.makedirs(folder)
+    for index, image in enumerate(images, start=1):
+      Image.fromarray(image).save(os.path.join(folder, f"{index:04d}.jpg"),
+                                  quality=JPEG_QUALITY)
+
+
 def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
                     num_test_ids: int = 24, images_per_camera: int = 10, height: int = 128,
-                    width: int = 64, seed: int = 0, show_progress: bool = False) -> None:
+                    width: int = 64, seed: int = 0, show_progress: bool = False,
+                    workers: int | None = None) -> None:
   """Writes a SYSU-MM01-style tree (method.md 6.1) into the empty or absent folder `root`.
 
   Layout: `cam1..cam6/<identity:04d>/<image:04d>.jpg` (visible 1, 2, 4, 5; infrared 3, 6; images
@@ -80,7 +123,8 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
   (first line: comma-separated ids ascending). Identities are non-contiguous ints from
   1..~1.1 x total. Each identity is in one or both cameras of each pair (1, 2), (4, 5), (3, 6),
   with `images_per_camera` images per camera folder; the multi-shot protocol needs >= 10.
-  `show_progress` draws a bar over persons on a terminal (it changes nothing written).
+  `show_progress` draws a bar over persons on a terminal, `workers` sets the writing processes
+  (`_for_each_person`); neither changes what is written.
 
   Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
   FileExistsError when `root` exists and is not an empty folder.
@@ -101,20 +145,11 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
       file.write(",".join(str(int(i)) for i in np.sort(members)) + "\n")
   cameras = {c: draw_camera(make_rng(seed, tag, 1, c), c in VISIBLE_CAMERAS)
              for c in range(1, 7)}
-  for identity in _persons(ids.tolist(), "sysu", show_progress):
-    person_rng = make_rng(seed, tag, 2, identity)
-    person = draw_person(person_rng)
-    present = []
-    for pair in _CAMERA_PAIRS:
-      present += list(pair) if person_rng.random() < 0.5 else [pair[person_rng.integers(2)]]
-    for camera in sorted(present):
-      images = render(person, cameras[camera], make_rng(seed, tag, 3, identity, camera),
-                       images_per_camera, height, width, camera in VISIBLE_CAMERAS)
-      folder = os.path.join(root, f"cam{camera}", f"{identity:04d}")
-      os.makedirs(folder)
-      for index, image in enumerate(images, start=1):
-        Image.fromarray(image).save(os.path.join(folder, f"{index:04d}.jpg"),
-                                    quality=JPEG_QUALITY)
+  for camera in range(1, 7):  # Before the workers: each person's folder needs its camera's.
+    os.makedirs(os.path.join(root, f"cam{camera}"))
+  _for_each_person(functools.partial(
+      _sysu_person, root=root, cameras=cameras, seed=seed, images_per_camera=images_per_camera,
+      height=height, width=width), ids.tolist(), "sysu", show_progress, workers)
   for camera in range(1, 7):  # a camera that no identity reached still gets its folder
     os.makedirs(os.path.join(root, f"cam{camera}"), exist_ok=True)
 
@@ -136,9 +171,32 @@ def _write_regdb_idx(root: str, num_ids: int, names: dict, seed: int, num_trials
           file.write("\n".join(lines) + "\n")
 
 
+def _regdb_person(identity: int, *, root: str, cameras: dict, seed: int,
+                  images_per_modality: int, height: int, width: int) -> dict:
+  """Writes one RegDB-style identity's images; returns {(folder, identity): [file names]}."""
+  tag = _DATASET_TAG["regdb"]
+  person_rng = make_rng(seed, tag, 2, identity)
+  person = draw_person(person_rng)
+  sex = ("female", "male")[person_rng.integers(2)]
+  views = person_rng.choice(["front", "back"], size=images_per_modality)
+  names = {}
+  for code, folder in enumerate(("Visible", "Thermal"), start=1):
+    images = render(person, cameras[folder], make_rng(seed, tag, 3, identity, code),
+                    images_per_modality, height, width, folder == "Visible")
+    os.makedirs(os.path.join(root, folder, str(identity)))
+    names[(folder, identity)] = []
+    for index, image in enumerate(images):
+      number = (identity - 1) * images_per_modality + index + 1
+      name = f"{sex}_{views[index]}_{folder[0].lower()}_{number:05d}_{identity}.bmp"
+      Image.fromarray(image).save(os.path.join(root, folder, str(identity), name))
+      names[(folder, identity)].append(name)
+  return names
+
+
 def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int = 10,
                      height: int = 128, width: int = 64, seed: int = 0,
-                     num_trials: int = 10, show_progress: bool = False) -> None:
+                     num_trials: int = 10, show_progress: bool = False,
+                     workers: int | None = None) -> None:
   """Writes a RegDB-style tree (method.md 6.2) into the empty or absent folder `root`.
 
   Layout: `Visible/<id>/<sex>_<front|back>_v_<nnnnn>_<id>.bmp` and the same under `Thermal/`
@@ -147,7 +205,8 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
   for t = 1..num_trials: lines `<path relative to root> <label>`, by identity then image number.
   Per trial a random floor(num_ids / 2) identities train, the rest test; each split is relabelled
   0..C-1 by ascending identity (as the real files are believed to be, test files included).
-  `show_progress` draws a bar over persons on a terminal (it changes nothing written).
+  `show_progress` draws a bar over persons on a terminal, `workers` sets the writing processes
+  (`_for_each_person`); neither changes what is written.
 
   Raises ValueError for sizes below 1 (2 for num_ids; 16 pixels), FileExistsError when `root`
   exists and is not an empty folder.
@@ -158,21 +217,13 @@ def write_regdb_tree(root: str, *, num_ids: int = 48, images_per_modality: int =
   tag, names = _DATASET_TAG["regdb"], {}
   cameras = {folder: draw_camera(make_rng(seed, tag, 1, code), folder == "Visible")
              for code, folder in ((1, "Visible"), (2, "Thermal"))}
-  for identity in _persons(range(1, num_ids + 1), "regdb", show_progress):
-    person_rng = make_rng(seed, tag, 2, identity)
-    person = draw_person(person_rng)
-    sex = ("female", "male")[person_rng.integers(2)]
-    views = person_rng.choice(["front", "back"], size=images_per_modality)
-    for code, folder in enumerate(("Visible", "Thermal"), start=1):
-      images = render(person, cameras[folder], make_rng(seed, tag, 3, identity, code),
-                       images_per_modality, height, width, folder == "Visible")
-      os.makedirs(os.path.join(root, folder, str(identity)))
-      names[(folder, identity)] = []
-      for index, image in enumerate(images):
-        number = (identity - 1) * images_per_modality + index + 1
-        name = f"{sex}_{views[index]}_{folder[0].lower()}_{number:05d}_{identity}.bmp"
-        Image.fromarray(image).save(os.path.join(root, folder, str(identity), name))
-        names[(folder, identity)].append(name)
+  for folder in cameras:
+    os.makedirs(os.path.join(root, folder))
+  for person_names in _for_each_person(functools.partial(
+      _regdb_person, root=root, cameras=cameras, seed=seed,
+      images_per_modality=images_per_modality, height=height, width=width),
+                                       range(1, num_ids + 1), "regdb", show_progress, workers):
+    names.update(person_names)
   _write_regdb_idx(root, num_ids, names, seed, num_trials)
 
 
@@ -189,7 +240,7 @@ def _llcm_cameras(seed: int) -> dict:
   return cameras
 
 
-def _llcm_identity(root: str, identity: int, is_test: bool, cameras: dict, seed: int,
+def _llcm_identity(identity: int, *, root: str, test_ids: frozenset, cameras: dict, seed: int,
                    images_per_camera: int, height: int, width: int) -> dict:
   """Writes one LLCM identity's images; returns {"vis" | "nir": [paths relative to root]}.
 
@@ -197,7 +248,7 @@ def _llcm_identity(root: str, identity: int, is_test: bool, cameras: dict, seed:
   may see it by day and by night), which leaves every query of the test protocol a match in
   another camera after the same-identity same-camera filter (llcm.md 3.3).
   """
-  tag = _DATASET_TAG["llcm"]
+  tag, is_test = _DATASET_TAG["llcm"], identity in test_ids
   person_rng = make_rng(seed, tag, 2, identity)
   person = draw_person(person_rng)
   written = {}
@@ -226,7 +277,8 @@ def _llcm_identity(root: str, identity: int, is_test: bool, cameras: dict, seed:
 
 def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 24,
                     images_per_camera: int = 4, height: int = 128, width: int = 64,
-                    seed: int = 0, show_progress: bool = False) -> None:
+                    seed: int = 0, show_progress: bool = False,
+                    workers: int | None = None) -> None:
   """Writes an LLCM-style tree (llcm.md 2) into the empty or absent folder `root`.
 
   Layout:
@@ -242,7 +294,9 @@ def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 2
   images each; every camera folder of the test layout exists, even if no identity reached it;
   there is no test_nir/cam3. The default of 24 test identities fills the CMC of
   configs/llcm.py (eval.max_rank = 20 distinct identities). The release's unread
-  idx/test_vis.txt and idx/test_nir.txt are not written. `show_progress` draws a bar over persons on a terminal (it changes nothing written).
+  idx/test_vis.txt and idx/test_nir.txt are not written. `show_progress` draws a bar over
+  persons on a terminal, `workers` sets the writing processes (`_for_each_person`); neither
+  changes what is written.
 
   Raises ValueError for sizes below 1 (ids, images) or 16 (pixels),
   FileExistsError when `root` exists and is not an empty folder.
@@ -258,9 +312,11 @@ def write_llcm_tree(root: str, *, num_train_ids: int = 24, num_test_ids: int = 2
   cameras = _llcm_cameras(seed)
   lists = {"vis": [], "nir": []}
   label = 0
-  for identity in _persons(ids.tolist(), "llcm", show_progress):
-    written = _llcm_identity(root, identity, identity in test_ids, cameras, seed,
-                             images_per_camera, height, width)
+  everyone = _for_each_person(functools.partial(
+      _llcm_identity, root=root, test_ids=frozenset(test_ids), cameras=cameras, seed=seed,
+      images_per_camera=images_per_camera, height=height, width=width), ids.tolist(), "llcm",
+                              show_progress, workers)
+  for identity, written in zip(ids.tolist(), everyone):
     if identity not in test_ids:
       for modality, paths in written.items():
         lists[modality] += [f"{path} {label}" for path in sorted(paths)]
@@ -318,7 +374,8 @@ def _check_marker(root: str, wanted: dict) -> None:
         f"folder holds {_count_files(root)}. Delete the folder to regenerate it.")
 
 
-def ensure_synthetic(root: str, kind: str, *, show_progress: bool = False, **params) -> str:
+def ensure_synthetic(root: str, kind: str, *, show_progress: bool = False,
+                     workers: int | None = None, **params) -> str:
   """Generates a synthetic dataset at `root` unless the same one is already there.
 
   Args:
@@ -326,6 +383,8 @@ def ensure_synthetic(root: str, kind: str, *, show_progress: bool = False, **par
     kind: "sysu" (`write_sysu_tree`), "regdb" (`write_regdb_tree`) or "llcm"
       (`write_llcm_tree`).
     show_progress: print a one-line notice on stderr and, on a terminal, a bar over persons.
+    workers: processes writing persons (None: every CPU for a tree of 64 persons or more);
+      the tree is the same with any number.
     **params: keyword arguments of that writer; missing ones take the writer's defaults.
 
   The tree is generated in a sibling temporary folder and moved into place once complete, with
@@ -354,7 +413,8 @@ def ensure_synthetic(root: str, kind: str, *, show_progress: bool = False, **par
     print(f"dakd_jax: generating a synthetic {kind} dataset into {root}", file=sys.stderr,
           flush=True)
   try:
-    _WRITERS[kind](temporary, **wanted["params"], show_progress=show_progress)
+    _WRITERS[kind](temporary, **wanted["params"], show_progress=show_progress,
+                   workers=workers)
     with open(os.path.join(temporary, MARKER_NAME), "w", encoding="utf-8") as file:
       json.dump({**wanted, "num_files": _count_files(temporary)}, file, indent=2,
                 sort_keys=True)
@@ -375,11 +435,13 @@ def main(argv: list[str] | None = None) -> None:
                "images_per_camera", "num_ids", "images_per_modality", "num_trials"):
     parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int,
                         help="writer default when omitted")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="processes writing persons (default: every CPU from 64 persons)")
   args = vars(parser.parse_args(argv))
-  root, kind = args.pop("root"), args.pop("kind")
+  root, kind, workers = args.pop("root"), args.pop("kind"), args.pop("workers")
   params = {name: value for name, value in args.items() if value is not None}
   try:
-    path = ensure_synthetic(root, kind, show_progress=True, **params)
+    path = ensure_synthetic(root, kind, show_progress=True, workers=workers, **params)
     print(f"synthetic {kind} dataset ready at {path}")
   except (ValueError, FileExistsError) as error:
     parser.exit(2, f"error: {error}\n")

@@ -58,6 +58,18 @@ def parse_args():
 
 def make_jax_step(args, images, modality, conv_backward):
   """A function running one compiled JAX training step per call (the first call compiles)."""
+  step, state, images, modality = jax_step_parts(args, images, modality, conv_backward)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], loss = step(holder["state"], images, modality)
+    return float(loss)  # waits for the step
+  return run
+
+
+def jax_step_parts(args, images, modality, conv_backward):
+  """(jitted step(state, images, modality) -> (state, loss) donating its state, the initial
+  state, the images and modality as device arrays)."""
   model = resnet.create_model(args.depth, args.net_width, dtype=jnp.dtype(args.dtype),
                               conv_backward=conv_backward)
   variables = resnet.init_variables(model, jax.random.key(0), images.shape[1:3])
@@ -76,14 +88,7 @@ def make_jax_step(args, images, modality, conv_backward):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-  step = jax.jit(step, donate_argnums=0)
-  images, modality = jnp.asarray(images), jnp.asarray(modality)
-  holder = {"state": state}
-
-  def run():
-    holder["state"], loss = step(holder["state"], images, modality)
-    return float(loss)  # waits for the step
-  return run
+  return jax.jit(step, donate_argnums=0), state, jnp.asarray(images), jnp.asarray(modality)
 
 
 class TorchBottleneck(torch.nn.Module):

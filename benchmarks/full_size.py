@@ -4,6 +4,7 @@
                                                          # ~44,000 images, ResNet-50, 384x128
   python benchmarks/full_size.py --scale 0.05 --images-per-camera 4 --steps 2   # a CPU sample
   python benchmarks/full_size.py --checkpoint workdirs/sysu/student             # + export
+  python benchmarks/full_size.py --sample 2000 --steps 1     # real size, sampled embeddings
 
 Phases, in order, each in its own row of the table: generate a synthetic tree with SYSU-MM01's
 layout and counts (cached at --data-root; progress lines in a log), prepare it (TFDS
@@ -15,11 +16,20 @@ eval.num_trials trials) of --checkpoint or of the initial weights, and the expor
 --checkpoint. Per phase: wall time, CPU time of this process and its children, the peak
 resident memory so far and the disk it wrote. Last, the projected wall time of a full run
 (teacher.epochs + distill.epochs) from the measured step, rebuild and evaluation rates. Writes
-the table to <workdir>/full_size.md. Runs unchanged on a GPU.
+the table to <workdir>/full_size.md after every phase (a stopped rehearsal keeps the rows it
+measured). Runs unchanged on a GPU.
+
+--sample N: the memory rebuild and the evaluation's feature extraction embed N images each
+(spread evenly over what they would embed) and their wall and CPU times are projected to the
+full count by image count (the rows say so); the evaluation's scoring (every setting and trial)
+runs in full on the partly filled features, so its metrics mean nothing and are not printed.
+On 2 CPU cores a ResNet-50 embeds about 5 images of 384x128 per second: the full rebuild of
+SYSU-MM01's ~35,000 training images (x1.5, the channel view) would take about 3 hours there.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -45,6 +55,7 @@ from dakd_jax import stage_parts  # noqa: E402
 from dakd_jax import stages  # noqa: E402
 from dakd_jax.data import prepare  # noqa: E402
 from dakd_jax.data import specs  # noqa: E402
+from dakd_jax.data import tfds_builders  # noqa: E402
 from dakd_jax.train import centres as centres_lib  # noqa: E402
 from dakd_jax.train import memory_plan  # noqa: E402
 
@@ -78,10 +89,12 @@ def disk_bytes(path: str) -> int:
 
 
 class Phases:
-  """The table's rows: `run(name, fn, disk=path)` measures one phase and returns fn()."""
+  """The table's rows: `run(name, fn, disk=path)` measures one phase and returns fn().
+  `on_row()` is called after every row (the script writes its file there)."""
 
-  def __init__(self):
+  def __init__(self, on_row=lambda: None):
     self.rows = []
+    self.on_row = on_row
 
   def run(self, name: str, fn, *, disk: str | None = None, notes: str = ""):
     print(f"full_size: {name} ...", flush=True)
@@ -92,11 +105,20 @@ class Phases:
            "peak RSS GiB": peak_rss_gib(),
            "disk GiB": (disk_bytes(disk) - before) / GIB if disk else None, "notes": notes}
     self.rows.append(row)
+    self.on_row()
     return result
+
+  def scale_last(self, factor: float, note: str) -> None:
+    """Projects the last row's wall and CPU time by `factor` (a sampled phase), saying so."""
+    row = self.rows[-1]
+    row["wall s"], row["CPU s"] = row["wall s"] * factor, row["CPU s"] * factor
+    row["notes"] = f"{row['notes']}; {note}" if row["notes"] else note
+    self.on_row()
 
   def skip(self, name: str, why: str) -> None:
     self.rows.append({"phase": name, "wall s": None, "CPU s": None, "peak RSS GiB": None,
                       "disk GiB": None, "notes": why})
+    self.on_row()
 
   def table(self) -> str:
     def cell(value):
@@ -133,6 +155,7 @@ def plan_and_time(phases: Phases, config, model, variables, mesh, steps: int) ->
       line = phases.run(f"{name} memory plan + compile", lambda: memory_plan.check_step_memory(
           jitted, (state, *extra, batch), name, config))
       phases.rows[-1]["notes"] = line
+      phases.on_row()
     except errors.InsufficientMemoryError as error:
       phases.rows[-1:] = []
       phases.skip(f"{name} memory plan + compile", str(error))
@@ -145,6 +168,7 @@ def plan_and_time(phases: Phases, config, model, variables, mesh, steps: int) ->
     _, wall, cpu, _ = phases.run(f"{name} steps", lambda: train_step.time_steps(
         jitted, extra, state, batches, mesh))
     phases.rows[-1]["notes"] = f"{wall:.3g} s/step wall, {cpu:.3g} s/step CPU ({steps} steps)"
+    phases.on_row()
     per_step[name] = wall
   return per_step
 
@@ -170,6 +194,30 @@ def projected_seconds(config, steps_per_epoch: dict, per_step: dict, rebuild_s: 
   return seconds
 
 
+def spread(count: int, sample: int) -> np.ndarray:
+  """`sample` positions spread evenly over range(count) (all of them when sample is 0 or not
+  smaller)."""
+  if not sample or sample >= count:
+    return np.arange(count)
+  return np.unique(np.linspace(0, count - 1, sample).round().astype(np.int64))
+
+
+def sampled_training_data(data, sample: int):
+  """`data` whose training split is `sample` of its images (all when 0), spread evenly."""
+  rows = spread(len(data.train_meta["label"]), sample)
+  if len(rows) == len(data.train_meta["label"]):
+    return data
+  meta = {name: np.asarray(values)[rows] for name, values in data.train_meta.items()}
+  return dataclasses.replace(data, train_meta=meta,
+                             train_source=tfds_builders.SplitView(data.train_source, rows, meta))
+
+
+def write_text(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w", encoding="utf-8") as file:
+    file.write(text + "\n")
+
+
 def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "sysu.py"))
@@ -183,9 +231,15 @@ def main(argv=None) -> str:
   parser.add_argument("--checkpoint", default="", help="evaluated and exported; default: the "
                       "initial weights are evaluated and the export is skipped")
   parser.add_argument("--workdir", default="workdirs/full_size")
+  parser.add_argument("--sample", type=int, default=0,
+                      help="images embedded by the rebuild and the evaluation, their times "
+                      "projected to the full count (0: all)")
   args = parser.parse_args(argv)
   config = rehearsal_config(args)
+  table_path = os.path.join(args.workdir, "full_size.md")
   phases = Phases()
+  phases.on_row = lambda: write_text(table_path, "Full-size rehearsal, phases so far (running)"
+                                     "\n\n" + phases.table())
   phases.run("generate", lambda: prepare.ensure_synthetic_data(
       specs.get_spec(config.data.dataset), os.path.abspath(config.data.root),
       builders.synthetic_sizes(config), show_progress=True), disk=config.data.root)
@@ -195,17 +249,34 @@ def main(argv=None) -> str:
   model = builders.model_from_config(config)
   variables = builders.init_model_variables(config, model, jax.random.key(0))
   per_step = plan_and_time(phases, config, model, variables, mesh, args.steps)
+  total_train = len(data.train_meta["label"])
+  rebuild_data = sampled_training_data(data, args.sample)
   phases.run("teacher memory rebuild", lambda: centres_lib.build_teacher_memories(
-      model, variables, data, mesh, jax.random.key(1), batch_size=config.eval.batch_size),
-      notes=f"{len(data.train_meta['label'])} training images, x1.5 (channel view)")
+      model, variables, rebuild_data, mesh, jax.random.key(1),
+      batch_size=config.eval.batch_size),
+             notes=f"{total_train} training images, x1.5 (channel view)")
+  if rebuild_data is not data:
+    embedded = len(rebuild_data.train_meta["label"])
+    phases.scale_last(total_train / embedded, f"projected from {embedded} images")
   rebuild_s = phases.rows[-1]["wall s"]
   if args.checkpoint:
     variables, _ = builders.restore_model_variables(config, model, args.checkpoint, mesh,
                                                     hint="give a stage workdir or weights file")
   evaluator = builders.make_evaluator(config, model, data, mesh)
-  results = phases.run("evaluation (full protocol)", lambda: evaluator.run(variables),
-                       notes=f"{len(evaluator.protocols)} protocol trials")
-  eval_s = phases.rows[-1]["wall s"]
+  needed = evaluator.needed_rows
+  if args.sample and args.sample < len(needed):
+    embedded = needed[spread(len(needed), args.sample)]
+    embeddings = phases.run("evaluation: extraction", lambda: evaluator.embed(
+        variables, rows=embedded), notes=f"{len(needed)} test images")
+    phases.scale_last(len(needed) / len(embedded), f"projected from {len(embedded)} images")
+    results = phases.run("evaluation: scoring", lambda: evaluator.score(embeddings),
+                         notes=f"{len(evaluator.protocols)} protocol trials (sampled "
+                         "features: numbers not meaningful)")
+    eval_s = phases.rows[-2]["wall s"] + phases.rows[-1]["wall s"]
+  else:
+    results = phases.run("evaluation (full protocol)", lambda: evaluator.run(variables),
+                         notes=f"{len(evaluator.protocols)} protocol trials")
+    eval_s = phases.rows[-1]["wall s"]
   if args.checkpoint:
     config.eval.checkpoint = args.checkpoint
     phases.run("export", lambda: stages.export_stage(
@@ -223,18 +294,17 @@ def main(argv=None) -> str:
                 f"student epochs of {steps_per_epoch['teacher']} / {steps_per_epoch['student']} "
                 f"steps): {seconds / 3600:.1f} h wall ({seconds:.0f} s)")
   headline = next(iter(results.values()))["mean"]
+  accuracy = ("sampled features: no accuracy" if args.sample and args.sample < len(needed) else
+              f"first setting {next(iter(results))}: R1 {100 * headline['cmc'][0]:.2f}, "
+              f"mAP {100 * headline['mAP']:.2f}")
   text = "\n".join([
       f"Full-size rehearsal: {jax.devices()[0].device_kind} x{jax.device_count()}, "
       f"{config.model.depth}-layer ResNet width {config.model.width}, "
       f"{config.data.image_height}x{config.data.image_width}, batch "
       f"{2 * train_step.pairs_per_step(config)} images, {len(data.train_meta['label'])} "
       f"training and {len(data.test_meta['label'])} test images", "",
-      phases.table(), "", projection, "",
-      f"first setting {next(iter(results))}: R1 {100 * headline['cmc'][0]:.2f}, "
-      f"mAP {100 * headline['mAP']:.2f}"])
-  os.makedirs(args.workdir, exist_ok=True)
-  with open(os.path.join(args.workdir, "full_size.md"), "w", encoding="utf-8") as file:
-    file.write(text + "\n")
+      phases.table(), "", projection, "", accuracy])
+  write_text(table_path, text)
   print(text, flush=True)
   return text
 

@@ -150,6 +150,11 @@ class Heartbeat:
   every `every_s` seconds while the phase lasts, and one closing line ("done") only when it
   printed any. On a terminal, or when disabled, it prints nothing. Use `step(name)` as the
   phase moves on and `close()` at the end (or `heartbeat(...)` as a context manager).
+
+  Beside a phase's own lines (training steps, whose line comes once per step however slow),
+  it fills only the silences: `touch()` says a line was just printed, and the next heartbeat
+  comes `every_s` after it; `step(None)` keeps it quiet while a sub-phase prints its own
+  progress lines (a memory rebuild, an evaluation).
   """
 
   def __init__(self, description: str, *, enabled: bool = True, stream: TextIO | None = None,
@@ -159,7 +164,7 @@ class Heartbeat:
     if use_tty is None:
       use_tty = hasattr(self._stream, "isatty") and self._stream.isatty()
     self._every_s = plain_interval_s() if every_s is None else every_s
-    self._started = time.monotonic()
+    self._started = self._last_line = time.monotonic()
     self._printed = False
     self._stop = threading.Event()
     self._thread = None
@@ -168,18 +173,30 @@ class Heartbeat:
                                       daemon=True)
       self._thread.start()
 
-  def step(self, name: str) -> None:
-    """The phase is now doing `name` (shown in the following lines)."""
+  def step(self, name: str | None) -> None:
+    """The phase is now doing `name` (shown in the following lines); None: a sub-phase that
+    prints its own lines (no heartbeat until the next step)."""
+    if name is not None and self.current is None:  # Its silence counts from the sub-phase's end.
+      self._last_line = time.monotonic()
     self.current = name
+
+  def touch(self) -> None:
+    """Another line was printed just now: the next heartbeat is due `every_s` from now."""
+    self._last_line = time.monotonic()
 
   def _elapsed(self) -> str:
     return format_duration(time.monotonic() - self._started)
 
   def _beat(self) -> None:
-    while not self._stop.wait(self._every_s):
-      print(f"dakd_jax: {self.description}: {self.current} | elapsed {self._elapsed()}",
+    while not self._stop.wait(max(self._last_line + self._every_s - time.monotonic(), 0.01)):
+      current = self.current
+      if current is None or time.monotonic() - self._last_line < self._every_s:
+        if current is None:
+          self._last_line = time.monotonic()
+        continue
+      print(f"dakd_jax: {self.description}: {current} | elapsed {self._elapsed()}",
             file=self._stream, flush=True)
-      self._printed = True
+      self._last_line, self._printed = time.monotonic(), True
 
   def close(self) -> None:
     """Stops the lines; prints the closing line when any was printed."""

@@ -236,7 +236,7 @@ class ProgressLine:
                start_step: int = 0, stream: io.TextIOBase | None = None,
                use_tty: bool | None = None, min_interval_s: float | None = None,
                show_memory: bool = True, clock: Callable[[], float] = time.monotonic,
-               width: int | None = None):
+               width: int | None = None, on_line: Callable[[], None] | None = None):
     """Starts the line (nothing is printed yet).
 
     Args:
@@ -250,6 +250,7 @@ class ProgressLine:
       show_memory: append the first local device's memory use when it reports one.
       clock: seconds, monotonic; replaceable in tests.
       width: columns available; None = the terminal's at each render (80 when unknown).
+      on_line: called after each plain line (e.g. `progress.Heartbeat.touch`).
     """
     self.total_steps = int(total_steps)
     self.stage = stage
@@ -267,6 +268,7 @@ class ProgressLine:
     self._shown = 0  # Characters of the in-place line now on the terminal.
     self._must_render = True  # The next update renders whatever the interval.
     self._other_seconds_left = 0.0
+    self._on_line = on_line
     self.restart_clock(start_step)
 
   def restart_clock(self, step: int) -> None:
@@ -314,6 +316,8 @@ class ProgressLine:
       self._shown = len(self._text)
     else:
       print(self._text, file=self._stream, flush=True)
+      if self._on_line is not None:
+        self._on_line()
     return self._text
 
   def columns(self) -> int:

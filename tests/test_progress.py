@@ -131,3 +131,86 @@ def test_a_short_heartbeat_a_terminal_or_a_disabled_one_prints_nothing():
       beat.step("ONNX conversion")
       time.sleep(0.1)
     assert stream.getvalue() == "", options
+
+
+def test_heartbeat_fills_only_the_silences_and_keeps_quiet_for_a_sub_phase():
+  stream = io.StringIO()
+  with progress.heartbeat("teacher", stream=stream, use_tty=False, every_s=0.1) as beat:
+    beat.step("step 1/9 running")
+    for _ in range(8):  # Another line every 0.04 s: no silence of 0.1 s, no heartbeat.
+      time.sleep(0.04)
+      beat.touch()
+    assert stream.getvalue() == ""
+    beat.step(None)  # A sub-phase with lines of its own.
+    time.sleep(0.35)
+    assert stream.getvalue() == ""
+    beat.step("step 2/9 running")  # Its silence counts from here.
+    time.sleep(0.05)
+    assert stream.getvalue() == ""
+    time.sleep(0.3)
+  lines = stream.getvalue().splitlines()
+  assert len(lines) >= 3 and all(
+      re.fullmatch(r"dakd_jax: teacher: step 2/9 running \| elapsed 0:00:0\d", line)
+      for line in lines[:-1]), lines
+  assert lines[-1].startswith("dakd_jax: teacher: done in ")
+
+
+class _Sink:
+  """A checkpoint manager and a metric writer that keep nothing."""
+
+  def save(self, *args, **kwargs):
+    del args, kwargs
+
+  def write_scalars(self, *args):
+    del args
+
+
+def test_training_steps_slower_than_the_pace_get_heartbeat_lines_between_their_lines(
+    monkeypatch):
+  """A step that takes 0.35 s with a 0.1 s pace: the log hears of the running step (the first
+  one as compiling) between the steps' own lines, in the loop as it runs (the stage's final
+  evaluation is replaced by a quiet one)."""
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from dakd_jax import sharding as sharding_lib
+  from dakd_jax.train import saving
+
+  def slow_step(state, batch):
+    del batch
+    time.sleep(0.35)
+    return state, {"loss": jnp.float32(1.0)}
+
+  stage = loop.Stage(name="teacher", epochs=1, steps_per_epoch=2, eval_due=lambda epoch: False,
+                     step_fn=slow_step, on_epoch_start=lambda state, epoch: state)
+  config = ml_collections.ConfigDict({
+      "log": {"every_steps": 1}, "checkpoint": {"every_steps": 100, "select": "last"},
+      "data": {"ids_per_batch": 1, "images_per_id": 1}})
+  batch = {"visible": np.zeros((1, 2, 2, 3), np.uint8), "infrared": np.zeros((1, 2, 2, 3),
+                                                                           np.uint8),
+           "labels": np.zeros((1,), np.int32)}
+  stream = io.StringIO()
+  beat = progress.Heartbeat("teacher", stream=stream, use_tty=False, every_s=0.1)
+  line = writers.ProgressLine(2, stage="teacher", stream=stream, use_tty=False,
+                              show_memory=False, width=200, on_line=beat.touch)
+  out = saving.Outputs(_Sink(), _Sink(), line, beat)
+  monkeypatch.setattr(loop, "_evaluate_step", lambda stage, config, evaluator, out, position:
+                      out.heartbeat.step(None))
+  position = saving.Position(0, {"w": jnp.zeros(2)}, {})
+  try:
+    loop._train_steps(stage, config, iter([batch, batch]), sharding_lib.make_mesh(), None, out,
+                      position, "fingerprint")
+  finally:
+    beat.close()
+  lines = stream.getvalue().splitlines()
+  while lines and lines[0].startswith("dakd_jax: teacher: starting | elapsed"):
+    lines = lines[1:]  # The heartbeat was made before the loop (mesh, iterator) began.
+  kinds = ["beat 1" if "step 1/2 running (compiling first) | elapsed" in text else
+           "beat 2" if "step 2/2 running | elapsed" in text else
+           "line 1" if text.startswith("teacher step 1/2") else
+           "line 2" if text.startswith("teacher step 2/2") else text for text in lines]
+  assert kinds[-1].startswith("dakd_jax: teacher: done in "), lines
+  order = [kind for kind in kinds[:-1] if kind in ("beat 1", "line 1", "beat 2", "line 2")]
+  assert order == sorted(order, key=["beat 1", "line 1", "beat 2", "line 2"].index), lines
+  assert set(order) == {"beat 1", "line 1", "beat 2", "line 2"}, lines
+  assert len(order) == len(kinds) - 1, lines  # nothing else was printed

@@ -26,6 +26,7 @@ import numpy as np
 
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import interrupts
+from dakd_jax import progress as progress_lib
 from dakd_jax import sharding as sharding_lib
 from dakd_jax import stage_parts
 from dakd_jax import writers
@@ -153,11 +154,16 @@ def run_stage(stage: Stage, config: ml_collections.ConfigDict, workdir: str,
         process_count=jax.process_count(), num_workers=parts.num_workers)
     if hasattr(iterator, "close"):  # Stops Grain worker processes.
       cleanup.callback(iterator.close)
+    # Plain lines only (a log file): fills silences longer than the progress pace.
+    heartbeat = progress_lib.Heartbeat(
+        stage.name, enabled=config.log.progress and jax.process_index() == 0)
+    cleanup.callback(heartbeat.close)
     progress = writers.ProgressLine(total_steps, stage=stage.name,
                                     steps_per_epoch=stage.steps_per_epoch, start_step=start_step,
-                                    use_tty=None if config.log.progress else False)
+                                    use_tty=None if config.log.progress else False,
+                                    on_line=heartbeat.touch)
     cleanup.callback(progress.close)
-    out = saving.Outputs(manager, writer, progress)
+    out = saving.Outputs(manager, writer, progress, heartbeat)
     best = dict(metadata.get("best", {})) if metadata else {}
     position = saving.Position(start_step, state, best)
     try:
@@ -177,6 +183,7 @@ def _evaluate_step(stage: Stage, config: ml_collections.ConfigDict,
   checkpoint.select is "last", where evaluations only show progress) best. Returns the metrics
   that rank the step's checkpoint, or None."""
   out.progress.clear()
+  out.heartbeat.step(None)  # The evaluation prints its own progress and table.
   position.evaluation_due = True
   position.last_eval = evaluate_during_training(
       evaluator, stage.variables_of(position.state), out.writer, position.step,
@@ -207,10 +214,13 @@ def _train_steps(stage: Stage, config: ml_collections.ConfigDict, iterator, mesh
   for step in range(start_step, total_steps):
     if step % stage.steps_per_epoch == 0:
       out.progress.clear()  # The memory rebuild may draw its own bars.
+      out.heartbeat.step(None)  # ... and print its own lines.
       started = time.perf_counter()
       position.state = stage.on_epoch_start(position.state, step // stage.steps_per_epoch)
       phase_seconds["epoch_start"] = time.perf_counter() - started
     done = step + 1
+    out.heartbeat.step(f"step {done}/{total_steps} running"
+                       + (" (compiling first)" if step == start_step else ""))
     with interrupts.deferred():
       started = time.perf_counter()
       host_batch = next(iterator)

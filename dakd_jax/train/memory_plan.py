@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from dakd_jax import errors
+from dakd_jax import progress
 
 GIB = 1024 ** 3
 WARN_FRACTION = 0.85  # Above this share of the memory the plan line is a warning.
@@ -129,7 +130,11 @@ def check_step_memory(jitted: Any, args: Sequence[Any], stage: str,
                       config: ml_collections.ConfigDict) -> str:
   """Compiles `jitted` for `args` (arrays or jax.ShapeDtypeStruct) and checks its memory plan
   against the first local device (`check_plan`); the compile is cached for the first step."""
-  memory = jitted.lower(*args).compile().memory_analysis()
+  # A ResNet-50 step compiles for seconds to minutes: a log file hears of it meanwhile.
+  with progress.heartbeat(f"{stage} memory plan",
+                          enabled=config.log.progress and jax.process_index() == 0) as beat:
+    beat.step("compiling the step")
+    memory = jitted.lower(*args).compile().memory_analysis()
   if memory is None:  # A backend without the analysis: nothing to plan with.
     return f"{stage} step: no memory analysis on this backend"
   return check_plan(stage, step_bytes(memory), int(memory.temp_size_in_bytes),

@@ -14,6 +14,7 @@ import numpy as np
 
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import interrupts
+from dakd_jax import progress as progress_lib
 from dakd_jax import writers
 from dakd_jax.train import finite
 
@@ -40,10 +41,13 @@ def fetch(pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
 
 @dataclasses.dataclass
 class Outputs:
-  """Where a running stage's results go: checkpoints, metrics, the progress line."""
+  """Where a running stage's results go: checkpoints, metrics, the progress line, and the
+  heartbeat that fills a log's silences longer than the progress pace (a slow first compile,
+  steps of minutes on a CPU)."""
   manager: checkpoint_lib.CheckpointManager
   writer: writers.MetricWriter
   progress: writers.ProgressLine
+  heartbeat: progress_lib.Heartbeat
 
 
 @dataclasses.dataclass

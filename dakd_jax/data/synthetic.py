@@ -19,8 +19,8 @@ import argparse
 import concurrent.futures
 import functools
 import inspect
-import multiprocessing
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -145,13 +145,13 @@ def write_sysu_tree(root: str, *, num_train_ids: int = 36, num_val_ids: int = 4,
       file.write(",".join(str(int(i)) for i in np.sort(members)) + "\n")
   cameras = {c: draw_camera(make_rng(seed, tag, 1, c), c in VISIBLE_CAMERAS)
              for c in range(1, 7)}
-  for camera in range(1, 7):  # Before the workers: each person's folder needs its camera's.
+  # Every camera folder first: the workers write into them, and a camera that no identity
+  # reached still gets its folder.
+  for camera in range(1, 7):
     os.makedirs(os.path.join(root, f"cam{camera}"))
   _for_each_person(functools.partial(
       _sysu_person, root=root, cameras=cameras, seed=seed, images_per_camera=images_per_camera,
       height=height, width=width), ids.tolist(), "sysu", show_progress, workers)
-  for camera in range(1, 7):  # a camera that no identity reached still gets its folder
-    os.makedirs(os.path.join(root, f"cam{camera}"), exist_ok=True)
 
 
 def _write_regdb_idx(root: str, num_ids: int, names: dict, seed: int, num_trials: int) -> None:

@@ -4,12 +4,17 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dakd_jax import cli
 from dakd_jax import config as config_lib
 from dakd_jax import errors
+from dakd_jax import sharding as sharding_lib
+from dakd_jax.train import loop
 from dakd_jax.train import memory_plan
+from dakd_jax.train import steps as steps_lib
+from tests import tiny
 from tests.test_train import tiny_overrides
 
 GIB = 1024 ** 3
@@ -22,6 +27,42 @@ def test_step_bytes_of_a_donated_update_is_its_buffer_once():
   assert memory_plan.step_bytes(compiled.memory_analysis()) == 4 * 1024 * 1024
   kept = jax.jit(lambda v: v + 1).lower(x).compile()  # Not donated: in and out both held.
   assert memory_plan.step_bytes(kept.memory_analysis()) == 8 * 1024 * 1024
+
+
+def test_the_student_steps_first_call_reuses_the_memory_plans_compile(capsys):
+  """The plan is compiled from the frozen teacher's shapes before its centres exist; the
+  first step, given the real (replicated) teacher, runs that program: the step is traced once.
+  Before, the plan's unsharded stand-ins made the step trace and compile a second time."""
+  mesh = sharding_lib.make_mesh()
+  traces = []
+
+  def step(state, teacher, batch):
+    traces.append(1)  # Runs only while tracing.
+    logits = batch["images"] @ teacher.variables["params"]["w"]
+    new_state = state + jnp.sum(logits @ teacher.centres_visible.T) + jnp.sum(
+        teacher.centres_infrared)
+    return new_state, {"loss": jnp.sum(logits)}
+
+  compiled = loop.jit_step(step, mesh, num_extra=1)
+  config = config_lib.load_config("configs/demo.py", validate_config=False)
+  data = sharding_lib.data_sharding(mesh)
+  variables = {"params": {"w": np.ones((3, 4), np.float32)}}
+  batch = {"images": jax.device_put(np.ones((2, 3), np.float32), data)}
+  state = jax.device_put(np.float32(0), sharding_lib.replicated(mesh))
+  abstract = loop.abstract_frozen_teacher(variables, 5, 4, mesh)
+  memory_plan.check_step_memory(
+      compiled, (state, abstract, {"images": jax.ShapeDtypeStruct((2, 3), jnp.float32,
+                                                             sharding=data)}),
+      "student", config)
+  assert "memory plan: student step" in capsys.readouterr().out
+  centres = np.arange(20, dtype=np.float32).reshape(5, 4)
+  teacher = sharding_lib.replicate(
+      steps_lib.FrozenTeacher(variables, centres, centres + 1), mesh)
+  new_state, metrics = compiled(state, teacher, batch)
+  assert len(traces) == 1
+  # The program is the step: 2 rows of (1,1,1) @ ones(3, 4) = 3s; against the centres' sums.
+  assert float(metrics["loss"]) == 24.0
+  assert float(new_state) == 3 * 2 * centres.sum() + (centres + 1).sum()
 
 
 def test_host_memory_is_the_lower_of_meminfo_and_the_cgroup_room(tmp_path):
@@ -72,8 +113,7 @@ def test_a_tiny_teacher_under_a_fake_limit(tmp_path, monkeypatch, capsys, limit_
   monkeypatch.setattr(memory_plan, "device_available_bytes",
                       lambda device=None: (limit_bytes, "fake limit"))
   args = ["--config=configs/demo.py"] + tiny_overrides(str(tmp_path), **{
-      "stage": "teacher", "teacher.epochs": 1, "teacher.steps_per_epoch": 1,
-      "eval.pictures": False})
+      "stage": "teacher", "eval.pictures": False})
   assert cli.main_from_args(args, str(tmp_path / "run")) == code
   captured = capsys.readouterr()
   checkpoints = os.path.join(tmp_path, "run", "teacher", "checkpoints")
@@ -85,4 +125,4 @@ def test_a_tiny_teacher_under_a_fake_limit(tmp_path, monkeypatch, capsys, limit_
     assert "memory:" not in captured.out + captured.err  # No memory rebuild ran.
   else:
     assert "dakd_jax: memory plan: teacher step: " in captured.out
-    assert os.listdir(checkpoints) == ["1"]
+    assert os.listdir(checkpoints) == [str(tiny.TEACHER_STEPS)]

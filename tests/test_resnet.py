@@ -69,6 +69,27 @@ def test_init_variables_under_eval_shape_matches_concrete_init(net):
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
 
 
+def test_init_compiles_once_per_network_and_image_size(net):
+  """A run initialises the same network several times (stages, evaluations): one program per
+  network and image size serves them all, whatever the key (on CPU, the unoptimised one); the
+  values are model.init's."""
+  model, variables, _, _ = net
+  other_size = (HEIGHT + 32, WIDTH)
+  for key, size in ((1, (HEIGHT, WIDTH)), (3, other_size)):
+    again = resnet.init_variables(resnet.create_model(18, 8), jax.random.key(key), size)
+  programs = resnet._jit_init_unoptimised._cache_size()  # pylint: disable=protected-access
+  # An equal network built again, other keys, both sizes: no new program.
+  resnet.init_variables(resnet.create_model(18, 8), jax.random.key(4), (HEIGHT, WIDTH))
+  resnet.init_variables(model, jax.random.key(5), other_size)
+  assert resnet._jit_init_unoptimised._cache_size() == programs  # pylint: disable=protected-access
+  images = jnp.zeros((2, *other_size, 3))
+  expected = jax.jit(lambda key: model.init(key, images, jnp.array([0, 1]), train=False))(
+      jax.random.key(3))
+  jax.tree.map(lambda e, a: np.testing.assert_allclose(e, a, rtol=1e-6, atol=1e-7),
+               expected, again)
+  assert jax.tree.structure(again) == jax.tree.structure(variables)
+
+
 def test_output_shapes_follow_last_stride_and_pooled_is_gem_of_map(net):
   model, _, variables, images = net
   assert resnet.output_features(50, 64) == 2048

@@ -381,21 +381,30 @@ def tie_stems(variables: dict) -> dict:
   return tied
 
 
+def _init(model: ReIDResNet, key: jax.Array, images: jax.Array, modality: jax.Array) -> dict:
+  return model.init(key, images, modality, train=False)
+
+
+# One program per network and image size in a process: a run's stages and evaluations
+# initialise the same network several times, and each used to trace and compile it again.
+_jit_init = jax.jit(_init, static_argnums=0)
+# The init graph is almost all PRNG code and runs once; on CPU, LLVM's optimisation of it is
+# most of the compile time (ResNet-50: about 50 s -> 20 s compile, 1 s -> 6 s run).
+_jit_init_unoptimised = jax.jit(_init, static_argnums=0,
+                                compiler_options={"xla_backend_optimization_level": 0})
+
+
 def init_variables(model: ReIDResNet, key: jax.Array, image_shape) -> dict:
   """Initialises {'params', 'batch_stats'} (all float32) for images of `image_shape` (H, W[, 3]).
 
   Runs jitted in inference mode on a zero batch holding one image of each modality, so every
-  stem is created. The values do not depend on the image size (only the trace does). May be
-  called under a transformation (e.g. `jax.eval_shape` for checkpoint targets).
+  stem is created; compiled once per network and image size. The values do not depend on the
+  image size (only the trace does). May be called under a transformation (e.g.
+  `jax.eval_shape` for checkpoint targets).
   """
   height, width = image_shape[0], image_shape[1]
   images = jnp.zeros((2, height, width, 3), jnp.float32)
   modality = jnp.array([VISIBLE_CODE, INFRARED_CODE], jnp.int32)
-  init = jax.jit(functools.partial(model.init, train=False))
   is_traced = any(isinstance(arg, jax.core.Tracer) for arg in (key, images))
-  if is_traced or jax.default_backend() != "cpu":
-    return init(key, images, modality)
-  # The init graph is almost all PRNG code and runs once; on CPU, LLVM's optimisation of it is
-  # most of the compile time (ResNet-50: about 50 s -> 20 s compile, 1 s -> 6 s run).
-  lowered = init.lower(key, images, modality)
-  return lowered.compile({"xla_backend_optimization_level": 0})(key, images, modality)
+  init = _jit_init if is_traced or jax.default_backend() != "cpu" else _jit_init_unoptimised
+  return init(model, key, images, modality)

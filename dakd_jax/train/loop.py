@@ -353,6 +353,18 @@ def frozen_teacher(config: ml_collections.ConfigDict,
   return teacher
 
 
+def abstract_frozen_teacher(variables: dict, num_classes: int, features: int,
+                            mesh) -> steps_lib.FrozenTeacher:
+  """The frozen teacher's shapes before its centres exist: its variables and two [classes, D]
+  centre tables, replicated as `frozen_teacher` gives them, so that the student's first step
+  reuses the memory plan's compile instead of tracing and compiling the step again."""
+  replicated = sharding_lib.replicated(mesh)
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  centres = abstract((num_classes, features), jnp.float32)
+  return steps_lib.FrozenTeacher(
+      jax.tree.map(lambda x: abstract(np.shape(x), x.dtype), variables), centres, centres)
+
+
 def train_student(config: ml_collections.ConfigDict, workdir: str,
                   parts: stage_parts.TrainingParts) -> dict:
   """Stage 2 (method.md 4): DAKD self-distillation from the frozen teacher of `parts`."""
@@ -364,13 +376,11 @@ def train_student(config: ml_collections.ConfigDict, workdir: str,
       double_bn_update=config.distill.double_bn_update,
       student_forward=config.distill.student_forward)
   compiled = jit_step(step, mesh, num_extra=1)
-  # Sized before the teacher's centres' pass over the training set: the frozen teacher is its
-  # variables and two [classes, D] centre tables.
-  centres = jax.ShapeDtypeStruct((parts.data.num_classes, parts.features), jnp.float32)
+  # Sized before the teacher's centres' pass over the training set.
   batch = memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))
-  memory_plan.check_step_memory(
-      compiled, (state, steps_lib.FrozenTeacher(parts.teacher_variables, centres, centres), batch),
-      "student", config)
+  teacher = abstract_frozen_teacher(parts.teacher_variables, parts.data.num_classes,
+                                    parts.features, mesh)
+  memory_plan.check_step_memory(compiled, (state, teacher, batch), "student", config)
   teacher = frozen_teacher(config, parts)
   stage = Stage(
       name="student", epochs=config.distill.epochs, steps_per_epoch=parts.steps_per_epoch,

@@ -32,26 +32,17 @@ from dakd_jax import config as config_lib
 from dakd_jax import errors
 from dakd_jax.data import synthetic
 from dakd_jax.models import weights
+from tests import tiny
 from tests.file_trees import tree_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 RESTRICTED = os.path.join(REPO, "tests", "restricted.py")
-TINY = {
-    "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
-    "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
-    "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
-    "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
-    "pretrain.enabled": False, "teacher.epochs": 1, "teacher.steps_per_epoch": 2,
-}
-
-
 def tiny_args(data_dir, **extra):
-  """--config.* arguments of a tiny run whose data lives under `data_dir`."""
-  values = {**TINY, "data.root": os.path.join(data_dir, "synthetic"),
-            "data.prepared_dir": os.path.join(data_dir, "tfds"), **extra}
-  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-          for k, v in values.items()]
+  """--config.* arguments of the shared tiny run (tests/tiny.py) whose data lives under
+  `data_dir`."""
+  return tiny.arguments({**tiny.TINY, "data.root": os.path.join(data_dir, "synthetic"),
+                         "data.prepared_dir": os.path.join(data_dir, "tfds"), **extra})
 
 
 def run_py(args, *, config=DEMO, restriction=None, timeout=600):
@@ -367,7 +358,8 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line(tmp_path, data_dir):
   one_error_line(result, f"cannot write the checkpoint in {workdir}/teacher/checkpoints",
                  "File too large", "Free disk space")
   progress = [line for line in result.stderr.splitlines() if line.startswith("teacher step")]
-  assert [line.split(" | ")[0] for line in progress] == ["teacher step 1/2", "teacher step 2/2"]
+  assert [line.split(" | ")[0] for line in progress] == [  # the first step and the last
+      f"teacher step {step}/{tiny.TEACHER_STEPS}" for step in (1, tiny.TEACHER_STEPS)]
   assert all(len(line) <= 79 and line.split(" | ")[1].startswith("loss ") for line in progress)
   assert checkpoint_lib.complete_steps(str(workdir / "teacher" / "checkpoints")) == []
 

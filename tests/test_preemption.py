@@ -15,6 +15,7 @@ import pytest
 from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import cli
 from dakd_jax import interrupts
+from tests import tiny
 from tests.test_train import finish, read_jsonl, restore_params, run_py, tiny_overrides
 
 
@@ -65,11 +66,11 @@ def _stop_when_logged(process, metrics_path, step):
 
 
 # Checkpoints only at each stage's end: what a stopped run leaves is the stop's own save.
-RUN = {"stage": "all", "teacher.epochs": 2, "teacher.steps_per_epoch": 8,
-       "teacher.eval_every_epochs": 100, "distill.epochs": 2, "distill.steps_per_epoch": 8,
-       "distill.eval_every_epochs": 100, "checkpoint.every_steps": 100,
-       "eval.pictures": False, "data.num_workers": 0}
-STEPS = 16  # per training stage
+# The shared tiny run (tests/tiny.py: 16 steps per training stage).
+RUN = {"stage": "all", "teacher.eval_every_epochs": 100, "distill.eval_every_epochs": 100,
+       "checkpoint.every_steps": 100, "eval.pictures": False, "data.num_workers": 0}
+STEPS = tiny.TEACHER_STEPS
+assert tiny.STUDENT_STEPS == STEPS
 
 
 @pytest.fixture(scope="module")

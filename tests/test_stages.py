@@ -16,6 +16,7 @@ from dakd_jax import stage_parts
 from dakd_jax import stages
 from dakd_jax.models import weights
 from dakd_jax.train import loop
+from tests import tiny
 from tests.test_train import finish
 from tests.test_train import read_jsonl
 from tests.test_train import run_py
@@ -58,19 +59,16 @@ def all_single_shot(path):
 
 @pytest.mark.slow
 def test_stage_all_ends_with_every_stage_on_one_protocol(tmp_path):
-  args = tiny_overrides(str(tmp_path), **{
-      "pretrain.enabled": True, "pretrain.num_ids": 6, "pretrain.num_test_ids": 3,
-      "pretrain.images_per_camera": 2, "pretrain.epochs": 1, "pretrain.steps_per_epoch": 2,
-      "teacher.epochs": 1, "teacher.steps_per_epoch": 3, "distill.epochs": 1,
-      "distill.steps_per_epoch": 2, "eval.pictures": False})
+  args = tiny_overrides(str(tmp_path), **tiny.PRETRAIN, **{"eval.pictures": False})
   workdir = str(tmp_path / "run")
   output = finish(run_py(args, workdir))
   with open(os.path.join(workdir, stages.STAGES_SUMMARY)) as f:
     summary = json.load(f)
   assert summary["setting"] == SETTING
   names = [row["name"] for row in summary["rows"]]
-  assert names == ["untrained (random init)", "initial weights (pretrain)", "teacher (step 3)",
-                   "student (full_mlkd) (step 2)"]
+  assert names == ["untrained (random init)", "initial weights (pretrain)",
+                   f"teacher (step {tiny.TEACHER_STEPS})",
+                   f"student (full_mlkd) (step {tiny.STUDENT_STEPS})"]
   rows = {name.split(" (")[0]: row["results"][SETTING] for name, row in zip(names,
                                                                            summary["rows"])}
   assert all(len(r["trials"]) == 2 for r in rows.values())

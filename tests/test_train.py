@@ -26,23 +26,14 @@ from dakd_jax.train import state as state_lib
 from dakd_jax.train import steps as steps_lib
 from dakd_jax.losses import memory as memory_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import tiny
 
-TINY = {
-    "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
-    "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
-    "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
-    "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
-    "pretrain.enabled": False,  # mechanics tests start from random weights
-}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_overrides(tmp_dir, **extra):
-  values = dict(TINY, **{"data.root": os.path.join(tmp_dir, "synthetic"),
-                         "pretrain.data_root": os.path.join(tmp_dir, "synthetic_pretrain"),
-                         "data.prepared_dir": os.path.join(tmp_dir, "tfds")}, **extra)
-  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-          for k, v in values.items()]
+  """The shared tiny run's arguments (tests/tiny.py)."""
+  return tiny.overrides(tmp_dir, **extra)
 
 
 def run_py(args, workdir, env_extra=None, cwd=REPO):
@@ -186,18 +177,20 @@ def test_a_divergence_names_the_last_finite_checkpoint_or_says_there_is_none(
     tmp_path, capsys, every_steps):
   """teacher.lr=1e6 from the start: the first update explodes the weights (finite, but the
   next loss is NaN); that checkpoint is never saved, whatever checkpoint.every_steps, and the
-  message says there is none. With every_steps=1, a run trained normally for 4 steps and then
-  continued at lr=1e6 stops naming step 4, whose weights resume at a normal rate without
-  diverging again."""
+  message says there is none. With every_steps=1, the tiny run trained normally (16 steps)
+  and then continued for an epoch at lr=1e6 stops naming step 16, whose weights resume at a
+  normal rate without diverging again. Both diverging runs have the same schedule (one
+  program)."""
   from dakd_jax import cli  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "run")
   directory = os.path.join(workdir, "teacher", "checkpoints")
-  extra = {"stage": "teacher", "teacher.epochs": 1, "teacher.steps_per_epoch": 4,
-           "teacher.warmup_epochs": 0, "teacher.eval_every_epochs": 100}
+  extra = {"stage": "teacher", "teacher.eval_every_epochs": 100}
   if every_steps:
     extra["checkpoint.every_steps"] = every_steps
   args = ["--config=configs/demo.py", *tiny_overrides(str(tmp_path), **extra)]
-  diverging = ["--config.teacher.lr=1e6"]
+  epoch = tiny.TEACHER_STEPS // tiny.TINY["teacher.epochs"]
+  longer = ["--config.teacher.epochs=3", "--config.checkpoint.allow_config_change=True"]
+  diverging = longer + ["--config.teacher.lr=1e6"]
 
   def last_line():
     return capsys.readouterr().err.strip().splitlines()[-1]
@@ -209,14 +202,14 @@ def test_a_divergence_names_the_last_finite_checkpoint_or_says_there_is_none(
     assert checkpoint_lib.complete_steps(directory) == []
     return
   assert cli.main_from_args(args, workdir) == 0
-  longer = ["--config.teacher.epochs=3", "--config.checkpoint.allow_config_change=True"]
-  assert cli.main_from_args(args + longer + diverging, workdir) == 1
+  assert cli.main_from_args(args + diverging, workdir) == 1
   message = last_line()
-  assert "non-finite loss at step 6" in message, message
-  assert f"the last checkpoint, step 4 in {directory}, is finite" in message
-  assert max(checkpoint_lib.complete_steps(directory)) == 4
+  assert f"non-finite loss at step {tiny.TEACHER_STEPS + 2}" in message, message
+  assert (f"the last checkpoint, step {tiny.TEACHER_STEPS} in {directory}, is finite"
+          in message)
+  assert max(checkpoint_lib.complete_steps(directory)) == tiny.TEACHER_STEPS
   assert cli.main_from_args(args + longer, workdir) == 0, last_line()
-  final = restore_params(directory, 12)
+  final = restore_params(directory, tiny.TEACHER_STEPS + epoch)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(final))
 
 
@@ -235,7 +228,7 @@ def demo_run(tmp_path):
       output = f.read()
     return directory, os.path.join(directory, os.environ["DAKD_DEMO_WORKDIR"]), output, []
   demo_sizes = ("--config.synthetic.", "--config.model.width", "--config.pretrain.enabled",
-                "--config.data.ids_per_batch", "--config.eval.")
+                "--config.data.ids_per_batch", "--config.eval.", "--config.teacher.")
   args = [a for a in tiny_overrides(str(tmp_path), **{
       "distill.epochs": 1, "distill.steps_per_epoch": 8, "log.every_steps": 10})
           if not a.startswith(demo_sizes)]

@@ -13,6 +13,7 @@ from dakd_jax import checkpoint as checkpoint_lib
 from dakd_jax import cli
 from dakd_jax import workdir_lock
 from dakd_jax.evaluation import evaluations
+from tests import tiny
 from tests.test_cli import data_dir  # noqa: F401  pylint: disable=unused-import  (a fixture)
 from tests.test_cli import one_error_line, read_only_folder, run_py, tiny_args
 
@@ -94,11 +95,8 @@ def test_a_read_only_workdir_is_refused_before_any_work(tmp_path):
 
 def _tiny(base, *extra):
   """--config.* arguments of a tiny run with a tiny pretrain stage, data under `base`."""
-  return tiny_args(base) + [
-      "--config.pretrain.enabled=True", f"--config.pretrain.data_root={base}/pretrain_data",
-      "--config.pretrain.num_ids=4", "--config.pretrain.num_test_ids=2",
-      "--config.pretrain.images_per_camera=2", "--config.pretrain.epochs=1",
-      "--config.pretrain.steps_per_epoch=2", "--config.eval.pictures=False", *extra]
+  return tiny_args(base, **tiny.PRETRAIN, **{"pretrain.data_root": f"{base}/pretrain_data",
+                                            "eval.pictures": False}) + list(extra)
 
 
 def _main(args, workdir):
@@ -121,13 +119,14 @@ def test_a_copied_workdir_resumes_evaluates_and_finds_its_results(tmp_path, data
   assert _main(_tiny(data_dir, "--config.stage=eval",
                      f"--config.eval.checkpoint={copy}/teacher"), copy) == 0
   stored = json.load(open(os.path.join(copy, "eval", "teacher", "results.json")))
-  assert stored["source"].startswith(copy + "/teacher/checkpoints step 2")
+  last = f"step {tiny.TEACHER_STEPS}"
+  assert stored["source"].startswith(f"{copy}/teacher/checkpoints {last}")
   moved = str(tmp_path / "W3")
   os.rename(copy, moved)
   source = stored["source"].replace(copy, moved)
   recorded = stages.recorded_results(moved, source)
   assert recorded["results"] == {name: value["mean"] for name, value in stored["results"].items()}
-  assert stages.recorded_results(moved, source.replace("step 2", "step 1")) is None
+  assert stages.recorded_results(moved, source.replace(last, "step 1")) is None
   # The moved teacher opens quietly in Python (no Orbax warnings) and embeds grey arrays.
   import logging  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,45 @@
+"""The tiny run that the end-to-end tests share: one network, one set of shapes, one schedule.
+
+A compiled program's constants include its learning-rate schedule (epochs, steps per epoch,
+warm-up, decays, rate), its shapes (image size, batch, training identities: the memories), the
+network (depth, width, non-local blocks) and the loss settings. Tests that keep all of these as
+given here train and evaluate the same programs, so the suite compiles each once: the
+persistent compilation cache (conftest.py) serves every later test and `run.py` subprocess.
+What does not enter a program is free to differ per test: test and validation identities,
+trials, ranks, pictures, evaluation and checkpoint cadences, loader workers.
+"""
+import os
+
+TEACHER_STEPS = 16
+STUDENT_STEPS = 16
+TINY = {
+    "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
+    "model.width": 8, "data.ids_per_batch": 4, "data.images_per_id": 2,
+    "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
+    "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
+    "pretrain.enabled": False,  # mechanics tests start from random weights
+    # Long enough for a stop signal to land mid-stage (tests/test_preemption.py); a tiny step
+    # costs milliseconds next to a compile.
+    "teacher.epochs": 2, "teacher.steps_per_epoch": TEACHER_STEPS // 2,
+    "distill.epochs": 2, "distill.steps_per_epoch": STUDENT_STEPS // 2,
+}
+PRETRAIN_STEPS = 2
+PRETRAIN = {  # with TINY, where a test runs the pretrain stage
+    "pretrain.enabled": True, "pretrain.num_ids": 6, "pretrain.num_test_ids": 3,
+    "pretrain.images_per_camera": 2, "pretrain.epochs": 1,
+    "pretrain.steps_per_epoch": PRETRAIN_STEPS,
+}
+
+
+def arguments(values: dict) -> list[str]:
+  """--config.* arguments for `values` (tuples written as Python literals)."""
+  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+          for k, v in values.items()]
+
+
+def overrides(tmp_dir: str, **extra) -> list[str]:
+  """--config.* arguments of the tiny run with its data under `tmp_dir`; `extra` on top."""
+  return arguments(dict(TINY, **{"data.root": os.path.join(tmp_dir, "synthetic"),
+                                 "pretrain.data_root": os.path.join(tmp_dir,
+                                                                    "synthetic_pretrain"),
+                                 "data.prepared_dir": os.path.join(tmp_dir, "tfds")}, **extra))

@@ -28,8 +28,8 @@ def table_rows(text, columns):
 def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys):
   report = load_report()
   output = tmp_path / "BENCHMARKS.md"
-  # bfloat16, the dtype the report is for (each row compiles its program: one dtype here; the
-  # float32 teacher row is measured by the test below).
+  # bfloat16, the dtype the report is for (each row compiles its program: one dtype here, and
+  # the test below measures the same teacher row again, from the compilation cache).
   report.main(["--tiny", "--dtypes", "bfloat16", "--multipliers", "1", "--steps", "2",
                "--peak-tflops", str(PEAK_TFLOPS), "--output", str(output)])
   printed = table_rows(capsys.readouterr().out, report.COLUMNS)
@@ -68,12 +68,12 @@ def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys)
 def test_rows_beyond_the_time_budget_are_skipped_and_listed(tmp_path, capsys):
   report = load_report()
   output = tmp_path / "BENCHMARKS.md"
-  report.main(["--tiny", "--dtypes", "float32", "--multipliers", "1", "--steps", "1",
+  report.main(["--tiny", "--dtypes", "bfloat16", "--multipliers", "1", "--steps", "1",
                "--budget-s", "0", "--output", str(output)])
   written = output.read_text()
-  assert list(table_rows(written, report.COLUMNS)) == [("teacher step", "float32")]
-  assert ("Skipped: student two_calls float32 x1; extraction float32 x1; student grouped "
-          "float32 x1." in written)
+  assert list(table_rows(written, report.COLUMNS)) == [("teacher step", "bfloat16")]
+  assert ("Skipped: student two_calls bfloat16 x1; extraction bfloat16 x1; student grouped "
+          "bfloat16 x1." in written)
   assert "no peak known for 'cpu'" in written  # MFU needs a known peak: n/a here.
   assert "(0 skipped)" not in capsys.readouterr().out
 

@@ -23,8 +23,9 @@ PRESETS = ("default",)  # The script's other preset runs the same code with othe
 SEEDS = (0, 1)
 TINY = {
     "synthetic.num_train_ids": 6, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
-    "synthetic.images_per_camera": 4, "model.width": 8, "data.ids_per_batch": 4,
-    "data.images_per_id": 2, "eval.batch_size": 32, "eval.num_trials": 2, "eval.max_rank": 5,
+    "synthetic.images_per_camera": 4, "model.width": 4, "model.non_local": False,
+    "data.ids_per_batch": 4, "data.images_per_id": 2, "eval.batch_size": 32,
+    "eval.num_trials": 2, "eval.max_rank": 5,
     "pretrain.num_ids": 6, "pretrain.num_test_ids": 3, "pretrain.images_per_camera": 2,
     "pretrain.epochs": 1, "pretrain.steps_per_epoch": 2, "teacher.epochs": 1,
     "teacher.steps_per_epoch": 2, "distill.epochs": 1, "distill.steps_per_epoch": 2,

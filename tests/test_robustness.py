@@ -17,6 +17,7 @@ from dakd_jax.errors import ConfigError
 from dakd_jax.evaluation import corruptions
 from dakd_jax.evaluation import robustness
 from dakd_jax.models import weights
+from tests import tiny
 from tests.test_train import REPO
 from tests.test_train import finish
 from tests.test_train import run_py
@@ -90,7 +91,7 @@ def test_config_refuses_saved_features_a_swept_seed_band_and_unknown_values(tmp_
 
 
 def untrained_weights(path):
-  config = config_lib.load_config("configs/demo.py", {"model.width": 8}, validate_config=False)
+  config = config_lib.load_config("configs/demo.py", tiny.NETWORK, validate_config=False)
   model = builders.model_from_config(config)
   weights.save_variables(builders.init_model_variables(config, model,
                                                        stage_parts.teacher_keys(config)[0]), path)

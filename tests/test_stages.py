@@ -84,8 +84,7 @@ def test_stage_all_ends_with_every_stage_on_one_protocol(tmp_path):
 
   # Untrained and initial-weights rows: the same networks evaluated by stage=eval in another
   # process (the teacher's random initialisation, saved; the pretrain stage's file).
-  config = config_lib.load_config("configs/demo.py", {"model.width": 8},
-                                  validate_config=False)
+  config = config_lib.load_config("configs/demo.py", tiny.NETWORK, validate_config=False)
   untrained_file = str(tmp_path / "untrained.npz")
   model = builders.model_from_config(config)
   assert config.model.init_weights == "" and config.seed == 0

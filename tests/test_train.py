@@ -227,7 +227,7 @@ def demo_run(tmp_path):
     with open(os.environ["DAKD_DEMO_LOG"]) as f:
       output = f.read()
     return directory, os.path.join(directory, os.environ["DAKD_DEMO_WORKDIR"]), output, []
-  demo_sizes = ("--config.synthetic.", "--config.model.width", "--config.pretrain.enabled",
+  demo_sizes = ("--config.synthetic.", "--config.model.", "--config.pretrain.enabled",
                 "--config.data.ids_per_batch", "--config.eval.", "--config.teacher.")
   args = [a for a in tiny_overrides(str(tmp_path), **{
       "distill.epochs": 1, "distill.steps_per_epoch": 8, "log.every_steps": 10})

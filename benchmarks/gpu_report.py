@@ -62,7 +62,8 @@ PEAK_TFLOPS = (
     ("TPU v5", 459.0, 459.0, "Google Cloud TPU v5p: 459 bf16 TFLOPS per chip"),
     ("TPU v6 lite", 918.0, 918.0, "Google Cloud TPU v6e: 918 bf16 TFLOPS per chip"),
 )
-TINY = {"model.depth": 18, "model.width": 4, "data.image_height": 48, "data.image_width": 48,
+TINY = {"model.depth": 18, "model.width": 4, "model.non_local": False,
+        "data.image_height": 48, "data.image_width": 48,
         "data.ids_per_batch": 2, "data.images_per_id": 2, "eval.batch_size": 8}
 GIB = 1024 ** 3
 COLUMNS = ("what", "dtype", "batch", "img/s", "step ms", "compile s", "XLA GiB",
@@ -275,7 +276,8 @@ def main(argv=None):
                  f"{config.data.image_height}x{config.data.image_width}, "
                  f"{config.data.ids_per_batch} ids x {config.data.images_per_id} images at x1, "
                  f"student {config.distill.student_forward}, remat "
-                 f"{','.join(config.model.remat) or 'none'}",
+                 f"{','.join(config.model.remat) or 'none'}"
+                 + ("" if config.model.non_local else ", non-local blocks off"),
   }
   print(f"gpu_report: {header['device']}, {header['network']}", flush=True)
   print(" | ".join(f"{c:>{column_width(c)}}" for c in COLUMNS), flush=True)

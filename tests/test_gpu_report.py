@@ -60,6 +60,7 @@ def test_tiny_report_prints_and_writes_consistent_measurements(tmp_path, capsys)
     assert 2 * 3 * pairs * per_image < teacher < 4 * 3 * pairs * per_image
   assert "- device: cpu x1 (cpu)" in written_text
   assert "ResNet-18 width 4, 48x48, 2 ids x 2 images" in written_text
+  assert written_text.count("non-local blocks off") == 1  # --tiny's network says so
   assert "- peak FLOP/s for bfloat16: --peak-tflops" in written_text
   assert "Skipped" not in written_text
 

@@ -378,9 +378,9 @@ def train_student(config: ml_collections.ConfigDict, workdir: str,
   compiled = jit_step(step, mesh, num_extra=1)
   # Sized before the teacher's centres' pass over the training set.
   batch = memory_plan.abstract_batch(config, sharding_lib.data_sharding(mesh))
-  teacher = abstract_frozen_teacher(parts.teacher_variables, parts.data.num_classes,
+  planned = abstract_frozen_teacher(parts.teacher_variables, parts.data.num_classes,
                                     parts.features, mesh)
-  memory_plan.check_step_memory(compiled, (state, teacher, batch), "student", config)
+  memory_plan.check_step_memory(compiled, (state, planned, batch), "student", config)
   teacher = frozen_teacher(config, parts)
   stage = Stage(
       name="student", epochs=config.distill.epochs, steps_per_epoch=parts.steps_per_epoch,

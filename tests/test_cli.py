@@ -38,6 +38,8 @@ from tests.file_trees import tree_bytes
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 RESTRICTED = os.path.join(REPO, "tests", "restricted.py")
+
+
 def tiny_args(data_dir, **extra):
   """--config.* arguments of the shared tiny run (tests/tiny.py) whose data lives under
   `data_dir`."""

@@ -16,8 +16,7 @@ TINY = {
     "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
     # The demo's ResNet-18 at width 4 without non-local blocks: the mechanics, compiled in
     # four fifths of the time (non-local blocks run in the demo test and tests/test_resnet.py).
-    "model.width": 4, "model.non_local": False, "data.ids_per_batch": 4,
-    "data.images_per_id": 2,
+    "model.width": 4, "model.non_local": False, "data.ids_per_batch": 4, "data.images_per_id": 2,
     "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),
     "eval.shots": ("single",), "eval.max_rank": 5, "log.every_steps": 1, "log.progress": False,
     "pretrain.enabled": False,  # mechanics tests start from random weights
@@ -26,11 +25,10 @@ TINY = {
     "teacher.epochs": 2, "teacher.steps_per_epoch": TEACHER_STEPS // 2,
     "distill.epochs": 2, "distill.steps_per_epoch": STUDENT_STEPS // 2,
 }
-PRETRAIN_STEPS = 2
 PRETRAIN = {  # with TINY, where a test runs the pretrain stage
     "pretrain.enabled": True, "pretrain.num_ids": 6, "pretrain.num_test_ids": 3,
     "pretrain.images_per_camera": 2, "pretrain.epochs": 1,
-    "pretrain.steps_per_epoch": PRETRAIN_STEPS,
+    "pretrain.steps_per_epoch": 2,
 }
 
 

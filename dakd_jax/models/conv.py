@@ -13,7 +13,8 @@ same gradients with operations those kernels accept:
 
   - 1x1 convolutions (the bottleneck's conv1/conv3, the downsample projection, the non-local
     block's): both gradients are matrix products, `grad @ W^T` for the input (zero-inserted back
-    onto the strided grid for stride 2) and `x_s^T @ grad` for the kernel, x_s the strided input;
+    onto the strided grid for stride 2) and `x_s^T @ grad` for the kernel, x_s the strided input
+    (as `(grad^T @ x_s)^T` where grad has fewer channels: see `kernel_gradient`);
   - kxk convolutions: the input gradient is a plain stride-1 VALID forward convolution of the
     output gradient, zero-inserted for stride s (interior padding s-1) and padded by k-1-p low,
     with the spatially flipped kernel whose in/out channels are swapped; the kernel gradient
@@ -30,7 +31,9 @@ than the stacked slices and matmul (the k*k-times-larger patch matrix is memory-
 what the earlier measurement recorded in DEVELOPERS.md found too. The kxk code stays, tested
 equal to autodiff's, so a backend or size where it pays can list its kind.
 On GPUs and TPUs cuDNN and the TPU compiler run autodiff's convolutions well, so the default
-setting "auto" uses the hand-written backward only on the CPU backend.
+setting "auto" uses the hand-written backward only on the CPU backend. The stem's max-pool follows
+the same setting (`pool.py`: autodiff's max-pool gradient is a slow index-carrying reduce-window
+on XLA:CPU).
 """
 from __future__ import annotations
 
@@ -179,7 +182,17 @@ def kernel_gradient(images, grad, kernel_hw, strides, padding, precision=None):
                     (1, stride_h, stride_w, 1))
           for row in range(kernel_h) for col in range(kernel_w)]
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  product = lax.dot_general(patches, grad, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                            precision=precision,
-                            preferred_element_type=_accumulation_dtype(grad.dtype))
+  # Contracted over pixels, the left operand is transposed. With the patches on the left XLA:CPU
+  # writes a transposed copy of them for its YNNPACK matmul, the patches' producer (a block's BN,
+  # residual and ReLU) fused into the copy: a fifth of a ResNet-50 step. With the output gradient
+  # on the left, where it has fewer channels, XLA's Eigen matmul reads it transposed in place:
+  # 0.8x the step's time. Eigen has no bfloat16 -> float32 matmul, so bfloat16 keeps YNNPACK's.
+  contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  accumulate = _accumulation_dtype(grad.dtype)
+  if grad.shape[3] < patches.shape[3] and grad.dtype != jnp.bfloat16:
+    product = lax.dot_general(grad, patches, contract, precision=precision,
+                              preferred_element_type=accumulate).T
+  else:
+    product = lax.dot_general(patches, grad, contract, precision=precision,
+                              preferred_element_type=accumulate)
   return product.reshape(kernel_h, kernel_w, images.shape[3], grad.shape[3])

@@ -43,6 +43,7 @@ from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.models.batch_norm import BN_EPSILON, BN_MOMENTUM, GroupedBatchNorm
 from dakd_jax.models.batch_norm import at_least_float32
 from dakd_jax.models.conv import conv_general_dilated_for
+from dakd_jax.models.pool import max_pool_for
 
 # Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
@@ -331,7 +332,9 @@ def _stem_and_pool(model: ReIDResNet, images, modality, train: bool, groups: int
     infrared = Stem(model.width, model.dtype, groups, convolve, name="stem_infrared")(
         images, is_infrared, train)
     x = jnp.where(is_infrared[:, None, None, None], infrared, visible)
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  # The max-pool's gradient follows the convolutions' setting (pool.py).
+  max_pool = max_pool_for(model.conv_backward)
+  return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 ResNet18 = functools.partial(ReIDResNet, depth=18)

@@ -248,8 +248,9 @@ class ReIDResNet(nn.Module):
   which is the same as having none (and keeps it out of the optimiser and weight decay).
   `remat` names parts (REMAT_PARTS) recomputed in the backward pass instead of stored: same
   values and gradients, less memory, a little more compute.
-  `conv_backward` (conv.CONV_BACKWARDS) chooses, for every convolution at once, autodiff's
-  gradient or the hand-written one XLA:CPU runs fast ("auto": hand-written on the CPU backend);
+  `conv_backward` (conv.CONV_BACKWARDS) chooses, for every convolution and the stem max-pool at
+  once, autodiff's gradient or the hand-written one XLA:CPU runs fast ("auto": hand-written on
+  the CPU backend; conv.py, pool.py);
   same values, gradients equal within rounding, same variables.
   Raises ValueError for an unsupported depth, a modality of the wrong shape, a bn_groups that
   does not divide the batch, an unknown remat part or conv_backward.

@@ -1,7 +1,7 @@
 """The stem's max-pool with its backward pass written in the forms XLA:CPU runs fast.
 
 Chosen with the convolutions' gradients (`model.conv_backward`, see conv.py): the forward pass
-is always `lax.reduce_window` max; only the gradient differs.
+is always flax's `nn.max_pool` (a reduce-window max); only the gradient differs.
 
 Why: autodiff's gradient of a max-pool is a variadic reduce-window that carries the window's
 index along with its maximum (four int32 index arrays the size of the padded input, one per
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -34,16 +35,10 @@ def max_pool_for(setting: str, backend: str | None = None):
   return max_pool_nhwc
 
 
-def _reduce_window_max(x, window, strides, padding):
-  # A Python scalar init lets JAX see the max monoid (reduce_window_max, differentiable).
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
-                           ((0, 0), *padding, (0, 0)))
-
-
 def max_pool_autodiff(x, window, strides, padding):
-  """nn.max_pool's computation for NHWC `x`, differentiated by JAX."""
-  return _reduce_window_max(x, tuple(window), tuple(strides),
-                            tuple(tuple(p) for p in padding))
+  """flax's `nn.max_pool` (a reduce-window max) for NHWC `x`, differentiated by JAX."""
+  return nn.max_pool(x, tuple(window), strides=tuple(strides),
+                     padding=tuple(tuple(p) for p in padding))
 
 
 def max_pool_nhwc(x, window, strides, padding):
@@ -53,11 +48,11 @@ def max_pool_nhwc(x, window, strides, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, padding):
-  return _reduce_window_max(x, window, strides, padding)
+  return max_pool_autodiff(x, window, strides, padding)
 
 
 def _max_pool_forward(x, window, strides, padding):
-  pooled = _reduce_window_max(x, window, strides, padding)
+  pooled = max_pool_autodiff(x, window, strides, padding)
   return pooled, (x, pooled)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dakd_jax.models import pool
+from dakd_jax.models import resnet
 
 # (height, width, window, stride, padding): the stem's 3x3/2 pad 1 at odd and even sizes, and
 # other pools the function accepts.
@@ -89,3 +90,20 @@ def test_the_setting_chooses_the_gradient_like_the_convolutions():
   assert pool.max_pool_for("auto", backend="gpu") is pool.max_pool_autodiff
   with pytest.raises(ValueError, match="conv_backward must be one of"):
     pool.max_pool_for("fast")
+
+
+@pytest.mark.parametrize("setting, autodiff_pool", [("xla", True), ("custom", False)])
+def test_the_network_stem_pool_takes_the_models_setting(setting, autodiff_pool):
+  """The network's gradient contains JAX's max-pool transpose (select_and_scatter_add) under
+  'xla' and not under 'custom': tests/test_conv.py's whole-network comparison would also pass
+  if the model ignored the setting for its pool."""
+  model = resnet.create_model(18, 4, conv_backward=setting, non_local=False)
+  variables = jax.eval_shape(lambda: resnet.init_variables(model, jax.random.key(0), (32, 16)))
+
+  def loss(params, batch_stats):
+    out, _ = model.apply({"params": params, "batch_stats": batch_stats},
+                         jnp.zeros((2, 32, 16, 3)), jnp.array([0, 1]), train=True,
+                         mutable=["batch_stats"])
+    return out["features"].sum()
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"]))
+  assert ("select_and_scatter_add" in jaxpr) == autodiff_pool

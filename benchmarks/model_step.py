@@ -3,7 +3,8 @@
 One step = forward (train mode) + backward + Adam update, loss = mean(g^2) of the BNNeck output.
 Both models have the same layout: two stems (conv1, bn1, relu, maxpool per modality), shared
 layer1..4 with last stride 1, non-local blocks (O(N) rank-one form, method.md 2.1), GeM and a
-BNNeck without shift. The batch is half visible, half infrared. All variants run in the same
+BNNeck without shift. The batch is half visible, half infrared, in the training steps' order
+[visible; infrared]. All variants run in the same
 process, alternating `--repeats` rounds of `--steps` steps (medians printed), so the ratios
 compare like with like on this machine: the JAX step once per `--conv-backwards` setting
 (model.conv_backward: "xla" = autodiff's convolution gradients, "custom" = the hand-written ones
@@ -16,9 +17,11 @@ The CPU/wall column (process CPU time over wall time) shows how many threads rea
 the XLA flags set by --threads 1 do not keep XLA:CPU on one thread (CPU/wall 1.4-1.5 on two
 cores), so for a one-thread comparison run the script under `taskset -c 0`.
 
-Differences in work: the JAX model runs both stems on every image and keeps each image's own
-output (one compiled step for any modality mix); the torch model runs each stem on its own
-images only. The stem is about 3% of the ResNet-50 FLOPs.
+Both run each stem on its own images only: the JAX step is compiled for its batch's modality
+codes, as the training steps are (NumPy codes, resnet.static_modality_runs; under
+--conv-backwards xla the JAX model runs both stems on every image and keeps each image's own
+output, the program the demo's numbers were measured with; the stem is about 3% of the
+ResNet-50 FLOPs).
 """
 import argparse
 import os
@@ -58,25 +61,25 @@ def parse_args():
 
 def make_jax_step(args, images, modality, conv_backward):
   """A function running one compiled JAX training step per call (the first call compiles)."""
-  step, state, images, modality = jax_step_parts(args, images, modality, conv_backward)
+  step, state, images = jax_step_parts(args, images, modality, conv_backward)
   holder = {"state": state}
 
   def run():
-    holder["state"], loss = step(holder["state"], images, modality)
+    holder["state"], loss = step(holder["state"], images)
     return float(loss)  # waits for the step
   return run
 
 
 def jax_step_parts(args, images, modality, conv_backward):
-  """(jitted step(state, images, modality) -> (state, loss) donating its state, the initial
-  state, the images and modality as device arrays)."""
+  """(jitted step(state, images) -> (state, loss) donating its state, compiled for the NumPy
+  `modality` codes; the initial state; the images as a device array)."""
   model = resnet.create_model(args.depth, args.net_width, dtype=jnp.dtype(args.dtype),
                               conv_backward=conv_backward)
   variables = resnet.init_variables(model, jax.random.key(0), images.shape[1:3])
   optimizer = optax.adam(3.5e-4)
   state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
 
-  def step(state, images, modality):
+  def step(state, images):
     params, batch_stats, opt_state = state
 
     def loss_fn(params):
@@ -88,7 +91,7 @@ def jax_step_parts(args, images, modality, conv_backward):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-  return jax.jit(step, donate_argnums=0), state, jnp.asarray(images), jnp.asarray(modality)
+  return jax.jit(step, donate_argnums=0), state, jnp.asarray(images)
 
 
 class TorchBottleneck(torch.nn.Module):
@@ -205,7 +208,7 @@ def main():
   limit_xla_threads(args.threads)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.height, args.width, 3)).astype(np.float32)
-  modality = (np.arange(args.batch) % 2).astype(np.int32)
+  modality = (np.arange(args.batch) >= args.batch // 2).astype(np.int32)
   print(f"ResNet-{args.depth} width {args.net_width}, batch {args.batch} at {args.height}x"
         f"{args.width}, JAX {args.dtype}, {args.steps} timed steps, {os.cpu_count()} CPUs, "
         f"{args.threads} threads each, jax {jax.__version__} ({jax.default_backend()}), "

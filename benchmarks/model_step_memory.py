@@ -65,14 +65,14 @@ def measure(args) -> dict:
   limit_xla_threads(args.threads)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, args.height, args.width, 3)).astype(np.float32)
-  modality = (np.arange(args.batch) % 2).astype(np.int32)
+  modality = (np.arange(args.batch) >= args.batch // 2).astype(np.int32)
   step_args = argparse.Namespace(depth=args.depth, net_width=args.net_width, dtype="float32",
                                  threads=args.threads)
   result = {}
   if args.side == "jax":
-    step, state, images, modality = model_step.jax_step_parts(step_args, images, modality,
-                                                              args.conv_backward)
-    compiled = step.lower(state, images, modality).compile()
+    step, state, images = model_step.jax_step_parts(step_args, images, modality,
+                                                    args.conv_backward)
+    compiled = step.lower(state, images).compile()
     analysis = compiled.memory_analysis()
     result["xla"] = {
         "arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
@@ -80,7 +80,7 @@ def measure(args) -> dict:
     holder = {"state": state}
 
     def run():
-      holder["state"], loss = compiled(holder["state"], images, modality)
+      holder["state"], loss = compiled(holder["state"], images)
       return float(loss)
   else:
     run = model_step.make_torch_step(step_args, images, modality)

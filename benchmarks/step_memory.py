@@ -41,8 +41,8 @@ from dakd_jax import config as config_lib  # noqa: E402
 from dakd_jax import sharding as sharding_lib  # noqa: E402
 
 GIB = 1024 ** 3
-DTYPE_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "u8": 1, "s8": 1,
-               "bool": 1, "pred": 1}
+DTYPE_BYTES = {"f64": 8, "f32": 4, "s32": 4, "i32": 4, "u32": 4, "bf16": 2, "f16": 2, "u8": 1,
+               "s8": 1, "i8": 1, "bool": 1, "pred": 1}
 RESIDUAL_LINE = re.compile(r"^(\w+)\[([\d,]*)\]\s+(.*)$")
 
 

@@ -92,9 +92,10 @@ def get_config(arg=None):
   config.model.remat = ()
   # Convolution gradients: auto | custom | xla. auto: on CPU the 1x1 convolutions' gradients
   # are matrix products (dakd_jax/models/conv.py; ResNet-50 teacher step 19.1 -> 11.1 s on one
-  # CPU thread) and the stem max-pool's a routing of the output gradient (models/pool.py),
-  # elsewhere autodiff's (cuDNN and the TPU compiler run those well). Same gradients to
-  # rounding; configs/demo.py keeps xla (README Results, issue 25).
+  # CPU thread), the stem max-pool's a routing of the output gradient (models/pool.py), the
+  # batch norms' written by hand (models/batch_norm.py) and each stem run on its own images
+  # only in the training steps; elsewhere autodiff's (cuDNN and the TPU compiler run those
+  # well). Same gradients to rounding; configs/demo.py keeps xla (README Results, issue 25).
   config.model.conv_backward = "auto"
 
   config.augment = ml_collections.ConfigDict()

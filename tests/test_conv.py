@@ -141,21 +141,25 @@ def test_setting_resolves_by_backend_and_names_the_field_when_wrong():
 
 
 def network_grads(conv_backward, variables, images, modality):
+  """(parameter gradients, moved running averages) of a training step of the width-4 ResNet-50."""
   model = resnet.create_model(50, 4, conv_backward=conv_backward)
 
   def loss(params):
-    out, _ = model.apply({**variables, "params": params}, images, modality, train=True,
-                         mutable=["batch_stats"])
-    return jnp.mean(jnp.square(out["features"])) + jnp.mean(out["pooled"])
-  return jax.jit(jax.grad(loss))(variables["params"])
+    out, updates = model.apply({**variables, "params": params}, images, modality, train=True,
+                               mutable=["batch_stats"])
+    loss = jnp.mean(jnp.square(out["features"])) + jnp.mean(out["pooled"])
+    return loss, updates["batch_stats"]
+  grads, batch_stats = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+  return grads, batch_stats
 
 
 @pytest.mark.slow  # two ResNet-50 gradient compilations: about 60 s on 2 quiet cores
 def test_network_parameter_gradients_and_variables_match_xla():
   """ResNet-50 layout (bottlenecks, downsample, non-local, two stems) at width 4: every
-  parameter's gradient with the hand-written convolution gradients equals autodiff's. BN
-  parameters are randomised so the non-local blocks (output BN scale 0 at init) are not the
-  identity and every convolution gets a non-zero gradient."""
+  parameter's gradient with the hand-written convolution, max-pool and BN gradients equals
+  autodiff's, and the running averages move the same. BN parameters are randomised so the
+  non-local blocks (output BN scale 0 at init) are not the identity and every convolution gets
+  a non-zero gradient."""
   shape = (64, 32)
   trees = {setting: resnet.init_variables(resnet.create_model(50, 4, conv_backward=setting),
                                           jax.random.key(0), shape)
@@ -166,8 +170,12 @@ def test_network_parameter_gradients_and_variables_match_xla():
   images = jnp.asarray(rng.normal(size=(4, *shape, 3)), jnp.float32)
   modality = jnp.asarray([0, 1, 1, 0], jnp.int32)
   variables = randomise(trees["xla"], 4)
-  expected = flax.traverse_util.flatten_dict(network_grads("xla", variables, images, modality))
-  actual = flax.traverse_util.flatten_dict(network_grads("custom", variables, images, modality))
+  expected, expected_stats = network_grads("xla", variables, images, modality)
+  actual, actual_stats = network_grads("custom", variables, images, modality)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               actual_stats, expected_stats)
+  expected = flax.traverse_util.flatten_dict(expected)
+  actual = flax.traverse_util.flatten_dict(actual)
   assert actual.keys() == expected.keys()
   largest = max(float(np.max(np.abs(value))) for value in expected.values())
   for path, value in expected.items():

@@ -7,12 +7,14 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from dakd_jax.models import batch_norm
+from dakd_jax.models import conv
 from dakd_jax.models import resnet
 
 HEIGHT, WIDTH = 64, 48
@@ -166,6 +168,100 @@ def test_stem_bn_statistics_come_from_own_samples_only(net):
                                 variables["batch_stats"]["stem_infrared"]["bn1"]["var"])
   assert np.abs(np.asarray(state["batch_stats"]["stem_visible"]["bn1"]["mean"]
                            - variables["batch_stats"]["stem_visible"]["bn1"]["mean"])).max() > 1e-3
+
+
+class StemRouting(nn.Module):
+  """The network's stems and max-pool alone (resnet._stem_and_pool), under the CPU setting:
+  `runs` None routes by masks, static_modality_runs(...) routes each stem to its images."""
+  dtype: jnp.dtype = jnp.float64
+
+  @nn.compact
+  def __call__(self, images, modality, train, groups, runs):
+    model = resnet.create_model(18, 4, dtype=self.dtype, conv_backward="custom")
+    return resnet._stem_and_pool(  # pylint: disable=protected-access
+        model, images, modality, train, groups, conv.conv_general_dilated_for("custom"),
+        "custom", runs)
+
+
+@pytest.mark.parametrize("codes, groups", [
+    ([0, 1], 1), ([0, 1, 1, 0, 0, 0], 1), ([1, 1, 0, 0], 2), ([0, 0, 1, 1, 0, 0], 3),
+    ([0, 0, 0], 1), ([1, 1], 2)])
+def test_static_codes_route_each_stem_to_its_own_images_as_the_masks_do(codes, groups):
+  """Values, gradients (parameters and images) and running averages of the static routing
+  equal the masked one's (float64, random BN), including the teacher's [V; I; V] layout, BN
+  groups of one modality each, and a batch with a single modality (the other stem untouched).
+  """
+  with jax.enable_x64(True):
+    codes = np.asarray(codes, np.int32)
+    rng = np.random.default_rng(len(codes) + groups)
+    images = jnp.asarray(rng.normal(size=(len(codes), 16, 12, 3)))
+    module = StemRouting()
+    variables = module.init(jax.random.key(0), images, jnp.asarray([0, 1] * (len(codes) // 2)
+                                                                    + [0] * (len(codes) % 2)),
+                            False, 1, None)
+    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape)) * 0.3,
+                             variables)
+    upstream = jnp.asarray(rng.normal(size=(len(codes), 4, 3, 4)))
+    runs = resnet.static_modality_runs(codes, groups)
+    assert runs is not None and sum(stop - start for _, start, stop in runs) == len(codes)
+
+    def loss(params, images, modality, runs):
+      out, updates = module.apply({**variables, "params": params}, images, modality, True,
+                                  groups, runs, mutable=["batch_stats"])
+      return jnp.sum(out * upstream), (out, updates["batch_stats"])
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=3)
+    static = grad(variables["params"], images, codes, runs)
+    masked = grad(variables["params"], images, jnp.asarray(codes), None)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10),
+                 static, masked)
+    if set(codes.tolist()) == {0}:  # The infrared stem got no images and moved nothing.
+      (_, (_, stats)) = static
+      jax.tree.map(np.testing.assert_array_equal, stats["stem_infrared"],
+                   variables["batch_stats"]["stem_infrared"])
+
+
+def test_static_routing_needs_known_codes_and_whole_groups():
+  assert resnet.static_modality_runs(np.array([0, 0, 1], np.int32)) == ((0, 0, 2), (1, 2, 3))
+  assert resnet.static_modality_runs(jnp.array([0, 0, 1])) is None  # values unknown in a trace
+  assert resnet.static_modality_runs(np.array([0, 1, 0, 1], np.int32), groups=2) is None
+  with pytest.raises(ValueError, match=r"modality codes must be 0 \(visible\) or 1"):
+    resnet.static_modality_runs(np.array([0, 2], np.int32))
+
+
+def training_jaxpr(setting, modality, differentiate=False):
+  """The jaxpr of a training-mode loss (or its gradient) of ResNet-18 width 4 without non-local
+  blocks on zero images of 32x16 under model.conv_backward `setting` (traced only)."""
+  model = resnet.create_model(18, 4, conv_backward=setting, non_local=False)
+  variables = jax.eval_shape(lambda: resnet.init_variables(model, jax.random.key(0), (32, 16)))
+
+  def loss(params, batch_stats):
+    out, _ = model.apply({"params": params, "batch_stats": batch_stats},
+                         jnp.zeros((len(modality), 32, 16, 3)), modality, train=True,
+                         mutable=["batch_stats"])
+    return out["features"].sum()
+  return jax.make_jaxpr(jax.grad(loss) if differentiate else loss)(variables["params"],
+                                                                    variables["batch_stats"])
+
+
+@pytest.mark.parametrize("setting, stem_batch", [("custom", 2), ("xla", 4)])
+def test_the_network_routes_numpy_codes_statically_under_the_cpu_setting(setting, stem_batch):
+  """[V, V, I, I] as NumPy codes: under 'custom' each stem convolves its 2 images; under 'xla'
+  (the demo's program) both stems convolve all 4."""
+  jaxpr = training_jaxpr(setting, np.array([0, 0, 1, 1], np.int32))
+  stem_inputs = _conv_input_shapes(jaxpr.jaxpr)
+  assert [shape for shape in stem_inputs if shape[1:] == (32, 16, 3)] == \
+      [(stem_batch, 32, 16, 3)] * 2
+
+
+def _conv_input_shapes(jaxpr):
+  """Input shapes of every convolution in a jaxpr, nested calls included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      shapes.append(tuple(eqn.invars[0].aval.shape))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      shapes.extend(_conv_input_shapes(getattr(sub, "jaxpr", sub)))
+  return shapes
 
 
 def test_masked_batch_norm_matches_numpy():

@@ -31,9 +31,10 @@ than the stacked slices and matmul (the k*k-times-larger patch matrix is memory-
 what the earlier measurement recorded in DEVELOPERS.md found too. The kxk code stays, tested
 equal to autodiff's, so a backend or size where it pays can list its kind.
 On GPUs and TPUs cuDNN and the TPU compiler run autodiff's convolutions well, so the default
-setting "auto" uses the hand-written backward only on the CPU backend. The stem's max-pool follows
-the same setting (`pool.py`: autodiff's max-pool gradient is a slow index-carrying reduce-window
-on XLA:CPU).
+setting "auto" uses the hand-written backward only on the CPU backend. The stem's max-pool and
+the unmasked training batch norms follow the same setting (`pool.py`: autodiff's max-pool
+gradient is a slow index-carrying reduce-window on XLA:CPU; `batch_norm.normalize_over_batch`:
+autodiff's BN keeps a centred copy of every BN input).
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def conv_general_dilated_for(setting: str, backend: str | None = None,
                              kinds: frozenset | None = None) -> Callable:
   """The convolution for `nn.Conv(conv_general_dilated=...)`: `lax.conv_general_dilated` itself
   when the setting resolves to 'xla', else a drop-in with the same signature whose gradient is
-  hand-written for the (kernel size, stride) `kinds` (default CUSTOM_BACKWARD_KINDS). Parameters are created by `nn.Conv` either
-  way, so the variables tree does not depend on the setting."""
+  hand-written for the (kernel size, stride) `kinds` (default CUSTOM_BACKWARD_KINDS). Parameters
+  are created by `nn.Conv` either way, so the variables tree does not depend on the setting."""
   if resolve_conv_backward(setting, backend) == "xla":
     return lax.conv_general_dilated
   return _fast_backward_for(CUSTOM_BACKWARD_KINDS if kinds is None else frozenset(kinds))

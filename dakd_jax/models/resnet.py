@@ -14,9 +14,14 @@ the released single shared network and `modality` is ignored.
 Routing is per sample: both stems run on the whole batch and each image keeps the output of its
 own stem, so one compiled step serves any visible/infrared mix (the cost is one extra stem
 convolution, about 3% of the ResNet-50 FLOPs). Each stem's BatchNorm takes its batch statistics
-from its own images only (`GroupedBatchNorm` with a mask). Both stems share one max-pool because
-it has no parameters. The DAKD student calls the network once on [visible; infrared] with
-`bn_groups=2`: every BN then normalises each half with its own statistics, as two calls would.
+from its own images only (`GroupedBatchNorm` with a mask). When the codes are known as the step
+is compiled (a NumPy array: the training steps' [visible; infrared] layouts) and the setting is
+the CPU one (`conv_backward` resolving to "custom"), each stem runs on its own images only
+instead (`static_modality_runs`): the same function without the extra stem; "xla" keeps the
+masked routing, the program the demo's numbers were measured with. Both stems share one
+max-pool because it has no parameters. The DAKD student calls the network once on
+[visible; infrared] with `bn_groups=2`: every BN then normalises each half with its own
+statistics, as two calls would.
 
 Numerics: convolutions run in `dtype` (float32 or bfloat16); parameters are float32; every
 BatchNorm computes its statistics and the normalisation in float32; GeM, the BNNeck and all
@@ -37,12 +42,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dakd_jax.modalities import INFRARED_CODE, VISIBLE_CODE
 from dakd_jax.models.batch_norm import BN_EPSILON, BN_MOMENTUM, GroupedBatchNorm
 from dakd_jax.models.batch_norm import at_least_float32
-from dakd_jax.models.conv import conv_general_dilated_for
+from dakd_jax.models.conv import conv_general_dilated_for, resolve_conv_backward
 from dakd_jax.models.pool import max_pool_for
 
 # Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
@@ -97,11 +103,13 @@ def _conv(features, kernel, stride, dtype, convolve, name):
                  name=name)
 
 
-def _batch_norm(train, dtype, name, groups=1, **kwargs):
-  """A BN layer called as bn(x): Flax's BatchNorm, or with `groups` > 1 in training the grouped
-  one with the same formula (per-group statistics, one running-average move per group)."""
-  if train and groups > 1:
-    bn = GroupedBatchNorm(groups=groups, use_fast_variance=True, dtype=dtype, name=name, **kwargs)
+def _batch_norm(train, dtype, name, groups=1, backward="xla", **kwargs):
+  """A BN layer called as bn(x): Flax's BatchNorm, or in training with `groups` > 1 or the
+  hand-written gradient (`backward` "custom", batch_norm.normalize_over_batch) the grouped one
+  with the same formula (per-group statistics, one running-average move per group)."""
+  if train and (groups > 1 or backward == "custom"):
+    bn = GroupedBatchNorm(groups=groups, use_fast_variance=True, backward=backward, dtype=dtype,
+                          name=name, **kwargs)
     return lambda x: bn(x, None, True)
   # Flax promotes the statistics and the normalisation to float32 and casts the result to dtype.
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
@@ -117,12 +125,14 @@ class Stem(nn.Module):
   dtype: Any = jnp.float32
   bn_groups: int = 1
   convolve: Callable = lax.conv_general_dilated
+  bn_backward: str = "xla"  # "custom": one-pass variance, hand-written gradient (no mask only)
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
     x = _conv(self.width, 7, 2, self.dtype, self.convolve, "conv1")(x)
     x = GroupedBatchNorm(groups=self.bn_groups if train else 1, dtype=self.dtype,
-                         name="bn1")(x, mask, train)
+                         use_fast_variance=self.bn_backward == "custom",
+                         backward=self.bn_backward, name="bn1")(x, mask, train)
     return nn.relu(x)
 
 
@@ -133,15 +143,16 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   bn_groups: int = 1
   convolve: Callable = lax.conv_general_dilated
+  bn_backward: str = "xla"  # GroupedBatchNorm.backward of the block's BNs (model.conv_backward)
 
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.planes, 3, self.stride, self.dtype, self.convolve, "conv1")(x)
-    out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups)(out))
+    out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups, self.bn_backward)(out))
     out = _conv(self.planes, 3, 1, self.dtype, self.convolve, "conv2")(out)
-    out = _batch_norm(train, self.dtype, "bn2", self.bn_groups)(out)
+    out = _batch_norm(train, self.dtype, "bn2", self.bn_groups, self.bn_backward)(out)
     return nn.relu(out + _shortcut(x, self.planes, self.stride, train, self.dtype, self.bn_groups,
-                                    self.convolve))
+                                    self.convolve, self.bn_backward))
 
 
 class Bottleneck(nn.Module):
@@ -151,20 +162,21 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   bn_groups: int = 1
   convolve: Callable = lax.conv_general_dilated
+  bn_backward: str = "xla"  # GroupedBatchNorm.backward of the block's BNs (model.conv_backward)
 
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.planes, 1, 1, self.dtype, self.convolve, "conv1")(x)
-    out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups)(out))
+    out = nn.relu(_batch_norm(train, self.dtype, "bn1", self.bn_groups, self.bn_backward)(out))
     out = _conv(self.planes, 3, self.stride, self.dtype, self.convolve, "conv2")(out)
-    out = nn.relu(_batch_norm(train, self.dtype, "bn2", self.bn_groups)(out))
+    out = nn.relu(_batch_norm(train, self.dtype, "bn2", self.bn_groups, self.bn_backward)(out))
     out = _conv(4 * self.planes, 1, 1, self.dtype, self.convolve, "conv3")(out)
-    out = _batch_norm(train, self.dtype, "bn3", self.bn_groups)(out)
+    out = _batch_norm(train, self.dtype, "bn3", self.bn_groups, self.bn_backward)(out)
     return nn.relu(out + _shortcut(x, 4 * self.planes, self.stride, train, self.dtype,
-                                    self.bn_groups, self.convolve))
+                                    self.bn_groups, self.convolve, self.bn_backward))
 
 
-def _shortcut(x, features, stride, train, dtype, groups, convolve):
+def _shortcut(x, features, stride, train, dtype, groups, convolve, bn_backward):
   """Identity, or 1x1 projection + BN when the stride or channel count changes.
 
   Called inside a block's compact `__call__`, so the projection's modules belong to that block.
@@ -174,7 +186,7 @@ def _shortcut(x, features, stride, train, dtype, groups, convolve):
   x = nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False,
               dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
               conv_general_dilated=convolve, name="downsample_conv")(x)
-  return _batch_norm(train, dtype, "downsample_bn", groups)(x)
+  return _batch_norm(train, dtype, "downsample_bn", groups, bn_backward)(x)
 
 
 class NonLocalBlock(nn.Module):
@@ -188,6 +200,7 @@ class NonLocalBlock(nn.Module):
   dtype: Any = jnp.float32
   bn_groups: int = 1
   convolve: Callable = lax.conv_general_dilated
+  bn_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -206,8 +219,8 @@ class NonLocalBlock(nn.Module):
     s = jnp.mean(phi * val, axis=(1, 2, 3), keepdims=True)
     y = (theta * s).astype(self.dtype)
     y = conv(channels, 1, "out")(y)
-    y = _batch_norm(train, self.dtype, "out_bn", self.bn_groups, scale_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.zeros)(y)
+    y = _batch_norm(train, self.dtype, "out_bn", self.bn_groups, self.bn_backward,
+                    scale_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)(y)
     return x + y
 
 
@@ -248,9 +261,10 @@ class ReIDResNet(nn.Module):
   which is the same as having none (and keeps it out of the optimiser and weight decay).
   `remat` names parts (REMAT_PARTS) recomputed in the backward pass instead of stored: same
   values and gradients, less memory, a little more compute.
-  `conv_backward` (conv.CONV_BACKWARDS) chooses, for every convolution and the stem max-pool at
-  once, autodiff's gradient or the hand-written one XLA:CPU runs fast ("auto": hand-written on
-  the CPU backend; conv.py, pool.py);
+  `conv_backward` (conv.CONV_BACKWARDS) chooses, for every convolution, the stem max-pool and
+  every unmasked training BN at once, autodiff's gradient or the hand-written one XLA:CPU runs
+  fast ("auto": hand-written on the CPU backend; conv.py, pool.py, batch_norm.py), and with it
+  the stems' routing for NumPy modality codes (static_modality_runs);
   same values, gradients equal within rounding, same variables.
   Raises ValueError for an unsupported depth, a modality of the wrong shape, a bn_groups that
   does not divide the batch, an unknown remat part or conv_backward.
@@ -279,15 +293,22 @@ class ReIDResNet(nn.Module):
     if groups < 1 or images.shape[0] % groups:
       raise ValueError(f"bn_groups must be >= 1 and divide the batch of {images.shape[0]} "
                        f"images, got {bn_groups}")
-    # The one place the convolutions' backward pass is chosen.
+    # The one place the convolutions' and batch norms' backward passes are chosen.
     convolve = conv_general_dilated_for(self.conv_backward)
-    stem = nn.remat(_stem_and_pool, static_argnums=(3, 4, 5)) if "stem" in self.remat \
+    bn_backward = resolve_conv_backward(self.conv_backward)
+    # Modality codes known when tracing (a NumPy array, as the training steps pass) let each stem
+    # run on its own images only; the "xla" setting keeps the masked routing (the program the
+    # demo's numbers were measured with).
+    runs = static_modality_runs(modality, groups) \
+        if bn_backward == "custom" and not self.is_initializing() else None
+    stem = nn.remat(_stem_and_pool, static_argnums=(3, 4, 5, 6, 7)) if "stem" in self.remat \
         else _stem_and_pool
-    x = stem(self, images.astype(self.dtype), modality, train, groups, convolve)
-    x = self._stages(x, train, groups, convolve)
+    x = stem(self, images.astype(self.dtype), modality, train, groups, convolve, bn_backward,
+             runs)
+    x = self._stages(x, train, groups, convolve, bn_backward)
     pooled = GeM(p_init=self.gem_p_init, name="gem")(x)
     features = _batch_norm(train, jnp.promote_types(self.dtype, jnp.float32), "bnneck", groups,
-                           use_bias=False)(pooled)
+                           bn_backward, use_bias=False)(pooled)
     outputs = {"pooled": pooled, "features": features}
     if not train:
       norm = jnp.linalg.norm(features, axis=-1, keepdims=True)
@@ -296,7 +317,7 @@ class ReIDResNet(nn.Module):
       outputs["feature_map"] = at_least_float32(x)
     return outputs
 
-  def _stages(self, x, train, groups, convolve):
+  def _stages(self, x, train, groups, convolve, bn_backward):
     block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
     non_local_cls = nn.remat(NonLocalBlock, static_argnums=(2,)) if "non_local" in self.remat \
         else NonLocalBlock
@@ -306,36 +327,82 @@ class ReIDResNet(nn.Module):
       with_non_local = non_local_positions(self.depth, stage) if self.non_local else ()
       for index in range(blocks):
         stride = first_stride if index == 0 else 1
-        x = block_cls(planes, stride, self.dtype, groups, convolve,
+        x = block_cls(planes, stride, self.dtype, groups, convolve, bn_backward,
                       name=f"layer{stage}_{index}")(x, train)
         if index in with_non_local:
-          x = non_local_cls(self.dtype, groups, convolve,
+          x = non_local_cls(self.dtype, groups, convolve, bn_backward,
                             name=f"non_local{stage}_{index}")(x, train)
     return x
 
 
+def static_modality_runs(modality, groups: int = 1) -> tuple[tuple[int, int, int], ...] | None:
+  """The runs (code, start, stop) of consecutive equal codes of a NumPy `modality`, or None when
+  its values are not known when tracing (a JAX array) or, with `groups` > 1 BN groups (equal
+  consecutive parts), a group holds both modalities (each stem must get whole groups).
+
+  Raises ValueError for a code other than VISIBLE_CODE and INFRARED_CODE.
+  """
+  if not isinstance(modality, np.ndarray) or modality.ndim != 1:
+    return None
+  if unknown := set(np.unique(modality).tolist()) - {VISIBLE_CODE, INFRARED_CODE}:
+    raise ValueError(f"modality codes must be {VISIBLE_CODE} (visible) or {INFRARED_CODE} "
+                     f"(infrared), got {sorted(unknown)}")
+  starts = [0] + [i for i in range(1, len(modality)) if modality[i] != modality[i - 1]]
+  stops = starts[1:] + [len(modality)]
+  if groups > 1 and any(start % (len(modality) // groups) for start in starts):
+    return None
+  return tuple((int(modality[start]), start, stop) for start, stop in zip(starts, stops))
+
+
 def _stem_and_pool(model: ReIDResNet, images, modality, train: bool, groups: int,
-                   convolve: Callable):
+                   convolve: Callable, bn_backward: str, runs):
   """The stem(s) and the shared max-pool of `model`: [n, H, W, 3] -> [n, H/4, W/4, width].
 
+  With `runs` (static_modality_runs) each stem runs on its own images only; otherwise both run
+  on every image and each image keeps its own stem's output (its BN masked to its own images).
   A function of the model (not a method) so that `nn.remat` can wrap it whole: with
   model.remat including "stem" only the max-pool output is kept for the backward pass.
   """
   if not model.modality_specific_stem:
-    x = Stem(model.width, model.dtype, groups, convolve, name="stem")(images, None, train)
+    x = Stem(model.width, model.dtype, groups, convolve, bn_backward, name="stem")(
+        images, None, train)
   else:
-    modality = jnp.asarray(modality)
-    if modality.shape != images.shape[:1]:
-      raise ValueError(f"modality must have shape [n] = {images.shape[:1]}, got {modality.shape}")
-    is_infrared = modality == INFRARED_CODE
-    visible = Stem(model.width, model.dtype, groups, convolve, name="stem_visible")(
-        images, ~is_infrared, train)
-    infrared = Stem(model.width, model.dtype, groups, convolve, name="stem_infrared")(
-        images, is_infrared, train)
-    x = jnp.where(is_infrared[:, None, None, None], infrared, visible)
+    if jnp.shape(modality) != images.shape[:1]:
+      raise ValueError(f"modality must have shape [n] = {images.shape[:1]}, got "
+                       f"{jnp.shape(modality)}")
+    if runs is not None:
+      x = _stems_on_their_own_images(model, images, runs, train, groups, convolve, bn_backward)
+    else:
+      is_infrared = jnp.asarray(modality) == INFRARED_CODE
+      visible = Stem(model.width, model.dtype, groups, convolve, name="stem_visible")(
+          images, ~is_infrared, train)
+      infrared = Stem(model.width, model.dtype, groups, convolve, name="stem_infrared")(
+          images, is_infrared, train)
+      x = jnp.where(is_infrared[:, None, None, None], infrared, visible)
   # The max-pool's gradient follows the convolutions' setting (pool.py).
   max_pool = max_pool_for(model.conv_backward)
   return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+
+
+def _stems_on_their_own_images(model: ReIDResNet, images, runs, train: bool, groups: int,
+                               convolve: Callable, bn_backward: str):
+  """Each stem on the concatenation of its modality's runs (whole BN groups, in order), the
+  outputs put back in batch order. The same function as the masked routing: a stem's BN
+  statistics come from its own images, and a stem without images moves nothing."""
+  group_size = images.shape[0] // groups
+  outputs = {}
+  for code, name in ((VISIBLE_CODE, "stem_visible"), (INFRARED_CODE, "stem_infrared")):
+    own = [images[start:stop] for run_code, start, stop in runs if run_code == code]
+    if own:
+      batch = jnp.concatenate(own) if len(own) > 1 else own[0]
+      stem_groups = batch.shape[0] // group_size if groups > 1 else 1
+      stem = Stem(model.width, model.dtype, stem_groups, convolve, bn_backward, name=name)
+      outputs[code] = stem(batch, None, train)
+  pieces, used = [], {code: 0 for code in outputs}
+  for code, start, stop in runs:
+    pieces.append(outputs[code][used[code]:used[code] + stop - start])
+    used[code] += stop - start
+  return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 ResNet18 = functools.partial(ReIDResNet, depth=18)

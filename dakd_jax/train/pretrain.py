@@ -19,6 +19,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from dakd_jax import augment
@@ -116,8 +117,8 @@ def make_pretrain_step(model, tx: optax.GradientTransformation, views: dict):
     n = batch["labels"].shape[0]
     images = jnp.concatenate([augment.augment_batch(key_v, batch["visible"], views["visible"]),
                               augment.augment_batch(key_i, batch["infrared"], views["infrared"])])
-    modality = jnp.concatenate([steps_lib.modality_codes(n, VISIBLE_CODE),
-                                steps_lib.modality_codes(n, INFRARED_CODE)])
+    modality = np.concatenate([steps_lib.modality_codes(n, VISIBLE_CODE),
+                               steps_lib.modality_codes(n, INFRARED_CODE)])
     labels = jnp.concatenate([batch["labels"], batch["labels"]])
 
     def loss_fn(params):

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dakd_jax import augment
@@ -34,9 +35,13 @@ class FrozenTeacher:
   centres_infrared: jax.Array  # [C, D]
 
 
-def modality_codes(n: int, code: int) -> jax.Array:
-  """int32 [n] filled with a modality code (the stem routing of n images of one modality)."""
-  return jnp.full((n,), code, jnp.int32)
+def modality_codes(n: int, code: int) -> np.ndarray:
+  """int32 [n] filled with a modality code (the stem routing of n images of one modality).
+
+  A NumPy array: the step's codes are known when it is compiled, so under the CPU setting each
+  stem runs on its own images only (resnet.static_modality_runs).
+  """
+  return np.full((n,), code, np.int32)
 
 
 def make_teacher_step(model, tx: optax.GradientTransformation,
@@ -59,8 +64,8 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
         augment.augment_batch(key_i, batch["infrared"], views["infrared"]),
         augment.augment_batch(key_a, batch["visible"], views["channel"]),
     ])
-    modality = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE),
-                                modality_codes(n, VISIBLE_CODE)])
+    modality = np.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE),
+                               modality_codes(n, VISIBLE_CODE)])
     labels = batch["labels"]
 
     def loss_fn(params):
@@ -85,10 +90,10 @@ def make_teacher_step(model, tx: optax.GradientTransformation,
   return teacher_step
 
 
-def both_views(visible: jax.Array, infrared: jax.Array) -> tuple[jax.Array, jax.Array]:
+def both_views(visible: jax.Array, infrared: jax.Array) -> tuple[jax.Array, np.ndarray]:
   """One batch [visible; infrared] ([2n, H, W, 3]) and its modality codes ([2n] int32)."""
   n = visible.shape[0]
-  codes = jnp.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
+  codes = np.concatenate([modality_codes(n, VISIBLE_CODE), modality_codes(n, INFRARED_CODE)])
   return jnp.concatenate([visible, infrared]), codes
 
 

@@ -102,35 +102,30 @@ def test_the_network_stem_pool_takes_the_models_setting(setting, autodiff_pool):
   assert ("select_and_scatter_add" in jaxpr) == autodiff_pool
 
 
-@pytest.mark.slow  # three float64 ResNet-18 gradient compilations: about 20 s
+@pytest.mark.slow  # two float64 ResNet-18 gradient compilations: about 12 s
 def test_the_jitted_network_gradient_equals_autodiffs_where_xla_recomputes_the_pool_input():
   """Regression: the hand-written gradient used to find each window's maximum in the backward
   pass by comparing the input with the pooled output. Under jit XLA recomputed the input (the
   stem's BN and ReLU, fused into the comparison) with another rounding than the pooled value's,
   so outputs whose maximum no longer compared equal lost their gradient: this network's
   stem_visible bn1 bias gradient came out 6.13 where autodiff's is 0.90 (float64, three visible
-  images). The window index is now found in the forward pass. Both routings of the stems are
-  checked (masks for traced codes, each stem on its own images for NumPy codes)."""
+  images). The window index is now found in the forward pass."""
   with jax.enable_x64(True):
     rng = np.random.default_rng(5)
     images = jnp.asarray(rng.normal(size=(3, 32, 16, 3)))
     weights = jnp.arange(3 * 32, dtype=jnp.float64).reshape(3, 32) / 100.0
     grads = {}
-    for setting, modality in (("xla", jnp.zeros(3, jnp.int32)),
-                              ("custom", jnp.zeros(3, jnp.int32)),
-                              ("custom", np.zeros(3, np.int32))):
+    for setting in ("xla", "custom"):
       model = resnet.create_model(18, 4, conv_backward=setting, dtype=jnp.float64,
                                   non_local=False)
       variables = resnet.init_variables(model, jax.random.key(0), (32, 16))
       variables = jax.tree.map(lambda v: v.astype(jnp.float64), randomise(variables, 1))
 
-      def loss(params, model=model, variables=variables, modality=modality):
-        out, _ = model.apply({**variables, "params": params}, images, modality, train=True,
-                             mutable=["batch_stats"])
+      def loss(params, model=model, variables=variables):
+        out, _ = model.apply({**variables, "params": params}, images, jnp.zeros(3, jnp.int32),
+                             train=True, mutable=["batch_stats"])
         return jnp.sum(out["features"] * weights)
-      grads[(setting, type(modality).__name__)] = jax.jit(jax.grad(loss))(variables["params"])
-    expected = grads.pop(("xla", "ArrayImpl"))
-    largest = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(expected))
-    for name, actual in grads.items():
-      jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(
-          a, b, rtol=1e-9, atol=1e-9 * largest, err_msg=str(name)), actual, expected)
+      grads[setting] = jax.jit(jax.grad(loss))(variables["params"])
+    largest = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(grads["xla"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * largest),
+                 grads["custom"], grads["xla"])

@@ -4,11 +4,11 @@ One step = forward (train mode) + backward + Adam update, loss = mean(g^2) of th
 Both models have the same layout: two stems (conv1, bn1, relu, maxpool per modality), shared
 layer1..4 with last stride 1, non-local blocks (O(N) rank-one form, method.md 2.1), GeM and a
 BNNeck without shift. The batch is half visible, half infrared, in the training steps' order
-[visible; infrared]. All variants run in the same
-process, alternating `--repeats` rounds of `--steps` steps (medians printed), so the ratios
-compare like with like on this machine: the JAX step once per `--conv-backwards` setting
-(model.conv_backward: "xla" = autodiff's convolution gradients, "custom" = the hand-written ones
-of dakd_jax/models/conv.py) and the torch step.
+[visible; infrared]. All variants run in the same process, alternating `--repeats` rounds of
+`--steps` steps (medians printed), so the ratios compare like with like on this machine: the
+JAX step once per `--conv-backwards` setting (model.conv_backward: "xla" = autodiff's
+gradients, "custom" = the hand-written convolution, max-pool and batch norm gradients of
+dakd_jax/models/) and the torch step.
 
   python benchmarks/model_step.py --batch 16 --height 128 --width 64 --steps 5
   python benchmarks/model_step.py --batch 24 --height 192 --width 96 --threads 1

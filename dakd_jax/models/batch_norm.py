@@ -92,7 +92,8 @@ class GroupedBatchNorm(nn.Module):
   def __call__(self, x, mask, train: bool):
     """x: [n, ..., C]; mask: [n] bool or None (all samples); returns x's shape in dtype.
 
-    Raises ValueError when training on a batch that `groups` does not divide.
+    Raises ValueError when training on a batch that `groups` does not divide, for a `backward`
+    outside BN_BACKWARDS, and for "custom" without `use_fast_variance`.
     """
     if self.backward not in BN_BACKWARDS:
       raise ValueError(f"GroupedBatchNorm backward must be one of {BN_BACKWARDS}, got "

@@ -74,9 +74,9 @@ def _taps(padded, out_hw, window, strides):
   for row in range(window[0]):
     for col in range(window[1]):
       yield lax.slice(padded, (0, row, col, 0),
-                                (padded.shape[0], row + (out_h - 1) * stride_h + 1,
-                                 col + (out_w - 1) * stride_w + 1, padded.shape[3]),
-                                (1, stride_h, stride_w, 1))
+                      (padded.shape[0], row + (out_h - 1) * stride_h + 1,
+                       col + (out_w - 1) * stride_w + 1, padded.shape[3]),
+                      (1, stride_h, stride_w, 1))
 
 
 def _pad(x, padding):
@@ -93,11 +93,14 @@ def first_max_tap(x, window, strides, padding):
   """int8 [n, H', W', C]: the row-major index of the first window position holding each
   window's maximum (strictly greater replaces, so ties keep the first).
 
-  Found in the forward pass, from the same values as each other, and kept for the backward:
-  comparing the input with the pooled output there instead would drop an output's gradient
-  wherever XLA recomputed the input (fused from its BN and ReLU) with another rounding than the
-  one the pooled value came from, which it does under jit.
+  Found in the forward pass, every comparison on one copy of the values, and kept for the
+  backward: comparing the input with the pooled output there instead would drop an output's
+  gradient wherever XLA recomputed the input (fused from its BN and ReLU) with another rounding
+  than the one the pooled value came from, which it does under jit. Windows of up to 127
+  positions (int8).
   """
+  if window[0] * window[1] > 127:
+    raise ValueError(f"max-pool windows of up to 127 positions are supported, got {window}")
   out_hw = tuple(_output_size(x.shape[axis], window[axis - 1], strides[axis - 1],
                               padding[axis - 1]) for axis in (1, 2))
   best, first = None, None

@@ -223,6 +223,7 @@ def test_static_codes_route_each_stem_to_its_own_images_as_the_masks_do(codes, g
 def test_static_routing_needs_known_codes_and_whole_groups():
   assert resnet.static_modality_runs(np.array([0, 0, 1], np.int32)) == ((0, 0, 2), (1, 2, 3))
   assert resnet.static_modality_runs(jnp.array([0, 0, 1])) is None  # values unknown in a trace
+  assert resnet.static_modality_runs(np.zeros(0, np.int32)) is None
   assert resnet.static_modality_runs(np.array([0, 1, 0, 1], np.int32), groups=2) is None
   with pytest.raises(ValueError, match=r"modality codes must be 0 \(visible\) or 1"):
     resnet.static_modality_runs(np.array([0, 2], np.int32))

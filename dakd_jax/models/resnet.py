@@ -342,7 +342,7 @@ def static_modality_runs(modality, groups: int = 1) -> tuple[tuple[int, int, int
 
   Raises ValueError for a code other than VISIBLE_CODE and INFRARED_CODE.
   """
-  if not isinstance(modality, np.ndarray) or modality.ndim != 1:
+  if not isinstance(modality, np.ndarray) or modality.ndim != 1 or not len(modality):
     return None
   if unknown := set(np.unique(modality).tolist()) - {VISIBLE_CODE, INFRARED_CODE}:
     raise ValueError(f"modality codes must be {VISIBLE_CODE} (visible) or {INFRARED_CODE} "

@@ -92,7 +92,10 @@ def producer(source: str) -> str:
 
 
 def resolution_label(shape, height: int) -> str:
-  """The network part an activation of `shape` [n, h, w, c] belongs to, from h."""
+  """The network part an activation of `shape` [n, h, w, c] belongs to, from h (a batch norm's
+  grouped view [groups, n / groups, h, w, c] counts as [n, h, w, c])."""
+  if len(shape) == 5:
+    shape = (shape[0] * shape[1],) + tuple(shape[2:])
   if len(shape) != 4 or shape[0] == 1:  # [1, 1, 1, C]: a batch statistic, broadcastable
     return "vectors (pooling, BNNeck, BN statistics)"
   if shape[1] == 1:

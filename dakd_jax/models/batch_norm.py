@@ -178,11 +178,12 @@ def normalize_over_batch(x: jax.Array, scale: jax.Array,
   Why (model.conv_backward "custom", XLA:CPU): differentiated by JAX, the formula keeps
   x - mean as a residual, so XLA writes that centred copy of every BN input in the forward pass
   (a tensor the size of the activations, ~5% of a ResNet-50 step on one core). The gradient
-  here keeps x itself (which autodiff would also keep alive for the convolution's output) and
-  recomputes x - mean where it is used:
-    dbias = sum(gy), dscale = r sum(gy c)   (c = x - mean, r = rsqrt(var + eps), sums per group)
-    dx = scale r (gy - dbias_g / N - c r^2 sum_g(gy c) / N) + gmean / N + 2 gvar c / N
-  with N the positions per group; gmean and gvar (the cotangents of the returned statistics)
+  here keeps x itself and never forms x - mean as a tensor (XLA would write it: the sums and
+  dx both read it):
+    dbias = sum(gy), dscale = r S   (S = sum(gy (x - mean)) = sum(gy x) - mean sum(gy),
+                                     r = rsqrt(var + eps), sums per group)
+    dx = scale r (gy - dbias_g / N - (x - mean) r^2 S_g / N) + gmean / N + 2 gvar (x - mean) / N,
+  computed as a gy + b x + c with per-channel a, b, c; N the positions per group; gmean and gvar (the cotangents of the returned statistics)
   are zero in training, where the statistics only move the running averages. Where the clamp
   is active (a channel constant within a group) autodiff's gradient through the variance is 0
   and this one is the unclamped formula's; c is 0 there, so both agree up to rounding.
@@ -200,9 +201,8 @@ def _per_group(stat: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _normalize_over_batch_forward(x, scale, bias):
-  axes = _group_axes(x)
-  mean = jnp.mean(x, axis=axes)
-  var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean))
+  # Each group's one-pass statistics, as an unmasked GroupedBatchNorm computes them.
+  mean, var = jax.vmap(lambda group: batch_statistics(group, None, True)[:2])(x)
   y = _normalize(x, _per_group(mean, x), _per_group(var, x), scale, bias)
   return (y, mean, var), (x, mean, var, scale)
 

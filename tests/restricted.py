@@ -40,8 +40,10 @@ RESTRICTIONS = {"permissions": obey_file_permissions, "small_disk": small_disk}
 if __name__ == "__main__":
   if sys.argv[1] == "small_disk":
     # The suite's shared compilation cache (conftest.py) is not the restricted run's storage:
-    # a cache entry cut at the size limit would be left for every later test to trip over.
-    # Under `permissions` it stays: the cache folder is the caller's own, writable by it.
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    # a cache entry cut at the size limit would be left for every later test to trip over. It
+    # is read, never written: JAX writes no entry smaller than this minimum (nor anything on a
+    # read, without a size limit of its own). Under `permissions` it stays as it is: the cache
+    # folder is the caller's own, writable by it.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = str(2**62)
   RESTRICTIONS[sys.argv[1]]()
   os.execv(sys.argv[2], sys.argv[2:])

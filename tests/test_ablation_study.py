@@ -1,7 +1,7 @@
-"""benchmarks/ablation_study.py at a tiny size (2 steps per stage, one preset, two seeds, two of
-the four ablations, 48x48 images): it runs, and its table says what its runs did. The four
-ablations' losses are tested in tests/test_distill.py; here two (the ends of the paired row)
-show that the study runs each one it is given.
+"""benchmarks/ablation_study.py at a tiny size (the suite's tiny run: 8 teacher and 2 student
+steps, one preset, two seeds, two of the four ablations): it runs, and its table says what its
+runs did. The four ablations' losses are tested in tests/test_distill.py; here two (the ends of
+the paired row) show that the study runs each one it is given.
 
 The study is run as a user would (a subprocess); the test then reads every run's own files
 (config.json, last_evaluation.json, metrics.jsonl) and checks the table against means and
@@ -17,20 +17,18 @@ import sys
 import numpy as np
 import pytest
 
+from tests import tiny
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = ("only_kd", "full_mlkd")  # the paired row's two ends
 PRESETS = ("default",)  # The script's other preset runs the same code with other settings.
 SEEDS = (0, 1)
-TINY = {
-    "synthetic.num_train_ids": 6, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
-    "synthetic.images_per_camera": 4, "model.width": 4, "model.non_local": False,
-    "data.ids_per_batch": 4, "data.images_per_id": 2, "eval.batch_size": 32,
-    "eval.num_trials": 2, "eval.max_rank": 5,
-    "pretrain.num_ids": 6, "pretrain.num_test_ids": 3, "pretrain.images_per_camera": 2,
-    "pretrain.epochs": 1, "pretrain.steps_per_epoch": 2, "teacher.epochs": 1,
-    "teacher.steps_per_epoch": 2, "distill.epochs": 1, "distill.steps_per_epoch": 2,
-    "log.every_steps": 1, "data.image_height": 48, "data.image_width": 48,
-}
+# The shared tiny run (tests/tiny.py): its pretrain, teacher and evaluation programs come from
+# the compilation cache; only the two ablations' student steps are compiled here. 8 teacher
+# steps (the tiny run's epoch), 2 per student.
+TEACHER_STEPS, STUDENT_STEPS = tiny.TINY["teacher.steps_per_epoch"], 2
+TINY = {**tiny.TINY, **tiny.PRETRAIN, "synthetic.images_per_camera": 4,
+        "teacher.epochs": 1, "distill.epochs": 1, "distill.steps_per_epoch": STUDENT_STEPS}
 
 
 def read_json(path):
@@ -68,8 +66,8 @@ def test_study_runs_the_ablations_it_is_given_and_tabulates_its_runs(tmp_path):
       [sys.executable, os.path.join(REPO, "benchmarks", "ablation_study.py"), f"--out={out}",
        "--seeds=" + ",".join(str(s) for s in SEEDS), "--presets=" + ",".join(PRESETS),
        "--ablations=" + ",".join(ABLATIONS),
-       *[f"--set={k}={v}"
-                                                       for k, v in overrides.items()]],
+       *[f"--set={k}={v!r}" if isinstance(v, tuple) else f"--set={k}={v}"
+         for k, v in overrides.items()]],
       cwd=REPO, capture_output=True, text=True, timeout=1800,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -96,7 +94,7 @@ def test_study_runs_the_ablations_it_is_given_and_tabulates_its_runs(tmp_path):
         assert config["model"]["init_weights"] == backbone
         steps = [r["step"] for r in map(json.loads, (run / "student" / "metrics.jsonl")
                                         .read_text().splitlines()) if "loss" in r]
-        assert steps == [1, 2]
+        assert steps == list(range(1, STUDENT_STEPS + 1))
         student_configs.append(config)
         per_network.setdefault(f"student `{ablation}`", []).append(
             scores_of(run / "student"))
@@ -107,7 +105,8 @@ def test_study_runs_the_ablations_it_is_given_and_tabulates_its_runs(tmp_path):
     for network, runs in per_network.items():
       runs = np.array(runs)
       count, steps, cells = table_row(markdown, preset, network)
-      assert count == len(runs) and steps == 2
+      assert count == len(runs) and steps == (
+          TEACHER_STEPS if network == "teacher" else STUDENT_STEPS)
       for column, (mean, std) in enumerate(cells):
         assert mean == pytest.approx(runs[:, column].mean(), abs=0.006)
         if len(runs) > 1:

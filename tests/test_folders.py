@@ -23,6 +23,7 @@ from dakd_jax import stages
 from dakd_jax.evaluation import folders
 from dakd_jax.evaluation.extractor import Extractor
 from dakd_jax.models import resnet
+from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 96, 48
@@ -156,18 +157,13 @@ def test_extractor_takes_arrays_of_any_size_and_paths(tmp_path):
 @pytest.mark.slow
 def test_run_writes_pictures_report_and_extracts(tmp_path):
   """One tiny run.py (teacher, student, eval with pictures), then stage=extract in-process."""
-  overrides = {
-      "data.root": str(tmp_path / "synthetic"), "data.prepared_dir": str(tmp_path / "tfds"),
-      "synthetic.num_train_ids": 4, "synthetic.num_val_ids": 1, "synthetic.num_test_ids": 3,
-      "synthetic.images_per_camera": 3, "model.width": 4, "model.non_local": False,
-      "data.ids_per_batch": 2, "data.images_per_id": 2, "eval.batch_size": 16,
-      "eval.num_trials": 2, "eval.modes": "('all',)", "eval.shots": "('single',)",
-      "eval.max_rank": 3,
-      "teacher.epochs": 1, "teacher.steps_per_epoch": 2, "teacher.warmup_epochs": 0,
-      "teacher.decay_epochs": "(0,1)", "distill.epochs": 1, "distill.steps_per_epoch": 2,
-      "log.progress": False, "eval.num_visual_queries": 3, "eval.visual_top_k": 4,
-      "pretrain.enabled": False, "eval.analysis": True}
-  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  # The shared tiny run's programs (tests/tiny.py, from the compilation cache); 3 test persons,
+  # so R5, R10 and R20 have nothing to rank.
+  overrides = {**tiny.TINY, "data.root": str(tmp_path / "synthetic"),
+               "data.prepared_dir": str(tmp_path / "tfds"), "synthetic.num_test_ids": 3,
+               "synthetic.images_per_camera": 3, "eval.max_rank": 3,
+               "eval.num_visual_queries": 3, "eval.visual_top_k": 4, "eval.analysis": True}
+  args = tiny.arguments(overrides)
   workdir = str(tmp_path / "run")
   process = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py",
                             f"--workdir={workdir}", *args], cwd=REPO, capture_output=True,
@@ -189,7 +185,7 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   # The default selection hands on the last step and every report says so.
   summary = json.load(open(f"{workdir}/eval/results.json"))
   assert summary["checkpoint_selection"] == "last step" and "Selected by: last step" in report
-  assert summary["source"].endswith("student/checkpoints step 2")
+  assert summary["source"].endswith(f"student/checkpoints step {tiny.STUDENT_STEPS}")
   assert "[last step]" in process.stdout
   ranked = Image.open(f"{workdir}/eval/ranked_sysu_mm01_all_single-shot.png")
   panel_w, panel_h = 2 * W + 8, 2 * H + 8
@@ -199,10 +195,8 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   test_ids = open(root / "exp" / "test_id.txt").read().split(",")
   person = next(p for p in (f"{int(i):04d}" for i in test_ids)
                 if (root / "cam3" / p).is_dir() and (root / "cam1" / p).is_dir())
-  config = config_lib.load_config("configs/demo.py", {**{
-      k: v for k, v in overrides.items() if not isinstance(v, str) or not v.startswith("(")},
-      "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),
-      "stage": "extract", "extract.query_dir": str(root / "cam3" / person),
+  config = config_lib.load_config("configs/demo.py", {
+      **overrides, "stage": "extract", "extract.query_dir": str(root / "cam3" / person),
       "extract.gallery_dir": str(root / "cam1" / person)})
   result = stages.extract_stage(config, workdir, stage_parts.make_evaluation_parts(
       config, None, "extract", workdir=workdir))
@@ -220,10 +214,7 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
   np.testing.assert_allclose(extractor(files, "infrared"),
                              np.load(f"{workdir}/extract/query.npy"), atol=1e-5)
   # stage=export: the student as verified ONNX and StableHLO files, its results recorded.
-  export_config = config_lib.load_config("configs/demo.py", {
-      **{k: v for k, v in overrides.items() if not isinstance(v, str) or not v.startswith("(")},
-      "eval.modes": ("all",), "eval.shots": ("single",), "teacher.decay_epochs": (0, 1),
-      "stage": "export"})
+  export_config = config_lib.load_config("configs/demo.py", {**overrides, "stage": "export"})
   stages.export_stage(export_config, workdir, stage_parts.make_evaluation_parts(
       export_config, None, "export", workdir=workdir))
   manifest = json.load(open(f"{workdir}/export/manifest.json"))

@@ -5,6 +5,7 @@ root as the working directory and QUICK settings; the generated data, the TFDS f
 workdir go to a temp folder through the environment variables the notebook's settings cell
 reads, so the run leaves nothing in the repository.
 """
+import ast
 import json
 import os
 import sys
@@ -12,6 +13,8 @@ import sys
 import nbclient
 import nbformat
 import pytest
+
+from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "dakd_demo.ipynb")
@@ -58,6 +61,28 @@ def _tagged(notebook, tag):
   cells = [c for c in notebook.cells if tag in c.get("metadata", {}).get("tags", [])]
   assert len(cells) == 1, f"expected one cell tagged {tag!r}, found {len(cells)}"
   return cells[0]
+
+
+def _quick_overrides(notebook):
+  """The dict literal the settings cell passes to `overrides.update` under QUICK."""
+  for cell in notebook.cells:
+    for node in ast.walk(ast.parse(cell.source)) if cell.cell_type == "code" else ():
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "update" and getattr(node.func.value, "id", "") == "overrides"):
+        return ast.literal_eval(node.args[0])
+  raise AssertionError("no overrides.update({...}) in the notebook")
+
+
+def test_quick_settings_are_the_test_suites_tiny_run():
+  """QUICK trains the tiny run's network on its shapes and schedules (tests/tiny.py), so the
+  run below loads the suite's compiled programs instead of compiling its own; the numbers of
+  steps and evaluation settings, which no program holds, may differ."""
+  quick = _quick_overrides(nbformat.read(NOTEBOOK, as_version=4))
+  compiled_in = ("model.width", "model.non_local", "synthetic.num_train_ids",
+                 "data.ids_per_batch", "data.images_per_id", "teacher.steps_per_epoch",
+                 "pretrain.num_ids", "pretrain.steps_per_epoch")
+  tiny_run = {**tiny.TINY, **tiny.PRETRAIN}
+  assert {k: quick[k] for k in compiled_in} == {k: tiny_run[k] for k in compiled_in}
 
 
 @pytest.mark.slow

@@ -6,7 +6,12 @@ network (depth, width, non-local blocks) and the loss settings. Tests that keep 
 given here train and evaluate the same programs, so the suite compiles each once: the
 persistent compilation cache (conftest.py) serves every later test and `run.py` subprocess.
 What does not enter a program is free to differ per test: test and validation identities,
-trials, ranks, pictures, evaluation and checkpoint cadences, loader workers.
+trials, ranks, pictures, evaluation and checkpoint cadences, loader workers, the number of
+epochs (the schedule holds steps per epoch) and of student steps.
+Besides the tests that import this module, the notebook's QUICK settings
+(notebooks/dakd_demo.ipynb, checked by tests/test_notebook.py) keep these values. A dataset's
+augmentation recipe and config enter its programs too: the RegDB and LLCM runs compile their
+own.
 """
 import os
 

@@ -66,8 +66,8 @@ def test_study_runs_the_ablations_it_is_given_and_tabulates_its_runs(tmp_path):
       [sys.executable, os.path.join(REPO, "benchmarks", "ablation_study.py"), f"--out={out}",
        "--seeds=" + ",".join(str(s) for s in SEEDS), "--presets=" + ",".join(PRESETS),
        "--ablations=" + ",".join(ABLATIONS),
-       *[f"--set={k}={v!r}" if isinstance(v, tuple) else f"--set={k}={v}"
-         for k, v in overrides.items()]],
+       *["--set=" + argument.removeprefix("--config.")
+         for argument in tiny.arguments(overrides)]],
       cwd=REPO, capture_output=True, text=True, timeout=1800,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
   assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -65,6 +65,14 @@ def test_the_lock_pins_every_declared_dependency_within_its_bounds():
   assert checked >= 25
 
 
+def test_the_lock_installs_no_cuda_libraries():
+  """The developer install is CPU-only: a CUDA build of torch (any release after the CPU build
+  2.13.0 that the CI machines hold) brings ~5 GB of libraries, which filled a CI machine's disk."""
+  cuda = sorted(name for name in read_lock()
+                if name.startswith(("nvidia-", "cuda-")) or name == "triton")
+  assert not cuda, f"the lock installs CUDA libraries {cuda}: pin torch==2.13.0 (CPU build)"
+
+
 def test_a_pin_outside_a_bound_is_reported(tmp_path):
   lock = tmp_path / "constraints.txt"
   lock.write_text("# header\nnumpy==1.26.4\njax==0.10.2\n")

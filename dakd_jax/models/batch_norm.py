@@ -184,9 +184,10 @@ def normalize_over_batch(x: jax.Array, scale: jax.Array,
                                      r = rsqrt(var + eps), sums per group)
     dx = scale r (gy - dbias_g / N - (x - mean) r^2 S_g / N) + gmean / N + 2 gvar (x - mean) / N,
   computed as a gy + b x + c with per-channel a, b, c; N the positions per group; gmean and
-  gvar (the cotangents of the returned statistics) are zero in training, where the statistics only move the running averages. Where the clamp
-  is active (a channel constant within a group) autodiff's gradient through the variance is 0
-  and this one is the unclamped formula's; c is 0 there, so both agree up to rounding.
+  gvar (the cotangents of the returned statistics) are zero in training, where the statistics
+  only move the running averages. Where the clamp is active (a channel constant within a
+  group) autodiff's gradient through the variance is 0 and this one is the unclamped
+  formula's; x - mean is 0 there, so both agree up to rounding.
   """
   return _normalize_over_batch_forward(x, scale, bias)[0]
 

@@ -76,7 +76,7 @@ def get_config(arg=None):
   config.pretrain.lr = 1e-3  # Adam, constant
 
   config.model = ml_collections.ConfigDict()
-  config.model.depth = 50  # ResNet depth: 18 | 34 | 50 [2.1]
+  config.model.depth = 50  # ResNet depth: 10 | 18 | 34 | 50 [2.1]
   config.model.width = 64  # base channel width (64 = standard ResNet; smaller for CPU demos)
   config.model.modality_specific_stem = preset != "released_code"  # two-stream stem [2.1]
   config.model.non_local = True  # AGW non-local blocks in layer2 and layer3 [2.1]

@@ -10,7 +10,9 @@ xdist workers and in `run.py` subprocesses, and compiling is most of a tiny run'
 first process to import this module (pytest itself, before xdist starts its workers, which
 inherit the environment) makes a fresh folder and removes it at the end; results do not depend
 on it (a cached program is the same compiled program). DAKD_TEST_COMPILATION_CACHE=0 turns it
-off, e.g. to time compilation itself.
+off, e.g. to time compilation itself. The session's programs are compiled without LLVM's
+optimisation passes (tests/xla_flags.py says why and which run is the exception);
+DAKD_TEST_QUICK_COMPILE=0 keeps XLA's defaults.
 """
 import os
 import shutil
@@ -26,6 +28,13 @@ if not flags.FLAGS.is_parsed():
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+from tests import xla_flags  # noqa: E402  (the repository is on the path from here)
+
+if (os.environ.get("DAKD_TEST_QUICK_COMPILE", "1") != "0"
+    and xla_flags.QUICK_COMPILE not in os.environ.get("XLA_FLAGS", "")):
+  # Before anything imports jax; xdist workers and subprocesses inherit it.
+  os.environ["XLA_FLAGS"] = xla_flags.with_quick_compile(os.environ.get("XLA_FLAGS", ""))
 
 _CACHE_OWNER = "DAKD_TEST_COMPILATION_CACHE_OWNER"
 if (os.environ.get("DAKD_TEST_COMPILATION_CACHE", "1") != "0"

@@ -1,7 +1,7 @@
 """Runs a command under a storage restriction, for the storage-failure tests (test_cli.py).
 
   python tests/restricted.py permissions COMMAND...   file permissions apply, even to root
-  python tests/restricted.py small_disk COMMAND...    no file may grow past 100 kB
+  python tests/restricted.py small_disk COMMAND...    no file may grow past 40 kB
 
 A fresh interpreter applies the restriction, then replaces itself with COMMAND (exec), which
 keeps it: root's capabilities to ignore permissions are dropped from the bounding set, so the
@@ -17,7 +17,7 @@ import signal
 import sys
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-SMALL_DISK_BYTES = 100_000
+SMALL_DISK_BYTES = 40_000
 
 
 def obey_file_permissions() -> None:

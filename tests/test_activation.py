@@ -16,7 +16,7 @@ HEIGHT, WIDTH = 64, 48  # layer4 is 4 x 3 with last stride 1
 
 @pytest.fixture(scope="module")
 def tiny_net():
-  model = resnet.create_model(18, 4)
+  model = resnet.create_model(10, 4)
   variables = resnet.init_variables(model, jax.random.key(0), (HEIGHT, WIDTH))
   # Non-trivial pooling exponent and BNNeck statistics, so the head is not the identity.
   # NumPy's generator: jax.random per leaf shape compiled ~60 small programs (16 s of setup).
@@ -42,7 +42,7 @@ def hand_head(feature_map, variables):
 def test_intercepted_gradient_equals_gradient_of_hand_written_head(tiny_net):
   model, variables, images, modality = tiny_net
   forward = activation.make_model_forward(model)
-  assert activation.make_model_forward(resnet.create_model(18, 4)) is forward  # cached
+  assert activation.make_model_forward(resnet.create_model(10, 4)) is forward  # cached
   targets = jax.random.normal(jax.random.key(3), (3, 32))
   feature_map, gradients = activation.feature_gradients(forward, variables, images, modality,
                                                         targets)

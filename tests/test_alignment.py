@@ -219,4 +219,4 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_teacher_loss_and_memory_update_sharded_over_four_devices():
-  assert "SHARDED_OK" in run_child(SHARDED_SCRIPT, 4, timeout=300, fast_compile=True)
+  assert "SHARDED_OK" in run_child(SHARDED_SCRIPT, 4, timeout=300)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from dakd_jax import config as config_lib
+from tests import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def test_cli_overrides_reach_the_resolved_config():
 def test_cli_rejects_bad_values_before_running(override, expected):
   # images_per_id=3 makes ids_per_batch=3 give 9 images, which cannot split over 2 devices.
   extra = ["--config.data.images_per_id=3"] if "ids_per_batch" in override else []
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_device_count(2))
   result = subprocess.run([sys.executable, "run.py", "--config=configs/sysu.py", "--print_config",
                            override, *extra], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env)

@@ -335,4 +335,4 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_over_four_devices_matches_unsharded():
-  assert "SHARDED_OK" in run_child(SHARDED_SCRIPT, 4, timeout=300, fast_compile=True)
+  assert "SHARDED_OK" in run_child(SHARDED_SCRIPT, 4, timeout=300)

@@ -5,6 +5,7 @@ import socket
 
 import pytest
 
+from tests import xla_flags
 from tests.test_train import finish
 from tests.test_train import read_jsonl
 from tests.test_train import run_py
@@ -47,7 +48,7 @@ def test_four_devices_match_one_device(single_device_run):
   tmp, expected = single_device_run
   workdir = os.path.join(tmp, "four")
   output = finish(run_py(tiny_overrides(tmp, **RUN), workdir, env_extra={
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}))
+      "XLA_FLAGS": xla_flags.with_device_count(4)}))
   assert "4 device(s), 1 process(es)" in output
   assert_same_losses(expected, losses_of(workdir))
 

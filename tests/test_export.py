@@ -76,7 +76,7 @@ def random_variables(model, seed):
 
 
 def small_model(modality_specific_stem):
-  return resnet.create_model(18, 8, modality_specific_stem=modality_specific_stem, non_local=True)
+  return resnet.create_model(10, 8, modality_specific_stem=modality_specific_stem, non_local=True)
 
 
 @pytest.fixture(scope="module", params=sorted(PRESETS))
@@ -202,7 +202,7 @@ def test_manifest_describes_the_files(exported):
   assert manifest["normalization"]["mean"] == [0.485, 0.456, 0.406]
   assert manifest["normalization"]["std"] == [0.229, 0.224, 0.225]
   assert manifest["modality_codes"] == {"visible": 0, "infrared": 1}
-  assert manifest["embedding_width"] == 8 * 8  # ResNet-18 width 8: 8 * width channels
+  assert manifest["embedding_width"] == 8 * 8  # ResNet-10 width 8: 8 * width channels
   assert manifest["model"]["modality_specific_stem"] == model.modality_specific_stem
   assert manifest["versions"]["jax"] == jax.__version__
   for name in ("flax", "onnx", "onnxruntime", "jax2onnx"):

@@ -30,7 +30,7 @@ H, W = 96, 48
 
 
 def tiny_config(**overrides):
-  values = {"data.image_height": H, "data.image_width": W, "model.depth": 18, "model.width": 4,
+  values = {"data.image_height": H, "data.image_width": W, "model.depth": 10, "model.width": 4,
             "model.non_local": False, "eval.batch_size": 4, "log.progress": False,
             "eval.visual_top_k": 3, "eval.num_visual_queries": 2}
   values.update(overrides)

@@ -15,7 +15,7 @@ from tests.benchmark_scripts import load_benchmark
 def test_tiny_rehearsal_writes_its_table_and_projection(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("DAKD_PROGRESS_EVERY_S", "1e-6")  # Every phase's progress lines show.
   rehearsal = load_benchmark("full_size")
-  overrides = ["model.depth=18", "model.width=8", "model.non_local=False", "data.image_height=96",
+  overrides = ["model.depth=10", "model.width=8", "model.non_local=False", "data.image_height=96",
                "data.image_width=48",
                "data.ids_per_batch=2", "data.images_per_id=2", "eval.batch_size=32",
                "eval.num_trials=2", "eval.max_rank=2", "eval.shots=('single',)",

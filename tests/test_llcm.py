@@ -393,7 +393,7 @@ def test_stage_all_on_a_tiny_llcm_tree(tmp_path):
       "data.root": str(tmp_path / "llcm"), "data.prepared_dir": str(tmp_path / "tfds"),
       "synthetic.enabled": True, "synthetic.num_train_ids": 5, "synthetic.num_val_ids": 1,
       "synthetic.num_test_ids": 4, "synthetic.images_per_camera": 2,
-      "data.image_height": 96, "data.image_width": 48, "model.depth": 18, "model.width": 4,
+      "data.image_height": 96, "data.image_width": 48, "model.depth": 10, "model.width": 4,
       "model.non_local": False, "data.ids_per_batch": 2, "data.images_per_id": 2,
       "data.num_workers": 0, "eval.batch_size": 16, "eval.num_trials": 2, "eval.max_rank": 4,
       "teacher.epochs": 1, "teacher.steps_per_epoch": 2, "teacher.warmup_epochs": 0,

@@ -78,7 +78,7 @@ def test_quick_settings_are_the_test_suites_tiny_run():
   run below loads the suite's compiled programs instead of compiling its own; the numbers of
   steps and evaluation settings, which no program holds, may differ."""
   quick = _quick_overrides(nbformat.read(NOTEBOOK, as_version=4))
-  compiled_in = ("model.width", "model.non_local", "synthetic.num_train_ids",
+  compiled_in = ("model.depth", "model.width", "model.non_local", "synthetic.num_train_ids",
                  "data.ids_per_batch", "data.images_per_id", "teacher.steps_per_epoch",
                  "pretrain.num_ids", "pretrain.steps_per_epoch")
   tiny_run = {**tiny.TINY, **tiny.PRETRAIN}

@@ -18,6 +18,7 @@ from dakd_jax.evaluation import corruptions
 from dakd_jax.evaluation import robustness
 from dakd_jax.models import weights
 from tests import tiny
+from tests import xla_flags
 from tests.test_train import REPO
 from tests.test_train import finish
 from tests.test_train import run_py
@@ -119,7 +120,7 @@ def test_stage_eval_corrupted_is_the_same_on_1_and_2_devices_and_labelled(tmp_pa
   outputs, results = {}, {}
   for devices in (1, 2):
     workdir = str(tmp_path / f"devices_{devices}")
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {"XLA_FLAGS": xla_flags.with_device_count(devices),
            "JAX_PLATFORMS": "cpu"}
     outputs[devices] = finish(run_py(args, workdir, env_extra=env))
     # The weights file's name leads the tag: another checkpoint than the workdir's student.

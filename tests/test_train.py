@@ -27,6 +27,7 @@ from dakd_jax.train import steps as steps_lib
 from dakd_jax.losses import memory as memory_lib
 
 from tests import tiny
+from tests import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,6 +217,10 @@ def test_a_divergence_names_the_last_finite_checkpoint_or_says_there_is_none(
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(final))
 
 
+# The demo's numbers are the README's: compiled as users compile them (tests/xla_flags.py).
+USERS_COMPILER = {"XLA_FLAGS": xla_flags.without_quick_compile()}
+
+
 def demo_run(tmp_path):
   """(directory it ran in, its workdir, its output, the re-evaluation's data arguments) of the
   README's first command.
@@ -236,7 +241,7 @@ def demo_run(tmp_path):
       "distill.epochs": 1, "distill.steps_per_epoch": 8, "log.every_steps": 10})
           if not a.startswith(demo_sizes)]
   # A relative workdir, as in the README's command (Orbax itself needs absolute paths).
-  output = finish(run_py(args, "demo", cwd=str(tmp_path)))
+  output = finish(run_py(args, "demo", env_extra=USERS_COMPILER, cwd=str(tmp_path)))
   return str(tmp_path), str(tmp_path / "demo"), output, args
 
 
@@ -303,7 +308,7 @@ def test_demo_end_to_end_teacher_learns_cross_modal_matching(tmp_path):
   # Re-evaluating from the saved features reproduces the checkpoint's results exactly.
   again = str(tmp_path / "again")
   finish(run_py(data_args + ["--config.stage=eval", "--config.eval.features=" + os.path.join(
-      workdir, "eval", "features.npz")], again, cwd=directory))
+      workdir, "eval", "features.npz")], again, env_extra=USERS_COMPILER, cwd=directory))
   with open(os.path.join(again, "eval", "features-features", "results.json")) as f:
     assert json.load(f)["results"] == report["results"]
 

@@ -67,7 +67,7 @@ def test_two_regdb_trials_end_to_end_in_one_command(tmp_path, capsys):
                              width=48, num_trials=2)
   overrides = {
       "data.root": root, "data.prepared_dir": str(tmp_path / "tfds"), "data.trials": "(1,2)",
-      "data.image_height": 96, "data.image_width": 48, "model.depth": 18, "model.width": 4,
+      "data.image_height": 96, "data.image_width": 48, "model.depth": 10, "model.width": 4,
       "model.non_local": False,
       "data.ids_per_batch": 2, "data.images_per_id": 2, "data.num_workers": 0,
       "eval.batch_size": 32, "eval.max_rank": 3, "eval.pictures": False,

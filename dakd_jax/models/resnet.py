@@ -51,8 +51,9 @@ from dakd_jax.models.batch_norm import at_least_float32
 from dakd_jax.models.conv import conv_general_dilated_for, resolve_conv_backward
 from dakd_jax.models.pool import max_pool_for
 
-# Blocks per stage and whether the stage uses bottleneck blocks (expansion 4).
-STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
+# Blocks per stage and whether the stage uses bottleneck blocks (expansion 4). ResNet-10 (one
+# basic block per stage) is the smallest network with every part: quick to compile (tests).
+STAGE_SIZES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 BOTTLENECK_DEPTHS = (50,)
 # Non-local blocks follow the last k blocks of a stage (method.md 2.1); stages 1 and 4 have none.
 NON_LOCAL_COUNTS = {1: 0, 2: 2, 3: 3, 4: 0}
@@ -80,7 +81,8 @@ def non_local_positions(depth: int, stage: int) -> tuple[int, ...]:
   """0-based indices of the blocks of `stage` (1..4) that are followed by a non-local block.
 
   The last min(k, blocks) blocks, k = 2 for layer2 and 3 for layer3: ResNet-50/34 get blocks
-  2, 3 of layer2 and 3, 4, 5 of layer3; ResNet-18 gets both blocks of layer2 and of layer3.
+  2, 3 of layer2 and 3, 4, 5 of layer3; ResNet-18 gets both blocks of layer2 and of layer3,
+  ResNet-10 the one block of each.
   """
   blocks = STAGE_SIZES[depth][stage - 1]
   count = min(NON_LOCAL_COUNTS[stage], blocks)

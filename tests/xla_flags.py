@@ -1,0 +1,36 @@
+"""XLA_FLAGS of the test processes: quick compiles, and fake CPU devices for child processes.
+
+The suite compiles a few hundred small programs and runs each for milliseconds, so compiling
+is most of its time, and LLVM's optimisation passes are most of a compile. conftest.py turns
+them off for the whole session (its workers and subprocesses inherit the environment): the
+programs compute the same functions (XLA's contract; checked by the tests themselves, which
+compare against independent references), float32 results may round differently within each
+test's tolerance, and the memory a program plans is XLA's buffer assignment, decided before
+LLVM runs. Measured on 2 cores: the suite's CPU time -18%.
+The exception is a run whose numbers are the README's (the demo's learning): a few ulps at the
+start of training move where it ends, so it runs with the compiler users run
+(`without_quick_compile`). DAKD_TEST_QUICK_COMPILE=0 keeps XLA's defaults everywhere.
+"""
+import os
+
+QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA's defaults for the same options, for `jax.jit(f).lower(...).compile(...)` in a test whose
+# subject is a property of the programs users run (e.g. two programs rounding alike).
+USERS_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3,
+                          "xla_llvm_disable_expensive_passes": False}
+
+
+def with_quick_compile(flags: str) -> str:
+  """`flags` (an XLA_FLAGS value) with the quick-compile flags added."""
+  return f"{flags} {QUICK_COMPILE}".strip()
+
+
+def without_quick_compile() -> str:
+  """This process's XLA_FLAGS without the quick-compile flags: XLA's default compiler."""
+  return " ".join(os.environ.get("XLA_FLAGS", "").replace(QUICK_COMPILE, "").split())
+
+
+def with_device_count(device_count: int) -> str:
+  """This process's XLA_FLAGS plus `device_count` CPU devices, for a child process."""
+  return (f"{os.environ.get('XLA_FLAGS', '')} "
+          f"--xla_force_host_platform_device_count={device_count}").strip()

@@ -10,9 +10,9 @@ xdist workers and in `run.py` subprocesses, and compiling is most of a tiny run'
 first process to import this module (pytest itself, before xdist starts its workers, which
 inherit the environment) makes a fresh folder and removes it at the end; results do not depend
 on it (a cached program is the same compiled program). DAKD_TEST_COMPILATION_CACHE=0 turns it
-off, e.g. to time compilation itself. The session's programs are compiled without LLVM's
-optimisation passes (tests/xla_flags.py says why and which run is the exception);
-DAKD_TEST_QUICK_COMPILE=0 keeps XLA's defaults.
+off, e.g. to time compilation itself. The session's programs are compiled quickly
+(tests/xla_flags.py says how, why and which runs are the exceptions); DAKD_TEST_QUICK_COMPILE=0
+keeps XLA's defaults.
 """
 import os
 import shutil

@@ -20,8 +20,8 @@ STUDENT_STEPS = 16
 TINY = {
     "synthetic.num_train_ids": 8, "synthetic.num_val_ids": 2, "synthetic.num_test_ids": 6,
     # ResNet-10 (the demo's ResNet-18 with one block per stage) at width 4 without non-local
-    # blocks: the mechanics, compiled in about half the time (ResNet-18, its second blocks and
-    # non-local blocks run in the demo test and tests/test_resnet.py).
+    # blocks: the mechanics, with half the blocks to trace and compile (ResNet-18, its second
+    # blocks and non-local blocks run in the demo test and tests/test_resnet.py).
     "model.depth": 10, "model.width": 4, "model.non_local": False,
     "data.ids_per_batch": 4, "data.images_per_id": 2,
     "eval.batch_size": 32, "eval.num_trials": 2, "eval.modes": ("all",),

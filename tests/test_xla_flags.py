@@ -16,8 +16,7 @@ def test_the_session_compiles_quickly_unless_asked_not_to_and_children_keep_it()
   assert (xla_flags.QUICK_COMPILE in child) == quick
   assert child.split()[-1] == "--xla_force_host_platform_device_count=4"
   users = xla_flags.without_quick_compile()
-  assert not any(name in users for name in ("optimization_level", "expensive_passes",
-                                            "fusion_emitters"))
+  assert not any(name in users for name in xla_flags.USERS_COMPILER_OPTIONS)
 
 
 def test_users_compiler_options_compile_the_same_function():

@@ -17,13 +17,15 @@ DAKD_TEST_QUICK_COMPILE=0 keeps XLA's defaults everywhere.
 """
 import os
 
-QUICK_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                 " --xla_cpu_use_fusion_emitters=false")
-# XLA's defaults for the same options, for `jax.jit(f).lower(...).compile(...)` in a test whose
-# subject is a property of the programs users run (e.g. two programs rounding alike).
-USERS_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3,
-                          "xla_llvm_disable_expensive_passes": False,
-                          "xla_cpu_use_fusion_emitters": True}
+# option: (quick value, XLA's default)
+_OPTIONS = {"xla_backend_optimization_level": (0, 3),
+            "xla_llvm_disable_expensive_passes": (True, False),
+            "xla_cpu_use_fusion_emitters": (False, True)}
+QUICK_COMPILE = " ".join(f"--{name}={str(quick).lower()}"
+                         for name, (quick, _) in _OPTIONS.items())
+# XLA's defaults, for `jax.jit(f).lower(...).compile(...)` in a test whose subject is a property
+# of the programs users run (e.g. two programs rounding alike).
+USERS_COMPILER_OPTIONS = {name: default for name, (_, default) in _OPTIONS.items()}
 
 
 def with_quick_compile(flags: str) -> str:

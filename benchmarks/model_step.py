@@ -43,7 +43,7 @@ from train_step import limit_xla_threads  # pylint: disable=g-import-not-at-top,
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--depth", type=int, default=50, choices=(18, 50))
+  parser.add_argument("--depth", type=int, default=50, choices=(10, 18, 50))
   parser.add_argument("--net-width", type=int, default=64, help="base channels (64 = real)")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--height", type=int, default=128)

@@ -31,7 +31,7 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int, default=96)
   parser.add_argument("--height", type=int, default=384)
   parser.add_argument("--width", type=int, default=128)
-  parser.add_argument("--depth", type=int, default=50, choices=(18, 50))
+  parser.add_argument("--depth", type=int, default=50, choices=(10, 18, 50))
   parser.add_argument("--net-width", type=int, default=64)
   parser.add_argument("--conv-backward", default="custom", choices=("xla", "custom"),
                       help="model.conv_backward of the JAX step (custom: what CPU runs use)")

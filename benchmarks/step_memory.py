@@ -58,6 +58,8 @@ def parse_args(argv=None):
   parser.add_argument("--top", type=int, default=6, help="producing operations listed")
   parser.add_argument("--conv-backward", default="auto",
                       help="model.conv_backward (auto | custom | xla): whose conv gradients")
+  parser.add_argument("--depth", type=int, default=None,
+                      help="model.depth (10 | 18 | 34 | 50); default: the config's")
   return parser.parse_args(argv)
 
 
@@ -70,6 +72,8 @@ def sized_config(args, remat):
                "data.ids_per_batch": args.pairs // per_id, "data.images_per_id": per_id,
                "model.compute_dtype": args.dtype, "model.remat": remat,
                "model.conv_backward": args.conv_backward}
+  if args.depth is not None:
+    overrides["model.depth"] = args.depth
   return config_lib.load_config(args.config, overrides)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dakd_jax import augment
+from dakd_jax import cli
 from dakd_jax.data.records import load_image
 from tests.torch_resnet import make_authors_network
 
@@ -25,7 +26,8 @@ RECORDED = {"epoch": 79, "mAP": np.float64(0.6731), "mINP": np.float64(0.5012),
             "cmc": np.linspace(0.7, 0.99, 20).astype(np.float32)}
 
 
-def run_py(workdir, *overrides, tmp):
+def run_arguments(*overrides, tmp):
+  """--config arguments of these runs: the released preset at the authors' network size."""
   args = {"data.root": os.path.join(tmp, "synthetic"), "data.prepared_dir": os.path.join(tmp, "tfds"),
           "synthetic.num_train_ids": 6, "synthetic.num_val_ids": 1, "synthetic.num_test_ids": 4,
           "synthetic.images_per_camera": 2, "model.depth": 50, "model.width": 64,
@@ -36,9 +38,14 @@ def run_py(workdir, *overrides, tmp):
           # The real configs' default (the demo keeps xla): this ResNet-50's student step also
           # compiles faster with it (64 s against 75 s for the test here).
           "model.conv_backward": "auto"}
-  command = [sys.executable, "run.py", "--config=configs/demo.py:released_code",
-             f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in args.items()],
-             *overrides]
+  return [f"--config={os.path.join(REPO, 'configs', 'demo.py')}:released_code",
+          *[f"--config.{k}={v}" for k, v in args.items()], *overrides]
+
+
+def run_py(workdir, *overrides, tmp):
+  """run.py in a subprocess, as a user runs it."""
+  command = [sys.executable, "run.py", f"--workdir={workdir}",
+             *run_arguments(*overrides, tmp=tmp)]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
 
 
@@ -84,7 +91,8 @@ def test_eval_of_the_authors_teacher_reproduces_the_torch_embeddings(authors_fil
 
 
 @pytest.mark.slow
-def test_student_distils_from_the_authors_teacher_and_refuses_their_student(authors_files):
+def test_student_distils_from_the_authors_teacher_and_refuses_their_student(authors_files,
+                                                                            capsys):
   tmp = authors_files["tmp"]
   workdir = os.path.join(tmp, "student_run")
   # One student call on both modalities (grouped BNs; equal to the two calls, tests/test_steps.py):
@@ -97,9 +105,13 @@ def test_student_distils_from_the_authors_teacher_and_refuses_their_student(auth
                                                              "metrics.jsonl"))]
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 1 and np.isfinite(losses[0]) and losses[0] > 0
-  refused = run_py(os.path.join(tmp, "refused"), "--config.stage=student",
-                   f"--config.distill.teacher_checkpoint={authors_files['student']}", tmp=tmp)
-  assert refused.returncode == 1 and "Traceback" not in refused.stderr
-  assert refused.stderr.strip().splitlines()[-1].startswith(
+  # Refused before any work: in this process (`cli.main_from_args`, what run.py calls).
+  code = cli.main_from_args(run_arguments(
+      "--config.stage=student",
+      f"--config.distill.teacher_checkpoint={authors_files['student']}", tmp=tmp),
+                            os.path.join(tmp, "refused"))
+  stderr = capsys.readouterr().err
+  assert code == 1 and "Traceback" not in stderr
+  assert stderr.strip().splitlines()[-1].startswith(
       f"dakd_jax: error: {authors_files['student']} holds the authors' DAKD student, not a "
       "trained teacher")

@@ -63,13 +63,16 @@ def run_cli(args, *, config=DEMO):
   parsing its own flags): returns what run_py returns, stdout and stderr apart."""
   config_args, rest = config_lib.split_argv(([f"--config={config}"] if config else []) + args)
   workdirs = [arg.split("=", 1)[1] for arg in rest if arg.startswith("--workdir=")]
-  assert len(workdirs) == len(rest), f"run_cli takes --config* and --workdir only: {rest}"
+  print_only = "--print_config" in rest
+  assert len(workdirs) + print_only == len(rest), (
+      f"run_cli takes --config*, --workdir and --print_config only: {rest}")
   stdout, stderr = io.StringIO(), io.StringIO()
   here = os.getcwd()
   os.chdir(REPO)  # Relative paths resolve as in run_py, which runs in the repository.
   try:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-      code = cli.main_from_args(config_args, workdirs[0] if workdirs else None)
+      code = cli.main_from_args(config_args, workdirs[0] if workdirs else None,
+                                print_only=print_only)
   finally:
     os.chdir(here)
   return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(),

@@ -1,4 +1,8 @@
-"""Config loading, overrides and validation, through the real CLI and through load_config."""
+"""Config loading, overrides and validation, through the CLI and through load_config.
+
+The CLI's refusals run in-process (`tests.test_cli.run_cli`: `cli.main_from_args`, what run.py
+calls after its flags); a real run.py process where the command line itself or the device count
+it sees is the subject."""
 import json
 import os
 import subprocess
@@ -8,17 +12,19 @@ import pytest
 
 from dakd_jax import config as config_lib
 from tests import xla_flags
+from tests.test_cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args):
+def run_py(*args, env=None):
+  """run.py in a subprocess: the real command line, its own flag parsing included."""
   return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=120, env=env)
 
 
 def test_cli_overrides_reach_the_resolved_config():
-  result = run_cli("--config=configs/regdb.py:trial=3,released_code", "--print_config",
+  result = run_py("--config=configs/regdb.py:trial=3,released_code", "--print_config",
                    "--config.mask_threshold=0.8", "--config.distill.temperatures=(4,2)",
                    "--config.distill.strong_uses_weak_at_2_6=false", "--config.eval.rerank=true")
   assert result.returncode == 0, result.stderr
@@ -38,20 +44,25 @@ def test_cli_overrides_reach_the_resolved_config():
 @pytest.mark.parametrize("override, expected", [
     ("--config.mask_threshold=1.5", "config.mask_threshold = 1.5 is out of range"),
     ("--config.distill.temperatures=(4,0)", "every one > 0"),
-    ("--config.data.ids_per_batch=3", "does not divide"),
     ("--config.mask_treshold=0.5", "unknown config field 'mask_treshold'"),
     ("--config.mask_threshold=abc", "could not convert string to float: 'abc'"),
     ("--config.distill.mask_keep=middle", "choose one of ('low', 'high')"),
 ])
 def test_cli_rejects_bad_values_before_running(override, expected):
-  # images_per_id=3 makes ids_per_batch=3 give 9 images, which cannot split over 2 devices.
-  extra = ["--config.data.images_per_id=3"] if "ids_per_batch" in override else []
-  env = dict(os.environ, XLA_FLAGS=xla_flags.with_device_count(2))
-  result = subprocess.run([sys.executable, "run.py", "--config=configs/sysu.py", "--print_config",
-                           override, *extra], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=env)
+  result = run_cli(["--print_config", override], config="configs/sysu.py")
   assert result.returncode == 2
   assert expected in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_a_batch_the_devices_cannot_split():
+  """Refused by the device count a process sees: a process with 2 (fake) devices."""
+  # images_per_id=3 makes ids_per_batch=3 give 9 images, which cannot split over 2 devices.
+  result = run_py("--config=configs/sysu.py", "--print_config", "--config.data.ids_per_batch=3",
+                  "--config.data.images_per_id=3",
+                  env=dict(os.environ, XLA_FLAGS=xla_flags.with_device_count(2)))
+  assert result.returncode == 2
+  assert "does not divide" in result.stderr and "2 devices" in result.stderr, result.stderr
   assert "Traceback" not in result.stderr
 
 
@@ -137,8 +148,7 @@ def test_notebook_and_command_line_reject_the_same_override_the_same_way(overrid
   """One parser by construction: the error a notebook gets is the line the command prints."""
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.load_config("configs/demo.py", overrides, validate_config=False)
-  result = run_cli("--config=configs/demo.py", "--print_config",
-                   *[f"--config.{o}" for o in overrides])
+  result = run_cli(["--print_config", *[f"--config.{o}" for o in overrides]])
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert result.stderr.strip() == f"dakd_jax: invalid config: {error.value}"
 
@@ -147,10 +157,10 @@ def test_notebook_and_command_line_resolve_the_same_config():
   overrides = {"distill.temperatures": (4, 3), "eval.rerank": True, "eval.modes": ("indoor",),
                "data.root": "some/where", "mask_threshold": 1}
   config = config_lib.load_config("configs/llcm.py", overrides)
-  result = run_cli("--config=configs/llcm.py", "--print_config",
-                   "--config.distill.temperatures=(4,3)", "--config.eval.rerank=true",
-                   "--config.eval.modes=indoor", "--config.data.root=some/where",
-                   "--config.mask_threshold=1")
+  result = run_cli(["--print_config", "--config.distill.temperatures=(4,3)",
+                    "--config.eval.rerank=true", "--config.eval.modes=indoor",
+                    "--config.data.root=some/where", "--config.mask_threshold=1"],
+                   config="configs/llcm.py")
   assert result.returncode == 0, result.stderr
   assert json.loads(result.stdout) == json.loads(json.dumps(config.to_dict()))
   assert config.mask_threshold == 1.0 and isinstance(config.mask_threshold, float)
@@ -210,20 +220,23 @@ def test_schedule_warning_spares_half_runs_and_the_methods_recipes():
   assert "(60 of 100, 60% of the run)" in shortened
 
 
-def test_shipped_configs_do_not_warn_and_a_longer_demo_does():
+def test_shipped_configs_do_not_warn_and_a_longer_demo_does(caplog):
   for name in ("sysu", "regdb", "llcm", "demo"):
     for arg in ("", ":released_code"):
       teacher = config_lib.load_config(f"configs/{name}.py{arg}", validate_config=False).teacher
       assert config_lib.teacher_schedule_warning(
           teacher.epochs, tuple(teacher.decay_epochs), teacher.warmup_epochs, teacher.lr) is None
   # What the user sees at start-up: the run goes on, the warning is on stderr.
-  longer = run_cli("--config=configs/demo.py", "--print_config", "--config.teacher.epochs=60")
+  longer = run_py("--config=configs/demo.py", "--print_config", "--config.teacher.epochs=60")
   assert longer.returncode == 0, longer.stderr
   assert "config.teacher.epochs = 60" in longer.stderr
   assert "(54 of 60, 90% of the run) train at 1%" in longer.stderr
-  evaluating = run_cli("--config=configs/demo.py", "--print_config", "--config.teacher.epochs=60",
-                       "--config.stage=eval")
-  assert "train at 1%" not in evaluating.stderr  # no teacher is trained
+  # (absl logs it: in this process, caplog holds what run.py prints)
+  evaluating = run_cli(["--print_config", "--config.teacher.epochs=60", "--config.stage=eval"])
+  assert evaluating.returncode == 0, evaluating.stderr
+  assert "config.teacher.epochs" not in caplog.text  # no teacher is trained
+  run_cli(["--print_config", "--config.teacher.epochs=60"])
+  assert "(54 of 60, 90% of the run) train at 1%" in caplog.text  # the same check warns here
 
 
 @pytest.mark.parametrize("field, value, expected", [

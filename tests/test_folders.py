@@ -5,8 +5,6 @@ evaluate with pictures and report, extract, Extractor.from_checkpoint)."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from dakd_jax.evaluation import folders
 from dakd_jax.evaluation.extractor import Extractor
 from dakd_jax.models import resnet
 from tests import tiny
+from tests.test_cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 96, 48
@@ -156,7 +155,7 @@ def test_extractor_takes_arrays_of_any_size_and_paths(tmp_path):
 
 @pytest.mark.slow
 def test_run_writes_pictures_report_and_extracts(tmp_path):
-  """One tiny run.py (teacher, student, eval with pictures), then stage=extract in-process."""
+  """One tiny run (teacher, student, eval with pictures), then stage=extract, in-process."""
   # The shared tiny run's programs (tests/tiny.py, from the compilation cache); 3 test persons,
   # so R5, R10 and R20 have nothing to rank.
   overrides = {**tiny.TINY, "data.root": str(tmp_path / "synthetic"),
@@ -165,9 +164,7 @@ def test_run_writes_pictures_report_and_extracts(tmp_path):
                "eval.num_visual_queries": 3, "eval.visual_top_k": 4, "eval.analysis": True}
   args = tiny.arguments(overrides)
   workdir = str(tmp_path / "run")
-  process = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py",
-                            f"--workdir={workdir}", *args], cwd=REPO, capture_output=True,
-                           text=True, timeout=600)
+  process = run_cli(args + [f"--workdir={workdir}"])
   assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
   results = json.load(open(f"{workdir}/eval/results.json"))["results"]
   report = open(f"{workdir}/report.md").read()

@@ -35,7 +35,7 @@ def test_the_peak_mark_resets_and_then_follows_a_known_allocation():
 @pytest.mark.slow
 def test_tiny_side_by_side_reports_both_sides(capsys):
   sides = load_benchmark("model_step_memory").main(
-      ["--batch", "8", "--height", "32", "--width", "32", "--depth", "18", "--net-width", "8",
+      ["--batch", "8", "--height", "32", "--width", "32", "--depth", "10", "--net-width", "8",
        "--threads", "1", "--conv-backward", "xla"])
   for side in ("jax", "torch"):
     assert sides[side]["peak"] >= sides[side]["resident_before"] > 100 * 2**20

@@ -6,7 +6,7 @@ import re
 import pytest
 from PIL import Image
 
-from dakd_jax.data import regdb, sysu
+from dakd_jax.data import dataset_files, regdb, sysu
 from dakd_jax.data.records import INFRARED, VISIBLE, DatasetError, describe, records_of
 
 
@@ -142,6 +142,40 @@ def test_sysu_refuses_stray_file_in_identity_folder(sysu_root):
     sysu.read_sysu(str(sysu_root), "test")
   # The train split does not look into test folders.
   assert len(sysu.read_sysu(str(sysu_root), "train")) == 12
+
+
+def test_listings_read_once_lists_each_folder_once_and_answers_the_same(sysu_root,
+                                                                         monkeypatch):
+  """An evaluation's protocols read the same folders for every trial: inside
+  `listings_read_once` each folder is listed once; the answers, stray entries included, are
+  those of a fresh listing; outside it every call lists again."""
+  (sysu_root / "cam2" / "0010" / "notes.txt").write_bytes(b"x")  # a stray entry, reported
+  listed = []
+  real_listdir = os.listdir
+  monkeypatch.setattr(os, "listdir", lambda folder: listed.append(folder) or real_listdir(folder))
+  folders = {str(sysu_root / f"cam{c}" / f"{i:04d}") for i, c in SYSU_LAYOUT if i in (4, 10)}
+  with pytest.raises(DatasetError, match="notes.txt"):
+    sysu.query(str(sysu_root))
+  (sysu_root / "cam2" / "0010" / "notes.txt").unlink()
+  expected_query = sysu.query(str(sysu_root))
+  expected_gallery = [sysu.gallery(str(sysu_root), trial, mode="all", shots=1)
+                      for trial in range(3)]
+  listed.clear()
+  with dataset_files.listings_read_once():
+    for trial in range(3):
+      assert sysu.query(str(sysu_root)) == expected_query
+      assert sysu.gallery(str(sysu_root), trial, mode="all", shots=1) == expected_gallery[trial]
+  assert sorted(listed) == sorted(folders)  # each test folder once, in 6 reads of the split
+  listed.clear()
+  sysu.query(str(sysu_root))
+  sysu.query(str(sysu_root))
+  assert len(listed) == 2 * len(folders)  # no memory outside the block
+  # A stray entry found inside the block is reported on every read, not only the first.
+  (sysu_root / "cam2" / "0010" / "notes.txt").write_bytes(b"x")
+  with dataset_files.listings_read_once():
+    for _ in range(2):
+      with pytest.raises(DatasetError, match="notes.txt"):
+        sysu.query(str(sysu_root))
 
 
 def write_regdb(root, trial, lists, images=None):

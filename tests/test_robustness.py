@@ -21,6 +21,7 @@ from tests import tiny
 from tests import xla_flags
 from tests.test_train import REPO
 from tests.test_train import finish
+from tests.test_cli import run_cli
 from tests.test_train import run_py
 from tests.test_train import tiny_overrides
 
@@ -151,7 +152,9 @@ def test_stage_eval_sweep_writes_the_robustness_table_and_pictures(tmp_path, sha
   args = tiny_overrides(data_dir, **{"stage": "eval", "eval.checkpoint": checkpoint,
                                           "eval.corruption": "rain", "eval.severity": "all"})
   workdir = str(tmp_path / "run")
-  output = finish(run_py(args, workdir))
+  result = run_cli(args + [f"--workdir={workdir}"])  # in this process: the sweep is the subject
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout
   folder = os.path.join(workdir, "eval", "untrained-robustness")
   stored = read_json(os.path.join(folder, "results.json"))
   assert stored["complete"] is True

@@ -1,7 +1,7 @@
 """stage=all's closing table (`stages.summarize_stages`): every stage's network on one protocol.
 
 The printed differences are checked against numbers worked by hand; a tiny whole run checks the
-table's rows against independent evaluations of the same networks (stage=eval in another
+table's rows against independent evaluations of the same networks (stage=eval in the test's
 process, on saved random and pretrained weights) and against each stage's own log.
 """
 import json
@@ -17,6 +17,7 @@ from dakd_jax import stages
 from dakd_jax.models import weights
 from dakd_jax.train import loop
 from tests import tiny
+from tests.test_cli import run_cli
 from tests.test_train import finish
 from tests.test_train import read_jsonl
 from tests.test_train import run_py
@@ -82,8 +83,8 @@ def test_stage_all_ends_with_every_stage_on_one_protocol(tmp_path):
     assert rows[stage]["mean"]["mAP"] == pytest.approx(logged["eval_mAP"])
     assert loop.read_last_evaluation(os.path.join(workdir, stage))["step"] == logged["step"]
 
-  # Untrained and initial-weights rows: the same networks evaluated by stage=eval in another
-  # process (the teacher's random initialisation, saved; the pretrain stage's file).
+  # Untrained and initial-weights rows: the same networks evaluated again by stage=eval, here in
+  # the test's process (the teacher's random initialisation, saved; the pretrain stage's file).
   config = config_lib.load_config("configs/demo.py", tiny.NETWORK, validate_config=False)
   untrained_file = str(tmp_path / "untrained.npz")
   model = builders.model_from_config(config)
@@ -94,8 +95,9 @@ def test_stage_all_ends_with_every_stage_on_one_protocol(tmp_path):
   for name, path in (("untrained", untrained_file),
                      ("initial weights", os.path.join(workdir, "pretrain", "backbone.npz"))):
     eval_dir = str(tmp_path / f"eval_{name.replace(' ', '_')}")
-    finish(run_py(args + ["--config.stage=eval", "--config.eval.checkpoint=" + path],
-                  eval_dir))
+    evaluated = run_cli(args + ["--config.stage=eval", "--config.eval.checkpoint=" + path,
+                                f"--workdir={eval_dir}"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     # Not the workdir's student: the evaluation is in eval/<the file's name>.
     tag = os.path.splitext(os.path.basename(path))[0]
     independent = all_single_shot(os.path.join(eval_dir, "eval", tag, "results.json"))

@@ -15,7 +15,7 @@ from dakd_jax import workdir_lock
 from dakd_jax.evaluation import evaluations
 from tests import tiny
 from tests.test_cli import data_dir  # noqa: F401  pylint: disable=unused-import  (a fixture)
-from tests.test_cli import one_error_line, read_only_folder, run_py, tiny_args
+from tests.test_cli import one_error_line, read_only_folder, run_cli, run_py, tiny_args
 
 HOLD = ("import sys, time\n"
         "from dakd_jax import workdir_lock\n"
@@ -37,7 +37,7 @@ def test_a_second_run_in_a_used_workdir_stops_at_once_naming_the_other(tmp_path)
   workdir = str(tmp_path / "run")
   holder = start_holder(workdir)
   try:
-    result = run_py([f"--workdir={workdir}", "--config.stage=eval"])
+    result = run_cli([f"--workdir={workdir}", "--config.stage=eval"])
     line = one_error_line(result, f"pid {holder.pid}", "in use by another run",
                           f"kill {holder.pid}", "another --workdir")
     assert "since 20" in line and " UTC" in line

@@ -12,6 +12,8 @@ RegDB lists name files the folder scan never sees) so that all of them are repor
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import os
 from typing import Sequence
 
@@ -28,23 +30,51 @@ def is_system_junk(name: str) -> bool:
   return name.lower() in SYSTEM_JUNK_NAMES or name.startswith("._")
 
 
+# {(folder, extensions): (names, stray)} inside `listings_read_once`, else None.
+_LISTINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("listings", default=None)
+
+
+@contextlib.contextmanager
+def listings_read_once():
+  """Within the block `list_image_names` lists each folder once and then answers from memory.
+
+  An evaluation's protocols read the same folders for every trial and setting (SYSU-MM01 lists
+  its whole test split twice per protocol: 80 times for the 40 protocols of the demo's closing
+  evaluation, each a stat of every file); the files do not change within one lookup.
+  """
+  token = _LISTINGS.set({})
+  try:
+    yield
+  finally:
+    _LISTINGS.reset(token)
+
+
 def list_image_names(folder: str, extensions: Sequence[str], stray: list[str]) -> list[str]:
   """Sorted image file names in `folder` (Python string order), system junk left out.
 
   Every other entry that is not a non-empty file with one of `extensions` is appended to
   `stray` as its path (an empty image file is marked ' (empty)').
   """
-  names = []
+  listings = _LISTINGS.get()
+  key = (folder, tuple(extensions))
+  if listings is not None and key in listings:
+    names, found_stray = listings[key]
+    stray.extend(found_stray)
+    return list(names)
+  names, found_stray = [], []
   for name in sorted(os.listdir(folder)):
     if is_system_junk(name):
       continue
     path = os.path.join(folder, name)
     if not (os.path.isfile(path) and name.lower().endswith(tuple(extensions))):
-      stray.append(path)
+      found_stray.append(path)
     elif os.path.getsize(path) == 0:
-      stray.append(f"{path} (empty)")
+      found_stray.append(f"{path} (empty)")
     else:
       names.append(name)
+  if listings is not None:
+    listings[key] = (tuple(names), tuple(found_stray))
+  stray.extend(found_stray)
   return names
 
 

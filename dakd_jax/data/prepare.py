@@ -63,7 +63,9 @@ class DataBundle:
 
   def test_index_of(self, record: records_lib.ImageRecord) -> int:
     """Row in the prepared test split of a protocol record (by path relative to the root)."""
-    relative = os.path.relpath(record.path, self.root).replace(os.sep, "/")
+    prefix = os.path.join(self.root, "")
+    relative = (record.path[len(prefix):] if record.path.startswith(prefix)  # as relpath, quicker
+                else os.path.relpath(record.path, self.root)).replace(os.sep, "/")
     if relative not in self.test_rows:
       raise DatasetError(
           f"{record.path} is in the evaluation protocol but not in the prepared test split of "

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
+from dakd_jax.data import dataset_files
 from dakd_jax.data import prepare
 from dakd_jax.data import protocols as protocols_lib
 from dakd_jax.data.records import CameraRule
@@ -92,15 +93,16 @@ def lookup_rows(data: prepare.DataBundle, protocols: Iterable[protocols_lib.Prot
   """
   rows = {}
   identity = data.test_meta["identity"]
-  for protocol in protocols:
-    query, gallery = protocols_lib.query_gallery(protocol, data.root)
-    rows[protocol] = (np.array([data.test_index_of(r) for r in query]),
-                      np.array([data.test_index_of(r) for r in gallery]))
-    fill = ranks_a_gallery_can_fill(data.spec.camera_rule, identity[rows[protocol][1]])
-    if max_rank > fill:
-      raise ConfigError(
-          f"config.eval.max_rank = {max_rank} is longer than the gallery of {protocol.name} "
-          f"can fill ({fill} ranks); use --config.eval.max_rank={fill} or less")
+  with dataset_files.listings_read_once():  # Every trial lists the same folders.
+    for protocol in protocols:
+      query, gallery = protocols_lib.query_gallery(protocol, data.root)
+      rows[protocol] = (np.array([data.test_index_of(r) for r in query]),
+                        np.array([data.test_index_of(r) for r in gallery]))
+      fill = ranks_a_gallery_can_fill(data.spec.camera_rule, identity[rows[protocol][1]])
+      if max_rank > fill:
+        raise ConfigError(
+            f"config.eval.max_rank = {max_rank} is longer than the gallery of {protocol.name} "
+            f"can fill ({fill} ranks); use --config.eval.max_rank={fill} or less")
   return rows
 
 

@@ -1,4 +1,6 @@
-"""The authors' trained models through `run.py`, as a user with their files would run them.
+"""The authors' trained models through the command line, as a user with their files would run
+them (`run.py` for the student; the evaluation and the refusal through `cli.main_from_args`, what
+run.py calls, in the test's process).
 
 A torch network with the authors' parameter names and a real ResNet-50 of width 64
 (tests/torch_resnet.py) is saved as their teacher `.t` file. `stage=eval` evaluates it with our
@@ -64,15 +66,18 @@ def authors_files(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_of_the_authors_teacher_reproduces_the_torch_embeddings(authors_files):
+def test_eval_of_the_authors_teacher_reproduces_the_torch_embeddings(authors_files, capsys):
   tmp = authors_files["tmp"]
   workdir = os.path.join(tmp, "eval_run")
-  result = run_py(workdir, "--config.stage=eval",
-                  f"--config.eval.checkpoint={authors_files['teacher']}", tmp=tmp)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  # In this process (`cli.main_from_args`, what run.py calls); the student below runs run.py.
+  code = cli.main_from_args(run_arguments(
+      "--config.stage=eval", f"--config.eval.checkpoint={authors_files['teacher']}", tmp=tmp),
+                            workdir)
+  printed = capsys.readouterr()
+  assert code == 0, printed.out[-3000:] + printed.err[-3000:]
   # The file's own record is printed beside ours (their evaluation at their epoch).
-  assert "recorded in the file (the authors' evaluation, epoch 79)" in result.stdout
-  assert "R1    file   70.00" in result.stdout and "mAP   file   67.31" in result.stdout
+  assert "recorded in the file (the authors' evaluation, epoch 79)" in printed.out
+  assert "R1    file   70.00" in printed.out and "mAP   file   67.31" in printed.out
   # Another checkpoint than the workdir's student: evaluated into eval/<its file name>.
   summary = json.load(open(os.path.join(workdir, "eval", "sysu_teacher_best", "results.json")))
   assert summary["source"] == authors_files["teacher"]

@@ -185,16 +185,16 @@ def test_a_divergence_names_the_last_finite_checkpoint_or_says_there_is_none(
   message says there is none. With every_steps=1, the tiny run trained normally (16 steps)
   and then continued for an epoch at lr=1e6 stops naming step 16, whose weights resume at a
   normal rate without diverging again. Both diverging runs have the same schedule (one
-  program)."""
+  program). The normal run saves at its end only: the continuation's cadence is the subject."""
   from dakd_jax import cli  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "run")
   directory = os.path.join(workdir, "teacher", "checkpoints")
   extra = {"stage": "teacher", "teacher.eval_every_epochs": 100}
-  if every_steps:
-    extra["checkpoint.every_steps"] = every_steps
   args = ["--config=configs/demo.py", *tiny_overrides(str(tmp_path), **extra)]
   epoch = tiny.TEACHER_STEPS // tiny.TINY["teacher.epochs"]
   longer = ["--config.teacher.epochs=3", "--config.checkpoint.allow_config_change=True"]
+  if every_steps:
+    longer.append(f"--config.checkpoint.every_steps={every_steps}")
   diverging = longer + ["--config.teacher.lr=1e6"]
 
   def last_line():

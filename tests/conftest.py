@@ -51,6 +51,13 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_configure(config):
+  # pytest-xdist reorders loadfile's files by their number of tests unless told not to
+  # (--no-loadscope-reorder): keep the order pytest_collection_modifyitems gives them.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
   """Files with the most slow tests first. The README runs `-n 2 --dist loadfile`: each file
   goes whole to one worker (its module fixtures are built once), the next file to whichever

@@ -8,6 +8,7 @@ MAX_SHOWN and the count (`raise_if_stray`). Files an operating system leaves beh
 skip them, and `junk_warning` names them all in one line when a dataset is loaded.
 Before a preparation decodes anything, `unreadable_images` opens every image's header (the
 RegDB lists name files the folder scan never sees) so that all of them are reported at once.
+Inside `listings_read_once` (an evaluation's lookup of every protocol) each folder is listed once.
 """
 from __future__ import annotations
 

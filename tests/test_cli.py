@@ -58,9 +58,10 @@ def run_py(args, *, config=DEMO, restriction=None, timeout=600):
                         timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-def run_cli(args, *, config=DEMO):
+def run_cli(args, *, config=DEMO, cwd=REPO):
   """The same arguments through `cli.main_from_args` in this process (what run.py does after
-  parsing its own flags): returns what run_py returns, stdout and stderr apart."""
+  parsing its own flags), relative paths resolved from `cwd`: returns what run_py returns,
+  stdout and stderr apart."""
   config_args, rest = config_lib.split_argv(([f"--config={config}"] if config else []) + args)
   workdirs = [arg.split("=", 1)[1] for arg in rest if arg.startswith("--workdir=")]
   print_only = "--print_config" in rest
@@ -68,7 +69,7 @@ def run_cli(args, *, config=DEMO):
       f"run_cli takes --config*, --workdir and --print_config only: {rest}")
   stdout, stderr = io.StringIO(), io.StringIO()
   here = os.getcwd()
-  os.chdir(REPO)  # Relative paths resolve as in run_py, which runs in the repository.
+  os.chdir(cwd)  # Relative paths resolve as in run_py, which runs in the repository.
   try:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
       code = cli.main_from_args(config_args, workdirs[0] if workdirs else None,

@@ -19,9 +19,9 @@ from dakd_jax.evaluation import robustness
 from dakd_jax.models import weights
 from tests import tiny
 from tests import xla_flags
+from tests.test_cli import run_cli
 from tests.test_train import REPO
 from tests.test_train import finish
-from tests.test_cli import run_cli
 from tests.test_train import run_py
 from tests.test_train import tiny_overrides
 

@@ -29,6 +29,7 @@ from dakd_jax.losses import memory as memory_lib
 
 from tests import tiny
 from tests import xla_flags
+from tests.test_cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +187,6 @@ def test_a_divergence_names_the_last_finite_checkpoint_or_says_there_is_none(
   and then continued for an epoch at lr=1e6 stops naming step 16, whose weights resume at a
   normal rate without diverging again. Both diverging runs have the same schedule (one
   program). The normal run saves at its end only: the continuation's cadence is the subject."""
-  from dakd_jax import cli  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "run")
   directory = os.path.join(workdir, "teacher", "checkpoints")
   extra = {"stage": "teacher", "teacher.eval_every_epochs": 100}
@@ -309,28 +309,20 @@ def test_demo_end_to_end_teacher_learns_cross_modal_matching(tmp_path):
   # Re-evaluating from the saved features reproduces the checkpoint's results exactly (here in
   # this process: scoring saved features runs no compiled network).
   again = str(tmp_path / "again")
-  here = os.getcwd()
-  os.chdir(directory)  # The demo config's relative data paths, as the run had them.
-  try:
-    assert cli.main_from_args(
-        ["--config=" + os.path.join(REPO, "configs", "demo.py"), *data_args,
-         "--config.stage=eval",
-         "--config.eval.features=" + os.path.join(workdir, "eval", "features.npz")],
-        again) == 0
-  finally:
-    os.chdir(here)
+  evaluated = run_cli(data_args + [
+      "--config.stage=eval", "--config.eval.features=" + os.path.join(workdir, "eval",
+                                                                      "features.npz"),
+      f"--workdir={again}"], cwd=directory)  # the demo config's relative data paths
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   with open(os.path.join(again, "eval", "features-features", "results.json")) as f:
     assert json.load(f)["results"] == report["results"]
 
 
-def test_student_without_teacher_fails_clearly(tmp_path, capsys):
-  code = cli.main_from_args(
-      ["--config=" + os.path.join(REPO, "configs", "demo.py"),
-       *tiny_overrides(str(tmp_path), stage="student", **{"data.num_workers": -1})],
-      str(tmp_path / "run"))
-  captured = capsys.readouterr()
-  output = captured.out + captured.err
-  assert code == 1
+def test_student_without_teacher_fails_clearly(tmp_path):
+  result = run_cli(tiny_overrides(str(tmp_path), stage="student", **{"data.num_workers": -1})
+                   + [f"--workdir={tmp_path / 'run'}"])
+  output = result.stdout + result.stderr
+  assert result.returncode == 1
   # The loader worker count chosen for this host is printed once at start-up.
   assert len(re.findall(r"dakd_jax: data\.num_workers=auto -> \d+ \(\d+ CPUs; ", output)) == 1
   assert "no checkpoint in" in output and "train the teacher first" in output

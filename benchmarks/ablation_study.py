@@ -198,6 +198,8 @@ def main(argv=None):
   from absl import flags  # Grain reads absl flags; a script must mark them parsed.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  from dakd_jax import host_allocator
+  host_allocator.keep_freed_memory()  # as run.py: freed buffers kept for the next step
   seeds = [int(s) for s in args.seeds.split(",")]
   presets = [p for p in args.presets.split(",") if p]
   started = time.perf_counter()

@@ -52,6 +52,10 @@ def pytest_unconfigure(config):
 
 
 def pytest_configure(config):
+  # In pytest and in each xdist worker: the in-process runs allocate as run.py's processes do.
+  # (Imported here: the package imports jax, which must see the environment set above.)
+  from dakd_jax import host_allocator  # pylint: disable=import-outside-toplevel
+  host_allocator.keep_freed_memory()
   # pytest-xdist reorders loadfile's files by their number of tests unless told not to
   # (--no-loadscope-reorder): keep the order pytest_collection_modifyitems gives them.
   if hasattr(config.option, "loadscopereorder"):

@@ -18,7 +18,7 @@ PACKAGE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # which reads its allowed values from the domain modules, above them.
 LEVELS = {
     "dakd_jax.errors": 0, "dakd_jax.modalities": 0, "dakd_jax.interrupts": 0,
-    "dakd_jax.progress": 0,
+    "dakd_jax.progress": 0, "dakd_jax.host_allocator": 0,
     "dakd_jax.sharding": 1, "dakd_jax.writers": 1, "dakd_jax.checkpoint": 1,
     "dakd_jax.workdir_lock": 1,
     "dakd_jax.stage_checkpoints": 2, "dakd_jax.augment": 2, "dakd_jax.data": 2,

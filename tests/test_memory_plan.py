@@ -74,6 +74,11 @@ def test_host_memory_is_the_lower_of_meminfo_and_the_cgroup_room(tmp_path):
   (tmp_path / "memory.max").write_text("max\n")  # No limit: MemAvailable, 8 GiB.
   assert memory_plan.host_available_bytes(str(tmp_path / "meminfo"), str(tmp_path)) == (
       8 * GIB, "available host memory")
+  # What the process's allocator holds free is resident (not in MemAvailable) and its own.
+  free, source = memory_plan.host_available_bytes(str(tmp_path / "meminfo"), str(tmp_path),
+                                                  held_free=GIB // 2)
+  assert free == 8 * GIB + GIB // 2
+  assert source == "available host memory, with 0.50 GiB this process holds free"
 
 
 def _config(**fields):

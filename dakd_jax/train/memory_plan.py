@@ -5,7 +5,8 @@ compiles its step for the configured batch and input size (the compile the first
 jit reuses it then) and reads XLA's memory analysis: arguments + outputs + temporaries - the
 outputs written over donated arguments. The memory there is: on an accelerator the device's
 byte limit (`memory_stats()["bytes_limit"]`); on a CPU what the process may still take (the
-kernel's MemAvailable, and the cgroup's memory.max less memory.current when that is lower).
+kernel's MemAvailable, and the cgroup's memory.max less memory.current when that is lower, plus
+what the process's allocator holds free for it: dakd_jax.host_allocator).
 One line states the plan; a step that does not fit stops the run in one message with the knobs
 that reduce it; above WARN_FRACTION of the memory, a warning.
 """
@@ -19,6 +20,7 @@ import jax
 import ml_collections
 
 from dakd_jax import errors
+from dakd_jax import host_allocator
 from dakd_jax import progress
 
 GIB = 1024 ** 3
@@ -51,10 +53,12 @@ def _read_int(path: str) -> int | None:
   return int(text) if text.isdigit() else None  # "max" = no limit.
 
 
-def host_available_bytes(meminfo: str = "/proc/meminfo",
-                         cgroup: str = "/sys/fs/cgroup") -> tuple[int, str] | None:
+def host_available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup",
+                         held_free: int = 0) -> tuple[int, str] | None:
   """(bytes, where from) the process may still allocate on the host: MemAvailable, or the
-  cgroup v2 limit less its current use when that is lower; None when neither is readable."""
+  cgroup v2 limit less its current use when that is lower, plus `held_free` (what its own
+  allocator holds free: resident, so counted as used, and reused before asking for more;
+  dakd_jax.host_allocator); None when neither is readable."""
   found = []
   available = _meminfo_available(meminfo)
   if available is not None:
@@ -63,7 +67,12 @@ def host_available_bytes(meminfo: str = "/proc/meminfo",
   current = _read_int(os.path.join(cgroup, "memory.current"))
   if limit is not None and current is not None:
     found.append((max(limit - current, 0), f"cgroup limit {limit / GIB:.1f} GiB less its use"))
-  return min(found) if found else None
+  if not found:
+    return None
+  free, source = min(found)
+  if held_free > 0:
+    source += f", with {held_free / GIB:.2f} GiB this process holds free"
+  return free + held_free, source
 
 
 def device_available_bytes(device: Any = None) -> tuple[int, str] | None:
@@ -71,7 +80,7 @@ def device_available_bytes(device: Any = None) -> tuple[int, str] | None:
   host's (`host_available_bytes`) for a CPU device."""
   device = device or jax.local_devices()[0]
   if device.platform == "cpu":
-    return host_available_bytes()
+    return host_available_bytes(held_free=host_allocator.free_bytes())
   try:
     stats = device.memory_stats() or {}
   except Exception:  # pylint: disable=broad-except  # some backends raise instead of None

@@ -160,11 +160,8 @@ def markdown_table(scores, seeds):
 
 def cmc_picture(scores, path):
   """One panel per preset: mean CMC over seeds of the teacher and each ablation, +- std band."""
-  import matplotlib  # Deferred: only when drawing.
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-  figure, axes = pyplot.subplots(1, len(scores), figsize=(6 * len(scores), 4.2), dpi=100,
-                                 squeeze=False)
+  from dakd_jax.evaluation import plots
+  figure, axes = plots.new_figure(1, len(scores), size=(6 * len(scores), 4.2))
   for axis, (preset, networks) in zip(axes[0], scores.items()):
     for name, runs in networks.items():
       curves = np.array([r["cmc"] for r in runs])
@@ -180,7 +177,6 @@ def cmc_picture(scores, path):
     axis.legend(fontsize=8, loc="lower right")
   figure.tight_layout()
   figure.savefig(path)
-  pyplot.close(figure)
   return path
 
 

@@ -3,6 +3,8 @@ colours read back from the PNG, CMC and training-curve plots, tables and report 
 the results they were written from."""
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -201,15 +203,33 @@ def test_cmc_legend_sits_outside_the_curves():
   results = _results({f"sysu_mm01/{mode}/{shot}-shot ({copy})": [ramp, ramp ** 2]
                       for mode in ("all", "indoor") for shot in ("single", "multi")
                       for copy in ("a", "b")})
-  pyplot, figure, axis, legend = plots.cmc_figure(results)
+  figure, axis, legend = plots.cmc_figure(results)
   figure.canvas.draw()
   legend_box, axis_box = legend.get_window_extent(), axis.get_window_extent()
   figure_box = figure.bbox
-  pyplot.close(figure)
   assert len(legend.get_texts()) == 8
   assert legend_box.y1 < axis_box.y0  # Entirely below the axes...
   assert legend_box.y0 >= figure_box.y0 and legend_box.x0 >= 0  # ... and inside the picture.
   assert legend_box.x1 <= figure_box.x1
+
+
+def test_plots_leave_a_notebooks_matplotlib_backend_and_pyplot_alone(tmp_path):
+  """A notebook's backend (here svg) is still its own after a run draws its plots, and pyplot
+  (its open figures, its current figure) is never imported."""
+  probe = (
+      "import sys, matplotlib\n"
+      "matplotlib.use('svg')\n"
+      "from dakd_jax.evaluation import plots\n"
+      "trials = [{'cmc': [0.5, 1.0]}]\n"
+      f"plots.cmc_plot({{'a': {{'mean': {{'cmc': [0.5, 1.0]}}, 'trials': trials}}}}, "
+      f"{str(tmp_path / 'cmc.png')!r})\n"
+      "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n")
+  done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                        check=True, timeout=120, cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))))
+  assert done.stdout.split() == ["svg", "False"]
+  with Image.open(tmp_path / "cmc.png") as picture:
+    assert picture.size == (600, 422)  # 400 + 22 for one legend row
 
 
 def test_ranked_pictures_fit_a_screen_split_into_files(tmp_path):

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from dakd_jax.errors import MissingExtraError
+from dakd_jax.evaluation import plots
 
 MODALITY_NAMES = {0: "visible", 1: "infrared"}  # dakd_jax.data.records.MODALITY_CODE
 # Marker per modality: filled circle and filled square (readable apart in tests by their
@@ -95,7 +96,7 @@ def embedding_picture(embeddings, identities, modalities, path, *, method="tsne"
                          perplexity=perplexity)
   palette = _palette("tab20", chosen.size)
   colours = palette[np.searchsorted(chosen, identities[rows])]
-  pyplot, figure, axes = _figure(1, 1, (7.0, 6.0))
+  figure, axes = _figure(1, 1, (7.0, 6.0))
   axis = axes[0, 0]
   for number, code in enumerate(np.unique(modalities[rows])):
     drawn = modalities[rows] == code
@@ -108,7 +109,7 @@ def embedding_picture(embeddings, identities, modalities, path, *, method="tsne"
     handle.set_color("0.3")
   axis.set(title=title or f"{method} map of {chosen.size} identities ({rows.size} images)",
            xticks=[], yticks=[])
-  pixels = _save(figure, axis, coordinates, path, pyplot)
+  pixels = _save(figure, axis, coordinates, path)
   return {"path": path, "rows": rows, "coordinates": coordinates,
           "identities": identities[rows], "modalities": modalities[rows], "colours": colours,
           "pixels": pixels, "marker_width_px": float(np.sqrt(marker_size) * DPI / 72.0)}
@@ -147,7 +148,7 @@ def distance_histograms(embeddings, identities, modalities, path, *, bins=50, ti
   width = edges[1] - edges[0]
   density = counts / np.maximum(totals, 1)[:, None] / width
   colours = np.array([SAME_IDENTITY_COLOUR, DIFFERENT_IDENTITY_COLOUR] * 2, np.uint8)
-  pyplot, figure, axes = _figure(1, 2, (11.0, 4.0))
+  figure, axes = _figure(1, 2, (11.0, 4.0))
   peak_pixels = np.full((4, 2), -1, np.int64)
   for group, (panel, identity) in enumerate(HISTOGRAM_GROUPS):
     axis = axes[0, group // 2]
@@ -164,7 +165,7 @@ def distance_histograms(embeddings, identities, modalities, path, *, bins=50, ti
     axis, peak = axes[0, group // 2], int(density[group].argmax())
     centre = [[edges[peak] + width / 2, density[group, peak] / 2]]
     peak_pixels[group] = _to_pixels(figure, axis, centre)[0]
-  _write(figure, path, pyplot)
+  _write(figure, path)
   return {"path": path, "edges": edges, "groups": HISTOGRAM_GROUPS, "counts": counts,
           "density": density, "mean": np.where(totals > 0, sums / np.maximum(totals, 1), np.nan),
           "colours": colours, "alpha": HISTOGRAM_ALPHA, "peak_pixels": peak_pixels}
@@ -202,7 +203,7 @@ def roc_picture(curves, path, *, points=None, title="ROC"):
     {"path", "colours" {label: uint8 [3]}, "point_pixels" {label: int [t, 2] (column, row;
      -1 where not drawn)}}.
   """
-  pyplot, figure, axes = _figure(1, 1, (6.0, 4.5))
+  figure, axes = _figure(1, 1, (6.0, 4.5))
   axis = axes[0, 0]
   palette = _palette("tab10", len(curves))
   colours = {}
@@ -232,7 +233,7 @@ def roc_picture(curves, path, *, points=None, title="ROC"):
     if drawn.size:
       pixels[dots[label]] = _to_pixels(figure, axis, drawn)
     point_pixels[label] = pixels
-  _write(figure, path, pyplot)
+  _write(figure, path)
   return {"path": path, "colours": colours, "point_pixels": point_pixels}
 
 
@@ -246,11 +247,7 @@ def _palette(name, count):
 
 
 def _figure(rows, columns, size):
-  import matplotlib  # Deferred: only when a picture is drawn; Agg needs no display.
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-  figure, axes = pyplot.subplots(rows, columns, figsize=size, dpi=DPI, squeeze=False)
-  return pyplot, figure, axes
+  return plots.new_figure(rows, columns, size, dpi=DPI)
 
 
 def _to_pixels(figure, axis, points):
@@ -261,16 +258,15 @@ def _to_pixels(figure, axis, points):
                   axis=1).astype(np.int64)
 
 
-def _save(figure, axis, points, path, pyplot):
+def _save(figure, axis, points, path):
   """tight_layout, draw, pixel positions of `points`, then write the PNG."""
   figure.tight_layout()
   figure.canvas.draw()
   pixels = _to_pixels(figure, axis, points)
-  _write(figure, path, pyplot)
+  _write(figure, path)
   return pixels
 
 
-def _write(figure, path, pyplot):
+def _write(figure, path):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   figure.savefig(path, dpi=DPI)  # same dpi as drawn: pixel positions stay valid
-  pyplot.close(figure)

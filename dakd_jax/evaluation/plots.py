@@ -1,4 +1,4 @@
-"""Plots of a run (matplotlib, Agg backend): CMC curves of the settings and training curves.
+"""Plots of a run (matplotlib, Agg): CMC curves of the settings and training curves.
 
 After evaluation in the data flow: `report.write_run_pictures` draws them from results.json's
 numbers and the stages' metrics.jsonl logs.
@@ -11,20 +11,23 @@ import os
 import numpy as np
 
 
-def _figure(rows: int = 1, columns: int = 1, size=(6.0, 4.0)):
-  import matplotlib  # Deferred: only when a plot is drawn; Agg needs no display.
-  matplotlib.use("Agg")
-  from matplotlib import pyplot
-  figure, axes = pyplot.subplots(rows, columns, figsize=size, dpi=100, squeeze=False)
-  return pyplot, figure, axes
+def new_figure(rows: int = 1, columns: int = 1, size=(6.0, 4.0), dpi: int = 100):
+  """(figure, axes [rows, columns]) drawn by Agg (no display needed). matplotlib's object API,
+  not pyplot: a notebook's backend and open figures are left as they are, and nothing needs
+  closing."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Deferred: only when drawing.
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=size, dpi=dpi)
+  FigureCanvasAgg(figure)
+  return figure, figure.subplots(rows, columns, squeeze=False)
 
 
 def cmc_figure(results: dict, *, title: str = "CMC"):
-  """The CMC figure of `cmc_plot`, not saved: (pyplot, figure, axis, legend). The legend sits
+  """The CMC figure of `cmc_plot`, not saved: (figure, axis, legend). The legend sits
   below the curves, outside the axes (two columns; the figure grows 0.22 inch per legend row),
   so it never hides a curve."""
   legend_rows = -(-len(results) // 2)
-  pyplot, figure, axes = _figure(size=(6.0, 4.0 + 0.22 * legend_rows))
+  figure, axes = new_figure(size=(6.0, 4.0 + 0.22 * legend_rows))
   axis = axes[0, 0]
   for name, setting in results.items():
     trials = np.array([t["cmc"] for t in setting["trials"]]) * 100
@@ -38,7 +41,7 @@ def cmc_figure(results: dict, *, title: str = "CMC"):
   legend = axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
                        frameon=False)
   figure.tight_layout()  # Counts the legend: the axes shrink to leave it room below.
-  return pyplot, figure, axis, legend
+  return figure, axis, legend
 
 
 def cmc_plot(results: dict, path: str, *, title: str = "CMC") -> str:
@@ -48,9 +51,8 @@ def cmc_plot(results: dict, path: str, *, title: str = "CMC") -> str:
   Args: results: results.json's 'results' ({setting: {'mean': {'cmc'}, 'trials': [...]}}).
   Returns: `path`, a PNG 600 pixels wide, 400 + 22 per legend row (two settings a row) high.
   """
-  pyplot, figure, _, _ = cmc_figure(results, title=title)
+  figure, _, _ = cmc_figure(results, title=title)
   figure.savefig(path)
-  pyplot.close(figure)
   return path
 
 
@@ -83,7 +85,7 @@ def training_curves_plot(stage_logs: dict, path: str) -> str | None:
   stages = {name: records for name, records in stage_logs.items() if records}
   if not stages:
     return None
-  pyplot, figure, axes = _figure(len(stages), 2, size=(11.0, 3.5 * len(stages)))
+  figure, axes = new_figure(len(stages), 2, size=(11.0, 3.5 * len(stages)))
   skip = {"step", "stage", "wall_time", "grad_norm", "lr", "learning_rate"}
   for (name, records), (loss_axis, eval_axis) in zip(stages.items(), axes):
     terms = sorted({k for r in records for k in r if k not in skip and not k.startswith("eval_")
@@ -109,5 +111,4 @@ def training_curves_plot(stage_logs: dict, path: str) -> str | None:
       eval_axis.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path)
-  pyplot.close(figure)
   return path

@@ -35,7 +35,7 @@ def write_corruption_sheet(data, path: str, seed: int) -> str:
   height, width = image.shape[:2]
   scale = 1.1 / height
   columns = 1 + len(SHEET_SEVERITIES)
-  pyplot, figure, axes = plots._figure(  # pylint: disable=protected-access
+  figure, axes = plots.new_figure(
       len(sheet), columns, size=(columns * width * scale + 1.4, len(sheet) * 1.25))
   for row_axes, (name, images) in zip(axes, sheet.items()):
     for axis, shown, caption in zip(row_axes, [image, *images],
@@ -50,7 +50,6 @@ def write_corruption_sheet(data, path: str, seed: int) -> str:
   figure.suptitle(f"{key} (seed {seed})", fontsize=7)
   figure.tight_layout(rect=(0, 0, 1, 0.985))
   figure.savefig(path, dpi=160)
-  pyplot.close(figure)
   return path
 
 
@@ -61,7 +60,7 @@ def write_severity_plot(setting: str, entry: dict, path: str) -> str:
   groups = [(group, [n for n in members if n in entry["cells"]])
             for group, members in corruptions.GROUPS.items()]
   groups = [(group, names) for group, names in groups if names]
-  pyplot, figure, axes = plots._figure(  # pylint: disable=protected-access
+  figure, axes = plots.new_figure(
       1, len(groups), size=(3.2 * len(groups), 3.2))
   clean = 100 * entry["clean"]["R1"]
   for axis, (group, names) in zip(axes[0], groups):
@@ -77,5 +76,4 @@ def write_severity_plot(setting: str, entry: dict, path: str) -> str:
   figure.suptitle(f"{setting}: rank-1 against severity (visible images corrupted)", fontsize=8)
   figure.tight_layout()
   figure.savefig(path)
-  pyplot.close(figure)
   return path

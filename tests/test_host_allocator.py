@@ -16,17 +16,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 import json, sys
 import numpy as np
+sys.path.insert(0, "benchmarks")
+from model_step_memory import status_bytes
 from dakd_jax import host_allocator
-
-def resident():
-  with open("/proc/self/status") as status:
-    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
 kept = host_allocator.keep_freed_memory() if sys.argv[1] == "keep" else False
 block = np.ones(64 * 2**20 // 8)  # touched: resident
-before = resident()
+before = status_bytes("VmRSS")
 del block
-print(json.dumps({"kept": kept, "released": before - resident(),
+print(json.dumps({"kept": kept, "released": before - status_bytes("VmRSS"),
                   "free": host_allocator.free_bytes()}))
 """
 GLIBC = host_allocator._glibc() is not None  # pylint: disable=protected-access
